@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 

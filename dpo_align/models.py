@@ -70,6 +70,27 @@ def _is_intact(directory: Path) -> bool:
     return True
 
 
+def convert_gguf(gguf: Path, output: Path) -> None:
+    """De-quantise a GGUF checkpoint into a plain safetensors checkpoint with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are de-quantised to float on load; the model must not claim otherwise,
+    # or saving refuses and later loads would look for GGUF tensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+
+
+def write_marker(directory: Path, source: str) -> None:
+    """Record the sha256 of every file, so a later run can tell a corrupt cache."""
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != _MARKER}
+    (directory / _MARKER).write_text(json.dumps({"source": source, "sha256": files}, indent=1))
+
+
 def prepare_builtin(name: str = DEFAULT_MODEL, force: bool = False, progress=print) -> Path:
     """Build (once) the safetensors checkpoint for a built-in name; return its directory."""
     distribution, filename = BUILTIN_MODELS[name]
@@ -81,25 +102,14 @@ def prepare_builtin(name: str = DEFAULT_MODEL, force: bool = False, progress=pri
         progress(f"{target}: incomplete or corrupt, rebuilding.")
     progress(f"Converting {gguf.name} to a safetensors checkpoint in {target} (once).")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The weights are de-quantised to float on load; the config must not claim otherwise,
-    # or later loads would look for GGUF tensors.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and swap in with a rename, so an interrupted build never
     # leaves a directory that looks complete.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     staging.chmod(0o755)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        (staging / _MARKER).write_text(json.dumps({"source": str(gguf), "sha256": files}, indent=1))
+        convert_gguf(gguf, staging)
+        write_marker(staging, source=str(gguf))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

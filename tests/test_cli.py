@@ -1,0 +1,58 @@
+"""The command line as users meet it: help, data inspect, and errors without tracebacks."""
+
+import json
+
+from typer.testing import CliRunner
+
+from dpo_align.cli import app
+from dpo_align.templates import render_prompt
+
+from .conftest import SHARED_DATA, needs_shared_data
+
+runner = CliRunner()
+
+
+def hh(q, a):
+    return f"\n\nHuman: {q}\n\nAssistant: {a}"
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "models" in result.output and "data" in result.output
+
+
+def test_data_inspect_counts_and_prints_the_prompt_byte_exact(tmp_path, tiny_gpt2):
+    rows = [
+        {"chosen": hh("What is 2+2?", "4"), "rejected": hh("What is 2+2?", "5")},
+        {"chosen": hh("same", "x"), "rejected": hh("same", "x")},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["data", "inspect", str(path), "--model", str(tiny_gpt2)])
+    assert result.exit_code == 0, result.output
+    assert "rows read  2" in result.output and "rows kept  1" in result.output
+    assert "chosen and rejected identical: 1" in result.output
+    expected = render_prompt("What is 2+2?", "alpaca")
+    block = result.output.split("----- prompt", 1)[1].split("\n", 1)[1].split("\n----- chosen", 1)[0]
+    assert block == expected
+
+
+def test_bad_input_is_one_message_and_exit_2(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"chosen": \n')
+    result = runner.invoke(app, ["data", "inspect", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}:1" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_template_is_rejected_with_choices(tmp_path):
+    result = runner.invoke(app, ["data", "inspect", "x.jsonl", "--template", "vicuna"])
+    assert result.exit_code == 2 and "alpaca, chat, raw" in result.output
+
+
+@needs_shared_data
+def test_inspect_real_train_pool(tiny_gpt2):
+    result = runner.invoke(app, ["data", "inspect", str(SHARED_DATA / "splits" / "train-pool.jsonl.gz"), "--model", str(tiny_gpt2)])
+    assert result.exit_code == 0, result.output
+    assert "rows read  7716" in result.output and "rows kept  7657" in result.output
