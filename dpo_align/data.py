@@ -106,12 +106,13 @@ def _pku_context(record: dict) -> list[Turn]:
     return turns
 
 
-def parse_record(record: object, where: str, require_same_context: bool = True) -> Pair | str:
+def parse_record(record: object, where: str, for_training: bool = True) -> Pair | str:
     """Turn one row into a Pair, or return the reason it is skipped.
 
-    Raises BadRow when the row is not a preference pair at all. ``require_same_context``
-    is on for training (a pair must share its prompt); scoring turns it off and keeps the
-    chosen side's context.
+    Raises BadRow when the row is not a preference pair at all. Training needs a real
+    pair: one shared, non-empty context and two non-empty responses. Scoring
+    (``for_training=False``) scores the chosen response in the chosen side's context and
+    drops only rows that do not end with an Assistant turn or whose responses are identical.
     """
     if not isinstance(record, dict):
         raise BadRow(f"row must be a JSON object, got {type(record).__name__}")
@@ -132,7 +133,7 @@ def parse_record(record: object, where: str, require_same_context: bool = True) 
             if not turns or turns[-1].role != ASSISTANT:
                 return SKIP_NO_FINAL_ASSISTANT
             sides.append(turns)
-        if require_same_context and sides[0][:-1] != sides[1][:-1]:
+        if for_training and sides[0][:-1] != sides[1][:-1]:
             return SKIP_CONTEXT_MISMATCH
         context = sides[0][:-1]
         chosen, rejected = sides[0][-1].text, sides[1][-1].text
@@ -142,12 +143,13 @@ def parse_record(record: object, where: str, require_same_context: bool = True) 
             "'context' (PKU processed-hh-rlhf) or 'prompt' (plain)"
         )
 
-    if not context or all(not turn.text for turn in context):
-        return SKIP_EMPTY_PROMPT
-    if not chosen or not rejected:
-        return SKIP_EMPTY_RESPONSE
     if chosen == rejected:
         return SKIP_IDENTICAL
+    if for_training:
+        if not context or all(not turn.text for turn in context):
+            return SKIP_EMPTY_PROMPT
+        if not chosen or not rejected:
+            return SKIP_EMPTY_RESPONSE
     return Pair(render_instruction(context), chosen, rejected, where)
 
 
@@ -253,7 +255,7 @@ def read_pairs(
     *,
     split: str = "train",
     skip_bad_rows: bool = False,
-    require_same_context: bool = True,
+    for_training: bool = True,
     hash_files: bool = True,
 ) -> tuple[list[Pair], LoadReport]:
     """Read and parse preference pairs from files, directories or hub ids, in order."""
@@ -279,7 +281,7 @@ def read_pairs(
                 try:
                     if isinstance(record, BadRow):
                         raise record
-                    result = parse_record(record, where, require_same_context)
+                    result = parse_record(record, where, for_training)
                 except BadRow as err:
                     if not skip_bad_rows:
                         raise UserError(f"{where}: {err}. Fix the row, or pass --skip-bad-rows to count and skip such rows.") from None

@@ -1,0 +1,119 @@
+"""The three scoring datasets as (instruction, response) documents, from the hub or offline.
+
+Each loader returns a list of ``{"id", "instruction", "response"}`` dicts in file order,
+all texts stripped, so ``--limit N`` scores the first N documents.
+
+Offline layout (that of ``../shared/data``): ``DATA_DIR/truthfulqa/TruthfulQA.csv`` and
+``DATA_DIR/winogrande/dev.jsonl``; the PKU stand-in is given as ``pku_path`` (processed
+hh-rlhf JSONL, or hh-rlhf transcripts converted by the foundation's rule).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from dpo_align.data import read_pairs
+from dpo_align.errors import UserError
+
+HUB = {
+    "truthfulqa": ("truthfulqa/truthful_qa", "generation", "validation"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
+    "pku": ("PKU-Alignment/processed-hh-rlhf", None, "test"),
+}
+DATASETS = tuple(HUB)
+DATA_DIR_ENV = "DPO_ALIGN_DATA_DIR"
+
+WINOGRANDE_INSTRUCTION = (
+    'Fill in the blank "_" in the sentence below with the correct option.\n'
+    "Sentence: {sentence}\nOption 1: {option1}\nOption 2: {option2}"
+)
+
+
+def _hub_rows(name: str) -> list[dict]:
+    import datasets
+
+    path, config, split = HUB[name]
+    try:
+        return list(datasets.load_dataset(path, config, split=split))
+    except Exception as err:
+        raise UserError(
+            f"Could not load {path} ({config or 'default'}, {split}) from the Hugging Face hub: {err}\n"
+            f"Offline? Point data_dir (--data-dir, or env {DATA_DIR_ENV}) at a folder laid out like "
+            "../shared/data (truthfulqa/TruthfulQA.csv, winogrande/dev.jsonl) and pku_path at the PKU file(s)."
+        ) from None
+
+
+def _local_file(data_dir: str, relative: str, name: str) -> Path:
+    path = Path(data_dir).expanduser() / relative
+    if not path.is_file():
+        hub, config, split = HUB[name]
+        raise UserError(
+            f"{name}: looked for {path} and it is not there. Put the file there, point data_dir at the "
+            f"folder that holds {relative}, or leave data_dir unset to load {hub} ({config or 'default'}, {split}) from the hub."
+        )
+    return path
+
+
+def truthfulqa_docs(data_dir: str | None = None) -> list[dict]:
+    """TruthfulQA generation/validation: instruction = Question, response = Best Answer."""
+    if data_dir:
+        path = _local_file(data_dir, "truthfulqa/TruthfulQA.csv", "truthfulqa")
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [(r["Question"], r["Best Answer"]) for r in csv.DictReader(f)]
+    else:
+        rows = [(r["question"], r["best_answer"]) for r in _hub_rows("truthfulqa")]
+    return [{"id": i, "instruction": q.strip(), "response": a.strip()} for i, (q, a) in enumerate(rows)]
+
+
+def winogrande_docs(data_dir: str | None = None) -> list[dict]:
+    """WinoGrande xl/validation: the fill-in instruction; response = the correct option's text."""
+    if data_dir:
+        path = _local_file(data_dir, "winogrande/dev.jsonl", "winogrande")
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        rows = _hub_rows("winogrande")
+    docs = []
+    for i, row in enumerate(rows):
+        sentence, option1, option2 = (row[k].strip() for k in ("sentence", "option1", "option2"))
+        answer = str(row["answer"]).strip()
+        if answer not in ("1", "2"):
+            raise UserError(f"winogrande row {i + 1}: answer must be '1' or '2', got {answer!r}.")
+        instruction = WINOGRANDE_INSTRUCTION.format(sentence=sentence, option1=option1, option2=option2)
+        docs.append({"id": i, "instruction": instruction, "response": option1 if answer == "1" else option2})
+    return docs
+
+
+def pku_docs(pku_path: str | list[str] | None = None) -> list[dict]:
+    """PKU processed-hh-rlhf test: instruction = the rendered context, response = chosen.
+
+    Rows whose chosen and rejected texts are identical are dropped (as are transcripts
+    that do not end with an Assistant turn).
+    """
+    if pku_path:
+        sources = [pku_path] if isinstance(pku_path, str) else list(pku_path)
+        pairs, _ = read_pairs(sources, for_training=False, hash_files=False)
+    else:
+        from dpo_align.data import parse_record
+
+        pairs = []
+        for i, row in enumerate(_hub_rows("pku")):
+            result = parse_record(row, f"pku:{i}", for_training=False)
+            if not isinstance(result, str):
+                pairs.append(result)
+    return [{"id": i, "instruction": p.instruction, "response": p.chosen} for i, p in enumerate(pairs)]
+
+
+def load_docs(name: str, *, data_dir: str | None = None, pku_path: str | list[str] | None = None) -> list[dict]:
+    """Documents of one scoring dataset; ``data_dir`` falls back to env DPO_ALIGN_DATA_DIR."""
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    if name == "truthfulqa":
+        return truthfulqa_docs(data_dir)
+    if name == "winogrande":
+        return winogrande_docs(data_dir)
+    if name == "pku":
+        return pku_docs(pku_path)
+    raise UserError(f"Unknown scoring dataset {name!r}; choose one of {', '.join(DATASETS)}.")

@@ -1,0 +1,186 @@
+"""lm-evaluation-harness task class for the templated response-only cross-entropy.
+
+The YAML files beside this one declare the tasks; this module supplies what YAML cannot:
+
+* the documents (``custom_dataset``), rendered with dpo-align's own templates so scoring
+  sees exactly the text layout training used;
+* the number of continuation tokens of each request, counted the way lm-eval's HF model
+  splits a (context, continuation) pair, so NLL can be averaged per token;
+* token-weighted aggregations (``ce``, ``ppl``, ``bpb``) with closed-form standard errors.
+
+Everything is configured through lm-eval's metadata (``--metadata '{"template": "chat"}'``),
+into which lm-eval also copies the ``--model_args``: the tokenizer is the run's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import datasets
+import lm_eval.api.metrics
+import lm_eval.evaluator_utils
+from lm_eval.api.task import ConfigurableTask
+
+from dpo_align import metrics
+from dpo_align.eval_data import DATA_DIR_ENV, load_docs
+from dpo_align.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
+
+METRICS = ("ce", "ppl", "bpb")
+
+
+# --------------------------------------------------------------------------- stderr hook
+
+
+def _use_aggregation_stderr() -> None:
+    """Let an aggregation function carry its own standard error (``fn.stderr``).
+
+    lm-eval only knows standard errors for its built-in aggregations and reports "N/A"
+    for any other. Ours are closed-form (see dpo_align.metrics), so we wrap lm-eval's
+    lookup: functions with a ``stderr`` attribute use it, all others are unchanged, and
+    ``--bootstrap_iters 0`` still turns standard errors off.
+    """
+    original = lm_eval.api.metrics.stderr_for_metric
+    if getattr(original, "dpo_align_hook", False):
+        return
+
+    def stderr_for_metric(metric, bootstrap_iters):
+        own = getattr(metric, "stderr", None)
+        if own is not None and bootstrap_iters > 0:
+            return own
+        return original(metric, bootstrap_iters)
+
+    stderr_for_metric.dpo_align_hook = True
+    lm_eval.api.metrics.stderr_for_metric = stderr_for_metric
+    lm_eval.evaluator_utils.stderr_for_metric = stderr_for_metric
+
+
+_use_aggregation_stderr()
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _tokenizer_source(metadata: dict) -> tuple[str, dict]:
+    """The run's tokenizer: ``tokenizer`` if given, else ``pretrained`` (with ``peft`` the
+    base model's), honouring ``gguf_file``, ``revision`` and ``trust_remote_code``."""
+    source = metadata.get("tokenizer") or metadata.get("pretrained")
+    if not isinstance(source, str) or not source:
+        raise ValueError(
+            "dpo_ppl tasks count response tokens with the run's tokenizer, but no model path was found. "
+            "Pass --model_args pretrained=MODEL (or tokenizer=...), or with a model object, "
+            "--metadata '{\"tokenizer\": \"PATH\"}'."
+        )
+    kwargs = {"trust_remote_code": bool(metadata.get("trust_remote_code", False))}
+    if metadata.get("gguf_file") and not metadata.get("tokenizer"):
+        kwargs["gguf_file"] = metadata["gguf_file"]
+    if metadata.get("revision"):
+        kwargs["revision"] = metadata["revision"]
+    return source, kwargs
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(source: str, frozen_kwargs: tuple):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, **dict(frozen_kwargs))
+
+
+def tokenizer_for(metadata: dict):
+    source, kwargs = _tokenizer_source(metadata)
+    return _load_tokenizer(source, tuple(sorted(kwargs.items())))
+
+
+def continuation_token_count(tokenizer, context: str, continuation: str, add_special_tokens=None) -> int:
+    """Tokens lm-eval's HF model scores for (context, continuation).
+
+    The same split as ``lm_eval.api.model.LM._encode_pair`` for causal models: the
+    context's trailing whitespace moves to the continuation, then the continuation's
+    tokens are those of encode(context + continuation) past the encode(context) prefix.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+    return len(tokenizer.encode(context + continuation, **kwargs)) - len(tokenizer.encode(context, **kwargs))
+
+
+def scored_text(context: str, continuation: str) -> str:
+    """The text whose tokens are scored (for bytes per token): trailing context whitespace + continuation."""
+    return context[len(context.rstrip()) :] + continuation
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _dataset(name: str, metadata: dict) -> dict:
+    template = check_template(metadata.get("template") or DEFAULT_TEMPLATE)
+    tokenizer = tokenizer_for(metadata) if template == "chat" else None
+    docs = load_docs(
+        name,
+        data_dir=metadata.get("data_dir") or os.environ.get(DATA_DIR_ENV),
+        pku_path=metadata.get("pku_path"),
+    )
+    for doc in docs:
+        doc["context"] = render_prompt(doc["instruction"], template, tokenizer)
+        doc["continuation"] = render_response(doc["response"], template)
+    return {"test": datasets.Dataset.from_list(docs)}
+
+
+def truthfulqa(**metadata):
+    return _dataset("truthfulqa", metadata)
+
+
+def winogrande(**metadata):
+    return _dataset("winogrande", metadata)
+
+
+def pku(**metadata):
+    return _dataset("pku", metadata)
+
+
+# --------------------------------------------------------------------------- task
+
+
+class ResponseCrossEntropyTask(ConfigurableTask):
+    """Scores ``"\\n" + response`` after the templated prompt as one loglikelihood request
+    and reports NLL per response token (``ce``), its exp (``ppl``) and bits per byte (``bpb``)."""
+
+    def __init__(self, config: dict | None = None, **kwargs) -> None:
+        config = dict(config or {})
+        config.pop("class", None)
+        super().__init__(config=config, **kwargs)
+        self._tokenizer = tokenizer_for(self.config.metadata or {})
+        add_bos = (self.config.metadata or {}).get("add_bos_token")
+        self._add_special_tokens = None if add_bos is None else bool(add_bos)
+        self._token_counts: dict[int, int] = {}
+        self._scored_bytes: dict[int, int] = {}
+
+    def _count(self, doc: dict, ctx: str) -> None:
+        self._token_counts[doc["id"]] = continuation_token_count(
+            self._tokenizer, ctx, doc["continuation"], self._add_special_tokens
+        )
+        self._scored_bytes[doc["id"]] = len(scored_text(ctx, doc["continuation"]).encode("utf-8"))
+
+    def construct_requests(self, doc, ctx, **kwargs):
+        # ctx is the final context, after any --apply_chat_template: count against it.
+        self._count(doc, ctx)
+        return super().construct_requests(doc, ctx, **kwargs)
+
+    def process_results(self, doc, results):
+        loglikelihood = results[0][0]
+        if doc["id"] not in self._token_counts:
+            # Requests restored from lm-eval's request cache skip construct_requests.
+            self._count(doc, doc["context"])
+        nll = -float(loglikelihood)
+        return {
+            "ce": (nll, self._token_counts[doc["id"]]),
+            "ppl": (nll, self._token_counts[doc["id"]]),
+            "bpb": (nll, self._scored_bytes[doc["id"]]),
+        }
+
+    def aggregation(self):
+        return {"ce": metrics.ce, "ppl": metrics.ppl, "bpb": metrics.bpb}
+
+    def higher_is_better(self):
+        return dict.fromkeys(METRICS, False)
