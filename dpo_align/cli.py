@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -111,6 +112,66 @@ def data_inspect(
     from dpo_align.data_inspect import inspect_data
 
     inspect_data(paths, model=model, template=template, split=split, skip_bad_rows=skip_bad_rows, example=example)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="Models to score, in table order: hub ids, local checkpoints, adapter directories, "
+                       f"or the built-in {DEFAULT_MODEL!r}. The first is the baseline of the Δ columns."),
+    ] = None,
+    peft: Annotated[
+        list[str] | None,
+        typer.Option("--peft", help="A LoRA adapter directory, scored on its base model (repeatable)."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N documents of each dataset.")] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(help="Offline data folder laid out like ../shared/data (default: env DPO_ALIGN_DATA_DIR, else the hub)."),
+    ] = None,
+    pku_path: Annotated[
+        str | None,
+        typer.Option(help="PKU processed-hh-rlhf file(s), or hh-rlhf transcripts, e.g. ../shared/data/splits/heldout.jsonl.gz."),
+    ] = None,
+    template: TemplateOption = DEFAULT_TEMPLATE,
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", help="Score only these: truthfulqa, winogrande, pku (repeatable).")
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.json, table.md/csv/png and per-document samples.")]
+    = Path("runs/eval"),
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 16,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Weights dtype for scoring: float32, bfloat16, float16 or auto.")] = "float32",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with a checkpoint to run.")]
+    = False,
+) -> None:
+    """Score models with the dpo_ppl suite (lm-eval) and write a reference-style table.
+
+    Each model gets the templated response-only cross-entropy (nats per response token),
+    perplexity and bits per byte on TruthfulQA, WinoGrande and PKU/hh-rlhf, with standard
+    errors. Example, offline:
+
+        dpo-align eval smollm2-135m-instruct --peft runs/dpo --data-dir ../shared/data
+        --pku-path ../shared/data/splits/heldout.jsonl.gz
+    """
+    from dpo_align.eval_data import DATASETS
+    from dpo_align.evaluate import markdown_table, run_eval
+
+    for name in dataset or []:
+        if name not in DATASETS:
+            raise UserError(f"--dataset {name!r} is not one of: {', '.join(DATASETS)}.")
+    runs = run_eval(
+        models or [], adapters=peft or [], output=output, limit=limit, data_dir=data_dir, pku_path=pku_path,
+        template=template, batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        datasets=dataset, progress=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(markdown_table(runs))
+    typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
 
 
 def main() -> None:

@@ -1,0 +1,269 @@
+"""``dpo-align eval``: score models with the dpo_ppl suite through lm-eval and write tables.
+
+The scoring itself is lm-eval's (``simple_evaluate`` with the ``hf`` model and the tasks in
+``lm_eval_tasks/``), so these numbers are the ones ``lm_eval --include_path lm_eval_tasks``
+prints. This module only picks the models, runs them one after another, and writes:
+
+* ``results.json``: per model, the metrics with stderrs, model provenance, settings;
+* ``samples/<label>/<task>.jsonl``: per-document NLL, token count and byte count;
+* ``table.md`` / ``table.csv``: the reference-style table (rows datasets, columns models);
+* ``table.png``: the same as a bar chart with error bars.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from dpo_align.errors import UserError
+from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text, write_jsonl
+from dpo_align.models import BUILTIN_MODELS, resolve_model
+from dpo_align.provenance import git_commit, machine, model_revision, package_versions
+
+SUITE = "dpo_ppl_suite"
+TASKS = {"truthfulqa": "dpo_ppl_truthfulqa", "winogrande": "dpo_ppl_winogrande", "pku": "dpo_ppl_pku"}
+TABLE_NAMES = {"truthfulqa": "TruthfulQA", "winogrande": "WinoGrande", "pku": "PKU (hh-rlhf held-out)"}
+METRICS = ("ce", "ppl", "bpb")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str
+    pretrained: str  # what lm-eval loads: a hub id or a local directory
+    peft: str | None = None
+
+
+def include_path() -> str:
+    """The task folder as installed with the package (works outside the repo)."""
+    return str(files("dpo_align.lm_eval_tasks"))
+
+
+def _adapter_base(adapter: Path) -> str | None:
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("base_model_name_or_path")
+    except ValueError:
+        raise UserError(f"{config}: not valid JSON; is the adapter directory complete?") from None
+
+
+def model_specs(models: list[str], adapters: list[str], progress=print) -> list[ModelSpec]:
+    """Positional models (hub ids, directories, built-in names, or adapter directories),
+    then one column per --peft adapter on its own base (or on the first model)."""
+    specs: list[ModelSpec] = []
+    for name in models:
+        path = Path(name).expanduser()
+        base = _adapter_base(path) if path.is_dir() else None
+        if base:
+            specs.append(ModelSpec(f"{path.name} (LoRA)", resolve_model(base, progress), str(path)))
+        else:
+            label = name if (name in BUILTIN_MODELS or not path.exists()) else path.name
+            specs.append(ModelSpec(label, resolve_model(name, progress)))
+    for adapter in adapters:
+        path = Path(adapter).expanduser()
+        if not (path / "adapter_config.json").is_file():
+            raise UserError(f"--peft {adapter}: no adapter_config.json there. Pass the directory `dpo-align train` wrote.")
+        base = _adapter_base(path) or (specs[0].pretrained if specs else None)
+        if base is None:
+            raise UserError(f"--peft {adapter}: the adapter names no base model; pass the base as MODEL.")
+        specs.append(ModelSpec(f"{path.name} (LoRA)", resolve_model(base, progress), str(path)))
+    if not specs:
+        raise UserError("Nothing to score: pass at least one MODEL or --peft ADAPTER.")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):  # keep columns and folders distinct
+        specs = [ModelSpec(f"{s.label} [{i + 1}]", s.pretrained, s.peft) for i, s in enumerate(specs)]
+    return specs
+
+
+def score(
+    spec: ModelSpec,
+    *,
+    tasks: list[str],
+    limit: int | None,
+    data_dir: str | None,
+    pku_path: str | None,
+    template: str,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+) -> dict:
+    """One model through lm-eval; returns lm-eval's results dict (with samples)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model_args = {"pretrained": spec.pretrained, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    if spec.peft:
+        model_args["peft"] = spec.peft
+    metadata = {**model_args, "template": template}
+    if data_dir:
+        metadata["data_dir"] = data_dir
+    if pku_path:
+        metadata["pku_path"] = pku_path
+    manager = TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata)
+    try:
+        return lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=tasks,
+            task_manager=manager,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            log_samples=True,
+        )
+    except (OSError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"Scoring {spec.label} ({spec.pretrained}) failed: {err}") from None
+
+
+def summarize(results: dict) -> dict:
+    """{dataset: {metric: [value, stderr], "n": docs}} plus "mean" for the suite."""
+    table = {}
+    for key, task in TASKS.items():
+        if task in results["results"]:
+            row = results["results"][task]
+            table[key] = {m: [row[f"{m},none"], row.get(f"{m}_stderr,none")] for m in METRICS}
+            table[key]["n"] = results["n-samples"][task]["effective"]
+    if SUITE in results.get("groups", {}):
+        row = results["groups"][SUITE]
+        table["mean"] = {m: [row[f"{m},none"], row.get(f"{m}_stderr,none")] for m in METRICS}
+    return table
+
+
+def per_document(results: dict) -> dict[str, list[dict]]:
+    out = {}
+    for task, samples in results.get("samples", {}).items():
+        out[task] = [
+            {"doc_id": s["doc_id"], "id": s["doc"]["id"], "nll": s["ce"][0], "tokens": s["ce"][1], "bytes": s["bpb"][1]}
+            for s in samples
+        ]
+    return out
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "model"
+
+
+def markdown_table(runs: list[dict], metric: str = "ce") -> str:
+    labels = [r["label"] for r in runs]
+    header = ["dataset", *labels] + [f"Δ {lab} vs {labels[0]}" for lab in labels[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in [*TASKS, "mean"]:
+        cells = [r["table"].get(key, {}).get(metric) for r in runs]
+        if all(c is None for c in cells):
+            continue
+        name = TABLE_NAMES.get(key, "mean of the three")
+        row = [name] + [f"{c[0]:.3f} ± {c[1]:.3f}" if c else "" for c in cells]
+        base = cells[0]
+        row += [f"{100 * (c[0] - base[0]) / base[0]:+.2f}%" if (c and base) else "" for c in cells[1:]]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(runs: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["model", "dataset", "metric", "value", "stderr", "documents"])
+    for run in runs:
+        for key, row in run["table"].items():
+            for metric in METRICS:
+                value, stderr = row[metric]
+                writer.writerow([run["label"], key, metric, f"{value:.6f}", f"{stderr:.6f}", row.get("n", "")])
+    return buffer.getvalue()
+
+
+def bar_chart_png(runs: list[dict], metric: str = "ce") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = [k for k in [*TASKS, "mean"] if any(k in r["table"] for r in runs)]
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 4))
+    for i, run in enumerate(runs):
+        values = [run["table"].get(k, {}).get(metric, [np.nan, 0])[0] for k in keys]
+        errors = [run["table"].get(k, {}).get(metric, [np.nan, 0])[1] for k in keys]
+        ax.bar(np.arange(len(keys)) + i * width, values, width, yerr=errors, capsize=3, label=run["label"])
+    ax.set_xticks(np.arange(len(keys)) + width * (len(runs) - 1) / 2)
+    ax.set_xticklabels([TABLE_NAMES.get(k, "mean") for k in keys])
+    ax.set_ylabel(f"{metric} (nats per response token, lower is better)" if metric == "ce" else metric)
+    ax.set_title("Templated response-only cross-entropy (± 1 stderr)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
+    for run in runs:
+        for task, rows in run.pop("documents", {}).items():
+            write_jsonl(output / "samples" / _slug(run["label"]) / f"{task}.jsonl", rows)
+    atomic_write_json(output / "results.json", {"settings": settings, "models": runs})
+    atomic_write_text(output / "table.md", markdown_table(runs))
+    atomic_write_text(output / "table.csv", csv_table(runs))
+    atomic_write_bytes(output / "table.png", bar_chart_png(runs))
+
+
+def run_eval(
+    models: list[str],
+    *,
+    adapters: list[str],
+    output: Path,
+    limit: int | None,
+    data_dir: str | None,
+    pku_path: str | None,
+    template: str,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    datasets: list[str] | None = None,
+    progress=print,
+) -> list[dict]:
+    import logging
+
+    import torch
+
+    # lm-eval logs several warnings per task that do not apply here (custom_dataset hints,
+    # chat-template advice); its progress bars still show.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    specs = model_specs(models, adapters, progress)
+    tasks = [SUITE] if not datasets else [TASKS[d] for d in datasets]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = {
+        "command": "dpo-align eval",
+        "tasks": tasks, "limit": limit, "template": template, "data_dir": data_dir, "pku_path": pku_path,
+        "batch_size": batch_size, "device": device, "dtype": dtype,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(), "git_commit": git_commit(),
+        "machine": machine(),
+    }
+    runs = []
+    for i, spec in enumerate(specs, start=1):
+        progress(f"[{i}/{len(specs)}] scoring {spec.label}: {spec.pretrained}" + (f" + adapter {spec.peft}" if spec.peft else ""))
+        start = time.perf_counter()
+        results = score(spec, tasks=tasks, limit=limit, data_dir=data_dir, pku_path=pku_path, template=template,
+                        batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        revision = {"base": model_revision(spec.pretrained)}
+        if spec.peft:
+            revision["adapter"] = model_revision(spec.peft)
+        runs.append({
+            "label": spec.label, "pretrained": spec.pretrained, "peft": spec.peft, "revision": revision,
+            "seconds": round(time.perf_counter() - start, 2), "table": summarize(results),
+            "documents": per_document(results),
+        })
+    write_outputs(output, runs, settings)
+    return runs

@@ -1,0 +1,63 @@
+"""Where a number came from: the exact bytes of a model, and the software that ran it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+from dpo_align.data import sha256_file
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+PACKAGES = ("dpo-align", "torch", "transformers", "peft", "trl", "datasets", "lm-eval", "accelerate", "tokenizers")
+
+
+def model_revision(name: str) -> dict:
+    """sha256 of each weight file for a local directory; the commit hash for a cached hub model."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+        return {"path": str(path.resolve()), "sha256": {p.name: sha256_file(p) for p in files}}
+    if path.is_file():
+        return {"path": str(path.resolve()), "sha256": {path.name: sha256_file(path)}}
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(name, local_files_only=True))
+        return {"hub_id": name, "commit": snapshot.name}
+    except Exception:
+        return {"hub_id": name, "commit": None}
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        commit = out.stdout.strip() if out.returncode == 0 else None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        return f"{commit}{'-dirty' if dirty else ''}" if commit else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
