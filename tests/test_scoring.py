@@ -1,0 +1,216 @@
+"""The dpo_ppl suite against an independent computation of the same definition.
+
+The reference below shares no code with the task: it reads the data files itself, writes
+the Alpaca prompt out literally, tokenizes with transformers and sums log-probabilities
+of the response tokens in its own loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from dpo_align import metrics
+from dpo_align.errors import UserError
+from dpo_align.evaluate import run_eval
+
+from .conftest import REPO, SHARED_DATA, needs_shared_data
+
+ALPACA = (
+    "Below is an instruction that describes a task.\nWrite a response that appropriately completes the request."
+    "\n\n\n### Instruction:\n{}\n\n### Response:"
+)
+WINO = 'Fill in the blank "_" in the sentence below with the correct option.\nSentence: {}\nOption 1: {}\nOption 2: {}'
+
+
+# --------------------------------------------------------------------------- independent reference
+
+
+def reference_items(model_dir: str, pairs: list[tuple[str, str]]) -> list[tuple[float, int, int]]:
+    """(nll, tokens, bytes) per (instruction, response), computed from scratch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for instruction, response in pairs:
+        context, continuation = ALPACA.format(instruction), "\n" + response
+        whole = tokenizer.encode(context + continuation)
+        n_context = len(tokenizer.encode(context))
+        ids = torch.tensor([whole])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        nll = -sum(logprobs[pos - 1, whole[pos]].item() for pos in range(n_context, len(whole)))
+        out.append((nll, len(whole) - n_context, len(continuation.encode("utf-8"))))
+    return out
+
+
+def reference_metrics(items):
+    tokens = sum(t for _, t, _ in items)
+    nbytes = sum(b for _, _, b in items)
+    total = sum(n for n, _, _ in items)
+    return {"ce": total / tokens, "ppl": math.exp(total / tokens), "bpb": total / nbytes / math.log(2)}
+
+
+def read_truthfulqa(data_dir, limit):
+    with open(data_dir / "truthfulqa" / "TruthfulQA.csv", newline="", encoding="utf-8") as f:
+        return [(r["Question"].strip(), r["Best Answer"].strip()) for r in csv.DictReader(f)][:limit]
+
+
+def read_winogrande(data_dir, limit):
+    rows = [json.loads(line) for line in open(data_dir / "winogrande" / "dev.jsonl", encoding="utf-8")][:limit]
+    return [(WINO.format(r["sentence"].strip(), r["option1"].strip(), r["option2"].strip()),
+             (r["option1"] if r["answer"] == "1" else r["option2"]).strip()) for r in rows]
+
+
+def read_hh(path, limit):
+    """hh-rlhf transcripts -> (instruction, chosen), by the documented rule, written out again here."""
+    import re
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    out = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            sides = []
+            for key in ("chosen", "rejected"):
+                parts = re.split(r"\n\n(Human|Assistant): ", row[key])
+                sides.append([(parts[i], parts[i + 1].strip()) for i in range(1, len(parts), 2)])
+            (chosen, rejected) = sides
+            if not chosen or chosen[-1][0] != "Assistant" or not rejected or rejected[-1][0] != "Assistant":
+                continue
+            if chosen[-1][1] == rejected[-1][1]:
+                continue
+            context = chosen[:-1]
+            if len(context) == 1 and context[0][0] == "Human":
+                instruction = context[0][1]
+            else:
+                instruction = "\n".join(f"{role}: {text}" for role, text in context)
+            out.append((instruction, chosen[-1][1]))
+            if len(out) == limit:
+                break
+    return out
+
+
+# --------------------------------------------------------------------------- tiny offline data
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "truthfulqa").mkdir()
+    with open(root / "truthfulqa" / "TruthfulQA.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
+        writer.writerow(["A", "B", "What is the capital of France?", " Paris is the capital. ", "", "", ""])
+        writer.writerow(["A", "B", "How do I bake bread?", "Mix flour, water, salt and yeast, then bake it.", "", "", ""])
+        writer.writerow(["A", "B", "Is 0123456789 a number?", "Yes; it's \"a number\" (ten digits)!", "", "", ""])
+    (root / "winogrande").mkdir()
+    rows = [
+        {"qID": "a", "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+         "option1": "Sarah", "option2": "Maria", "answer": "2"},
+        {"qID": "b", "sentence": "The fox jumps over the dog because _ is quick.", "option1": "the fox", "option2": "the dog", "answer": "1"},
+    ]
+    (root / "winogrande" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hh = [
+        {"chosen": "\n\nHuman: how do I bake bread?\n\nAssistant: Mix flour and bake it.",
+         "rejected": "\n\nHuman: how do I bake bread?\n\nAssistant: No."},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: what is the capital of France?\n\nAssistant: Paris.",
+         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: what is the capital of France?\n\nAssistant: Rome."},
+        {"chosen": "\n\nHuman: same\n\nAssistant: x", "rejected": "\n\nHuman: same\n\nAssistant: x"},  # dropped
+    ]
+    with gzip.open(root / "pku.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in hh))
+    return root
+
+
+def check_against_reference(model_dir, runs_table, data_dir, pku_path, limit):
+    datasets = {
+        "truthfulqa": read_truthfulqa(data_dir, limit),
+        "winogrande": read_winogrande(data_dir, limit),
+        "pku": read_hh(pku_path, limit),
+    }
+    for name, pairs in datasets.items():
+        expected = reference_metrics(reference_items(str(model_dir), pairs))
+        got = runs_table[name]
+        assert got["n"] == len(pairs)
+        for metric, value in expected.items():
+            assert got[metric][0] == pytest.approx(value, rel=1e-4), (name, metric)
+            assert isinstance(got[metric][1], float) and got[metric][1] > 0, (name, metric, "stderr")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_suite_matches_independent_computation_on_tiny_models(arch, tiny_gpt2, tiny_llama, tiny_data, tmp_path):
+    model_dir = tiny_gpt2 if arch == "gpt2" else tiny_llama
+    runs = run_eval(
+        [str(model_dir)], adapters=[], output=tmp_path / "out", limit=None, data_dir=str(tiny_data),
+        pku_path=str(tiny_data / "pku.jsonl.gz"), template="alpaca", batch_size=4, device="cpu",
+        dtype="float32", trust_remote_code=False, progress=lambda m: None,
+    )
+    check_against_reference(model_dir, runs[0]["table"], tiny_data, tiny_data / "pku.jsonl.gz", limit=None)
+    # Per-document numbers are written and add up to the headline.
+    docs = [json.loads(line) for line in open(next((tmp_path / "out" / "samples").iterdir()) / "dpo_ppl_pku.jsonl")]
+    assert len(docs) == 2
+    assert sum(d["nll"] for d in docs) / sum(d["tokens"] for d in docs) == pytest.approx(runs[0]["table"]["pku"]["ce"][0], rel=1e-9)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| TruthfulQA |" in table and " ± " in table
+    assert (tmp_path / "out" / "table.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lm_eval_command_line_runs_the_suite(tiny_gpt2, tiny_data, tmp_path):
+    """The exact command users run, as a subprocess: ce, ppl and bpb with numeric stderrs."""
+    metadata = json.dumps({"data_dir": str(tiny_data), "pku_path": str(tiny_data / "pku.jsonl.gz")})
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_gpt2}",
+           "--include_path", str(REPO / "lm_eval_tasks"), "--tasks", "dpo_ppl_suite", "--device", "cpu",
+           "--metadata", metadata, "--output_path", str(tmp_path / "lm"), "--log_samples"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dpo_ppl_suite" in result.stdout and "N/A" not in result.stdout
+    for metric in ("ce", "ppl", "bpb"):
+        assert f"|{metric}" in result.stdout.replace(" ", "")
+    sample_files = list((tmp_path / "lm").rglob("samples_dpo_ppl_pku_*.jsonl"))
+    assert sample_files
+    first = json.loads(sample_files[0].read_text().splitlines()[0])
+    nll, tokens = first["ce"]
+    assert nll > 0 and isinstance(tokens, int) and tokens > 0
+
+
+def test_unknown_template_and_missing_file_errors(tiny_gpt2, tiny_data, tmp_path):
+    common = dict(adapters=[], output=tmp_path / "o", limit=2, pku_path=str(tiny_data / "pku.jsonl.gz"),
+                  batch_size=2, device="cpu", dtype="float32", trust_remote_code=False, progress=lambda m: None)
+    with pytest.raises(Exception, match="alpaca, chat, raw"):
+        run_eval([str(tiny_gpt2)], data_dir=str(tiny_data), template="vicuna", datasets=["truthfulqa"], **common)
+    with pytest.raises(UserError, match=r"missing-dir/truthfulqa/TruthfulQA\.csv.*truthfulqa/truthful_qa"):
+        run_eval([str(tiny_gpt2)], data_dir=str(tmp_path / "missing-dir"), template="alpaca", datasets=["truthfulqa"], **common)
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_ratio_stderr_reduces_to_the_standard_error_of_a_mean():
+    values = [1.0, 2.0, 4.0, 7.0]
+    items = [(v, 1) for v in values]
+    mean = sum(values) / 4
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / 3 / 4)
+    assert metrics.ce(items) == pytest.approx(mean)
+    assert metrics.ce.stderr(items) == pytest.approx(se)
+    # Scaling every document's length scales ce down and keeps the relative error.
+    scaled = [(v, 10) for v in values]
+    assert metrics.ce(scaled) == pytest.approx(mean / 10) and metrics.ce.stderr(scaled) == pytest.approx(se / 10)
+    assert metrics.bpb(items) == pytest.approx(mean / math.log(2))
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_real_model_matches_independent_computation(default_model_path, tmp_path):
+    runs = run_eval(
+        [str(default_model_path)], adapters=[], output=tmp_path / "out", limit=50, data_dir=str(SHARED_DATA),
+        pku_path=str(SHARED_DATA / "splits" / "heldout.jsonl.gz"), template="alpaca", batch_size=16, device="cpu",
+        dtype="float32", trust_remote_code=False, progress=lambda m: None,
+    )
+    check_against_reference(default_model_path, runs[0]["table"], SHARED_DATA, SHARED_DATA / "splits" / "heldout.jsonl.gz", limit=50)
