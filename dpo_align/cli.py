@@ -174,6 +174,108 @@ def eval_command(
     typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
 
 
+# --------------------------------------------------------------------------- train
+
+# command-line parameter name -> TrainConfig field, where they differ
+_TRAIN_FIELD = {"lr": "learning_rate", "data_dir": "eval_suite_data_dir", "pku_path": "eval_suite_pku_path"}
+
+
+def _explicit(ctx: typer.Context, params: dict) -> dict:
+    """Only the options the user typed: they override --config and must agree on --resume."""
+    from click.core import ParameterSource
+
+    given = {}
+    for name, value in params.items():
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None):
+            given[_TRAIN_FIELD.get(name, name)] = value
+    return given
+
+
+@app.command("train")
+@user_errors
+def train_command(
+    ctx: typer.Context,
+    model: ModelOption = DEFAULT_MODEL,
+    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="Training pairs: files, directories or hub ids (repeatable). Default: Anthropic/hh-rlhf.")] = None,
+    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Where the adapter, checkpoints, curves and manifest go.")] = "runs/dpo",
+    max_pairs: Annotated[int | None, typer.Option(help="Train on the first N usable pairs only.")] = None,
+    eval_data: Annotated[list[str] | None, typer.Option("--eval-data", help="Held-out pairs for DPO loss, reward accuracy and margins during training.")] = None,
+    eval_max_pairs: Annotated[int | None, typer.Option(help="Use only the first N held-out pairs.")] = None,
+    eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-data every N optimizer steps.")] = 50,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule with warmup).")] = 1e-5,
+    beta: Annotated[float, typer.Option(help="DPO beta: strength of the KL penalty to the reference (the base model).")] = 0.1,
+    loss_type: Annotated[str, typer.Option(help="TRL DPO loss: sigmoid (the paper's), ipo, hinge, ...")] = "sigmoid",
+    epochs: Annotated[float, typer.Option(help="Passes over the training pairs.")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps (overrides --epochs when > 0).")] = -1,
+    batch_size: Annotated[int, typer.Option(help="Pairs per device per forward pass.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Forward passes per optimizer step.")] = 1,
+    max_length: Annotated[int, typer.Option(help="Max tokens of prompt + response; prompts are cut from the left first.")] = 512,
+    warmup_ratio: Annotated[float, typer.Option(help="Fraction of steps for linear warmup.")] = 0.1,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 32,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA path.")] = 0.05,
+    lora_targets: Annotated[str, typer.Option(help="Modules to adapt: all-linear, or names such as q_proj,v_proj.")] = "all-linear",
+    template: TemplateOption = DEFAULT_TEMPLATE,
+    seed: Annotated[int, typer.Option(help="Seed for data order, dropout and LoRA init.")] = 42,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")] = "auto",
+    logging_steps: Annotated[int, typer.Option(help="Log train statistics every N steps.")] = 5,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
+    report_to: Annotated[str, typer.Option(help="none, tensorboard or wandb.")] = "none",
+    skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="Count and skip broken rows instead of stopping.")] = False,
+    data_dir: Annotated[str | None, typer.Option(help="Scoring-suite data (like ../shared/data), to count training prompts that also occur there.")] = None,
+    pku_path: Annotated[str | None, typer.Option(help="Scoring-suite PKU file(s), for the same overlap check.")] = None,
+    drop_eval_overlap: Annotated[bool, typer.Option("--drop-eval-overlap", help="Remove training pairs whose prompt occurs in the scoring suite.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with a checkpoint to run.")] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file of settings (e.g. a previous run's config.yaml); options given here override it.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --output-dir.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its latest complete checkpoint.")] = False,
+) -> None:
+    """Fine-tune a causal LM with DPO and a LoRA adapter on preference pairs.
+
+    Writes to --output-dir: the adapter (safetensors) and tokenizer, config.yaml (repeat the
+    run with --config), manifest.json (versions, data hashes, seed, device, times),
+    metrics.jsonl, plots/*.png and a model card README.md. Ctrl-C saves a checkpoint;
+    --resume continues it. Example, offline:
+
+        dpo-align train --data ../shared/data/splits/train-pool.jsonl.gz --max-steps 20 -o runs/try
+    """
+    from dpo_align.train import Interrupted, train
+    from dpo_align.train_config import build_config, load_config_file
+
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume contradict each other: choose one.")
+    params = {k: v for k, v in ctx.params.items() if k not in ("config", "overwrite", "resume", "ctx")}
+    given = _explicit(ctx, params)
+    for key in ("data", "eval_data"):
+        if key in given and not given[key]:
+            given.pop(key)
+    file_settings = load_config_file(config) if config else {}
+    if resume:
+        saved_path = Path(given.get("output_dir", file_settings.get("output_dir", output_dir))) / "config.yaml"
+        if saved_path.is_file():
+            saved = load_config_file(saved_path)
+            changed = sorted(k for k, v in {**file_settings, **given}.items() if k != "output_dir" and saved.get(k) != v)
+            if changed:
+                raise UserError(
+                    f"--resume continues the run exactly as configured in {saved_path}; these options differ from it: "
+                    f"{', '.join('--' + c.replace('_', '-') for c in changed)}. Drop them, or start a new run with --overwrite."
+                )
+            file_settings = saved
+    settings = build_config(file_settings, given)
+    try:
+        manifest = train(settings, resume=resume, overwrite=overwrite, progress=lambda m: typer.echo(m, err=True))
+    except Interrupted as stop:
+        typer.secho(str(stop), fg="yellow", err=True)
+        raise typer.Exit(130) from None
+    from dpo_align.train import SUMMARY_KEYS
+
+    typer.echo(f"Done in {manifest['wall_time_s']} s, {manifest['global_steps']} steps. Adapter and report in {settings.output_dir}/")
+    for name, row, prefix in (("train", manifest["final_train"], ""), ("held-out", manifest["final_eval"], "eval_")):
+        shown = {k: row[prefix + k] for k in SUMMARY_KEYS if prefix + k in row}
+        if shown:
+            typer.echo(f"Final {name}: " + ", ".join(f"{k.removeprefix('rewards/')}={v:.4f}" for k, v in shown.items()))
+
+
 def main() -> None:
     app()
 

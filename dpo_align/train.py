@@ -1,0 +1,348 @@
+"""``dpo-align train``: DPO with a LoRA adapter, through TRL's DPOTrainer and PEFT.
+
+Read top to bottom: prepare the output folder, read and render the pairs, check them
+against the scoring suite, fit them to ``max_length``, build the trainer, train (resuming
+if asked), then write the adapter, curves, model card and the run manifest, in that
+order: ``manifest.json`` is written last and says the run is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+from dpo_align.callbacks import (
+    CheckpointMarker,
+    GracefulInterrupt,
+    MetricsFile,
+    PairsProgress,
+    checkpoints,
+    latest_checkpoint,
+    truncate_metrics,
+)
+from dpo_align.data import Pair, read_pairs, to_dataset
+from dpo_align.decontaminate import overlap, suite_instructions
+from dpo_align.errors import UserError
+from dpo_align.files import atomic_write_json, atomic_write_text
+from dpo_align.models import load_model, load_tokenizer, resolve_model
+from dpo_align.plots import plot_runs, read_metrics
+from dpo_align.provenance import git_commit, machine, model_revision, package_versions
+from dpo_align.templates import render_prompt, render_response
+from dpo_align.train_config import TrainConfig
+
+RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl")
+# The statistics shown in summaries (TRL's log keys): DPO loss, rewards, margin, accuracy.
+SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving a checkpoint."""
+
+    def __init__(self, checkpoint: Path | None, output_dir: Path):
+        self.checkpoint, self.output_dir = checkpoint, output_dir
+        where = f"a checkpoint is in {checkpoint}" if checkpoint else "no checkpoint was reached yet"
+        super().__init__(f"Training interrupted; {where}. Resume with:\n    dpo-align train --output-dir {output_dir} --resume")
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def prepare_output_dir(output: Path, *, overwrite: bool, resume: bool) -> None:
+    if resume:
+        if not (output / "config.yaml").is_file():
+            raise UserError(f"--resume: {output} holds no run to resume (no config.yaml). Start it without --resume.")
+        return
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output-dir {output} is a file. Choose a directory.")
+    if output.is_dir() and any(output.iterdir()):
+        is_run = any((output / name).exists() for name in RUN_FILES) or bool(checkpoints(output))
+        if not overwrite:
+            raise UserError(
+                f"--output-dir {output} is not empty. Pass --overwrite to replace the run there, --resume to continue it, "
+                "or choose another directory."
+            )
+        if not is_run:
+            raise UserError(f"--overwrite: {output} does not look like a dpo-align run folder, so it is left alone. Choose another directory.")
+        shutil.rmtree(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--output-dir {output}: cannot write there ({err.strerror}). Choose a writable directory with free space.") from None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def fit_to_length(pairs: list[Pair], tokenizer, template: str, max_length: int) -> tuple[list[Pair], Counter]:
+    """Shorten prompts from the left (oldest dialogue first) so prompt + response fits.
+
+    The template around the instruction is kept whole. A prompt may keep at most what the
+    longer response leaves free, and never less than half of ``max_length``; responses
+    still too long are cut at the end by TRL's collator. Both are counted.
+    """
+    stats = Counter()
+    if not pairs:
+        return pairs, stats
+
+    def lengths(texts):
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    prompts = [render_prompt(p.instruction, template, tokenizer) for p in pairs]
+    prompt_len = lengths(prompts)
+    response_len = [max(a, b) + 1 for a, b in zip(  # + 1 for the EOS token TRL appends
+        lengths([render_response(p.chosen, template) for p in pairs]),
+        lengths([render_response(p.rejected, template) for p in pairs]), strict=True)]
+    fitted = []
+    for pair, n_prompt, n_response in zip(pairs, prompt_len, response_len, strict=True):
+        if n_prompt + n_response <= max_length:
+            fitted.append(pair)
+            continue
+        budget = max(max_length - n_response, max_length // 2)
+        if n_prompt > budget:
+            ids = tokenizer(pair.instruction, add_special_tokens=False)["input_ids"]
+            overhead = n_prompt - len(ids)
+            keep = max(budget - overhead, 1)
+            pair = dataclasses.replace(pair, instruction=tokenizer.decode(ids[-keep:]).lstrip())
+            stats["prompt truncated from the left"] += 1
+            n_prompt = len(tokenizer(render_prompt(pair.instruction, template, tokenizer), add_special_tokens=False)["input_ids"])
+        if n_prompt + n_response > max_length:
+            stats["response truncated at the end"] += 1
+        fitted.append(pair)
+    return fitted, stats
+
+
+def resolve_precision(precision: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "bf16"
+    return "fp32"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress=print) -> dict:
+    import warnings
+
+    import torch
+    from peft import LoraConfig
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import DPOConfig, DPOTrainer
+
+    # Deprecation chatter from transformers/peft/trl is not actionable for users of this tool.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    started = time.time()
+    output = Path(config.output_dir)
+    prepare_output_dir(output, overwrite=overwrite, resume=resume)
+    resume_from = latest_checkpoint(output) if resume else None
+    if resume and (output / "manifest.json").is_file():
+        raise UserError(f"--resume: the run in {output} already finished. Use --overwrite to train it again, or another --output-dir.")
+    atomic_write_text(output / "config.yaml", config.to_yaml())
+    set_seed(config.seed)
+
+    # Model path and tokenizer first: a wrong model name should fail before data work.
+    model_path = resolve_model(config.model, progress=progress)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
+
+    pairs, report = read_pairs(config.data, split=config.split, skip_bad_rows=config.skip_bad_rows)
+    progress(f"Read {report.rows_read} rows, kept {report.rows_kept} pairs"
+             + (f" (skipped: {', '.join(f'{k}: {v}' for k, v in report.skipped.most_common())})" if report.skipped else ""))
+
+    suite = suite_instructions(config.eval_suite_data_dir, config.eval_suite_pku_path)
+    found = overlap([p.instruction for p in pairs], suite)
+    contamination = {name: len(idx) for name, idx in found.items()}
+    if suite:
+        progress("Training prompts also in the scoring suite: "
+                 + ", ".join(f"{name} {n}" for name, n in contamination.items())
+                 + (" (dropping them)" if config.drop_eval_overlap else " (use --drop-eval-overlap to drop them)"))
+    if config.drop_eval_overlap:
+        drop = {i for idx in found.values() for i in idx}
+        pairs = [p for i, p in enumerate(pairs) if i not in drop]
+    if config.max_pairs is not None:
+        pairs = pairs[: config.max_pairs]
+    pairs, truncation = fit_to_length(pairs, tokenizer, config.template, config.max_length)
+    if truncation:
+        progress("Fitted to --max-length: " + ", ".join(f"{k}: {v}" for k, v in truncation.items()))
+    train_dataset = to_dataset(pairs, config.template, tokenizer).remove_columns("instruction")
+
+    eval_dataset, eval_report = None, None
+    if config.eval_data:
+        eval_pairs, eval_report = read_pairs(config.eval_data, split="test", skip_bad_rows=config.skip_bad_rows)
+        if config.eval_max_pairs is not None:
+            eval_pairs = eval_pairs[: config.eval_max_pairs]
+        eval_pairs, _ = fit_to_length(eval_pairs, tokenizer, config.template, config.max_length)
+        eval_dataset = to_dataset(eval_pairs, config.template, tokenizer).remove_columns("instruction")
+
+    precision = resolve_precision(config.precision)
+    use_cuda = torch.cuda.is_available()
+    model = load_model(model_path, trust_remote_code=config.trust_remote_code, dtype=torch.float32)
+    peft_config = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(","),
+        task_type="CAUSAL_LM",
+    )
+    args = DPOConfig(
+        output_dir=str(output),
+        beta=config.beta,
+        loss_type=[config.loss_type],
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length,
+        seed=config.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not use_cuda,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if eval_dataset is not None else "no",
+        eval_steps=config.eval_steps,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        # Small models fit without recomputing activations; recomputation costs ~30% speed.
+        gradient_checkpointing=False,
+        trust_remote_code=config.trust_remote_code,
+    )
+    interrupt = GracefulInterrupt()
+    pairs_per_step = config.batch_size * config.grad_accum
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker(), interrupt],
+    )
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+
+    if resume_from is not None:
+        step = int(resume_from.name.removeprefix("checkpoint-"))
+        for newer_step, path in checkpoints(output):  # incomplete checkpoints newer than the resume point
+            if newer_step > step:
+                shutil.rmtree(path, ignore_errors=True)
+        truncate_metrics(output / "metrics.jsonl", step)
+        progress(f"Resuming from {resume_from}")
+    elif resume:
+        truncate_metrics(output / "metrics.jsonl", 0)
+        progress("No complete checkpoint yet: starting from the beginning.")
+
+    interrupt.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        interrupt.uninstall()
+    if interrupt.requested:
+        raise Interrupted(latest_checkpoint(output), output)
+
+    # ---- outputs: adapter and tokenizer, curves, model card, manifest (last)
+    trainer.save_model(str(output))
+    tokenizer.save_pretrained(str(output))
+    (output / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
+    rows = read_metrics(output / "metrics.jsonl")
+    plots = plot_runs({output.name: rows}, output / "plots")
+    final_train = next((r for r in reversed(rows) if "loss" in r), {})
+    final_eval = next((r for r in reversed(rows) if "eval_loss" in r), {})
+    manifest = {
+        "status": "complete",
+        "command": "dpo-align train --config config.yaml",
+        "model": {"name": config.model, "path": model_path, "revision": model_revision(model_path)},
+        "adapter": model_revision(str(output)),
+        "data": report.as_dict(),
+        "eval_data": eval_report.as_dict() if eval_report else None,
+        "pairs_trained_on": len(train_dataset),
+        "length_fitting": dict(truncation),
+        "eval_suite_overlap": contamination,
+        "dropped_eval_overlap": config.drop_eval_overlap,
+        "seed": config.seed,
+        "precision": precision,
+        "device": "cuda" if use_cuda else "cpu",
+        "machine": machine(),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "global_steps": trainer.state.global_step,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+        "wall_time_s": round(time.time() - started, 1),
+        "final_train": final_train,
+        "final_eval": final_eval,
+        "plots": [str(p.relative_to(output)) for p in plots],
+    }
+    atomic_write_text(output / "README.md", model_card(config, manifest))
+    atomic_write_json(output / "manifest.json", manifest)
+    # The finished adapter is saved; optimizer-state checkpoints are only for resuming.
+    for _, path in checkpoints(output):
+        shutil.rmtree(path, ignore_errors=True)
+    return manifest
+
+
+def model_card(config: TrainConfig, manifest: dict) -> str:
+    """A Hugging Face style model card for the adapter."""
+    settings = dataclasses.asdict(config)
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
+    stats = {**{f"train {k}": v for k, v in manifest["final_train"].items() if k in SUMMARY_KEYS},
+             **{k.replace("eval_", "held-out "): v for k, v in manifest["final_eval"].items() if k.removeprefix("eval_") in SUMMARY_KEYS}}
+    stat_rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in stats.items())
+    base = manifest["model"]["name"]
+    return f"""---
+base_model: {base}
+library_name: peft
+tags: [dpo, lora, trl, dpo-align]
+---
+
+# DPO LoRA adapter for {base}
+
+Trained with `dpo-align train` (TRL `DPOTrainer`, PEFT LoRA) on {manifest['pairs_trained_on']} preference pairs
+from {', '.join(config.data)}, rendered with the `{config.template}` template. {manifest['global_steps']} optimizer steps,
+{manifest['train_runtime_s']} s on {manifest['device']} ({manifest['precision']}).
+
+## Use
+
+```bash
+dpo-align eval {base} --peft {config.output_dir}
+lm_eval --model hf --model_args pretrained={manifest['model']['path']},peft={config.output_dir} \\
+  --include_path lm_eval_tasks --tasks dpo_ppl_suite
+dpo-align merge {config.output_dir} --output merged/   # a standalone checkpoint
+```
+
+## Final statistics
+
+| statistic | value |
+|---|---|
+{stat_rows}
+
+Curves: {', '.join(f'`{p}`' for p in manifest['plots'])}.
+
+## Training settings
+
+| setting | value |
+|---|---|
+{rows}
+
+Repeat this run with `dpo-align train --config {config.output_dir}/config.yaml --overwrite`.
+Data files, their sha256 and skip counts, package versions and the git commit are in `manifest.json`.
+"""
+
+

@@ -1,0 +1,123 @@
+"""`TrainConfig`: every setting of ``dpo-align train``, with the reference experiment's defaults.
+
+One dataclass, as TRL has one config per trainer. The CLI fills it from ``--config FILE``
+(YAML) and then from the options given on the command line (which win); the fully
+resolved config is written to ``OUTPUT/config.yaml`` so ``--config OUTPUT/config.yaml``
+repeats the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dpo_align.data import DEFAULT_DATASET
+from dpo_align.errors import UserError
+from dpo_align.models import DEFAULT_MODEL
+from dpo_align.templates import DEFAULT_TEMPLATE, TEMPLATES
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = DEFAULT_MODEL
+    data: list[str] = field(default_factory=lambda: [DEFAULT_DATASET])
+    split: str = "train"
+    max_pairs: int | None = None
+    skip_bad_rows: bool = False
+    template: str = DEFAULT_TEMPLATE
+    output_dir: str = "runs/dpo"
+    # held-out evaluation during training
+    eval_data: list[str] = field(default_factory=list)
+    eval_max_pairs: int | None = None
+    eval_steps: int = 50
+    # DPO (Rafailov et al. 2023: sigmoid loss, beta 0.1)
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    # optimisation (the reference experiment: 1 epoch, lr 1e-5, cosine with warmup)
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 512
+    seed: int = 42
+    precision: str = "auto"
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"
+    # bookkeeping
+    logging_steps: int = 5
+    save_steps: int = 100
+    save_total_limit: int = 2
+    report_to: str = "none"
+    trust_remote_code: bool = False
+    # decontamination against the scoring suite
+    eval_suite_data_dir: str | None = None
+    eval_suite_pku_path: str | None = None
+    drop_eval_overlap: bool = False
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}"),
+            (self.learning_rate > 0, "--lr must be positive"),
+            (self.beta > 0, "--beta must be positive"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1"),
+            (self.max_length >= 16, "--max-length must be at least 16 tokens"),
+            (self.epochs > 0 or self.max_steps > 0, "give --epochs > 0 or --max-steps > 0"),
+            (self.lora_r >= 1, "--lora-r must be at least 1"),
+            (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+            (self.max_pairs is None or self.max_pairs >= 1, "--max-pairs must be at least 1"),
+            (bool(self.data), "give at least one --data source"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"Invalid training option: {message}.")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a YAML file; unknown keys are an error naming the file and the key."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file.") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({err}).") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values.")
+    unknown = sorted(set(loaded) - FIELDS)
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}. Known: {', '.join(sorted(FIELDS))}.")
+    for key in ("data", "eval_data"):
+        if isinstance(loaded.get(key), str):
+            loaded[key] = [loaded[key]]
+    return loaded
+
+
+def build_config(file_settings: dict, cli_settings: dict) -> TrainConfig:
+    """Defaults, then the config file, then options given on the command line."""
+    try:
+        return TrainConfig(**{**file_settings, **cli_settings}).validate()
+    except TypeError as err:
+        raise UserError(f"Invalid training settings: {err}.") from None
