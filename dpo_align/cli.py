@@ -182,11 +182,11 @@ _TRAIN_FIELD = {"lr": "learning_rate", "data_dir": "eval_suite_data_dir", "pku_p
 
 def _explicit(ctx: typer.Context, params: dict) -> dict:
     """Only the options the user typed: they override --config and must agree on --resume."""
-    from click.core import ParameterSource
-
     given = {}
     for name, value in params.items():
-        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None):
+        source = ctx.get_parameter_source(name)
+        # compared by name: Typer ships its own copy of click's ParameterSource enum
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
             given[_TRAIN_FIELD.get(name, name)] = value
     return given
 
@@ -274,6 +274,26 @@ def train_command(
         shown = {k: row[prefix + k] for k in SUMMARY_KEYS if prefix + k in row}
         if shown:
             typer.echo(f"Final {name}: " + ", ".join(f"{k.removeprefix('rewards/')}={v:.4f}" for k, v in shown.items()))
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@app.command("merge")
+@user_errors
+def merge_command(
+    adapter: Annotated[Path, typer.Argument(help="The adapter folder `dpo-align train` wrote.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged safetensors checkpoint.")],
+    base: Annotated[str | None, typer.Option(help="Base model, if not the one named in adapter_config.json.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with the base checkpoint to run.")] = False,
+) -> None:
+    """Merge a LoRA adapter into its base model and save a standalone checkpoint (safetensors + tokenizer). Score it like any model: `lm_eval --model hf --model_args pretrained=OUTPUT ...` gives the same numbers as `pretrained=BASE,peft=ADAPTER`."""
+    from dpo_align.merge import merge
+
+    path = merge(adapter, output, base=base, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                 progress=lambda m: typer.echo(m, err=True))
+    typer.echo(str(path))
 
 
 def main() -> None:

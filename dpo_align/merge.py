@@ -1,0 +1,56 @@
+"""``dpo-align merge``: fold a LoRA adapter into its base model, as a standalone checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from dpo_align.errors import UserError
+from dpo_align.models import load_model, load_tokenizer, resolve_model
+
+
+def adapter_base(adapter: Path) -> str:
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise UserError(f"{adapter}: no adapter_config.json. Pass the folder `dpo-align train` wrote.")
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except ValueError:
+        raise UserError(f"{config}: not valid JSON.") from None
+    if not base:
+        raise UserError(f"{config}: names no base model (base_model_name_or_path); pass --base.")
+    return base
+
+
+def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bool = False,
+          trust_remote_code: bool = False, progress=print) -> Path:
+    import torch
+    from peft import PeftModel
+
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"--output {output} is not empty. Pass --overwrite or choose another folder.")
+    base_path = resolve_model(base or adapter_base(adapter), progress=progress)
+    model = load_model(base_path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"The adapter in {adapter} does not fit the base model {base_path}: {err}".split("\n")[0]
+                        + " Pass the base it was trained on with --base.") from None
+    merged = model.merge_and_unload()
+    tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_path
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return output

@@ -1,0 +1,248 @@
+"""`dpo-align train` and `merge` on tiny models: outputs, config round trip, resume, merge, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from dpo_align import train as train_module
+from dpo_align.cli import app
+from dpo_align.data import Pair
+from dpo_align.templates import render_prompt
+from dpo_align.train import Interrupted, fit_to_length, train
+from dpo_align.train_config import TrainConfig
+
+from .conftest import SHARED_DATA, needs_shared_data
+
+runner = CliRunner()
+
+QUESTIONS = ["What is the capital of France?", "How do I bake bread?", "Is the fox quick?", "Who was the surgeon?",
+             "What is 2+2?", "Name a colour.", "Why is the sky blue?", "Can dogs swim?"]
+
+
+def hh(q, a):
+    return f"\n\nHuman: {q}\n\nAssistant: {a}"
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pairs") / "train.jsonl"
+    rows = []
+    for i in range(48):
+        q = QUESTIONS[i % len(QUESTIONS)] + f" ({i})"
+        rows.append({"chosen": hh(q, f"A helpful and clear answer number {i}."), "rejected": hh(q, "No.")})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_config(model, data, out, **overrides) -> TrainConfig:
+    settings = dict(model=str(model), data=[str(data)], output_dir=str(out), max_steps=6, batch_size=4, max_length=96,
+                    logging_steps=1, save_steps=2, precision="fp32", learning_rate=5e-3, warmup_ratio=0.0)
+    settings.update(overrides)
+    return TrainConfig(**settings).validate()
+
+
+def last(rows, key):
+    return next(r[key] for r in reversed(rows) if key in r)
+
+
+def read_rows(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_every_output(tiny_gpt2, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "train", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--eval-data", str(pairs_file), "--eval-max-pairs", "8",
+        "--eval-steps", "3", "--max-steps", "6", "--batch-size", "4", "--max-length", "96", "--logging-steps", "1",
+        "--save-steps", "2", "--precision", "fp32", "--lr", "5e-3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml", "manifest.json",
+                 "metrics.jsonl", "README.md"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("checkpoint-*")) and not (out / "training_args.bin").exists()
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        "loss.png", "rewards_chosen.png", "rewards_rejected.png", "reward_margin.png", "reward_accuracy.png"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["global_steps"] == 6 and manifest["seed"] == 42
+    source = manifest["data"]["sources"][0]
+    assert source["rows"] == 48 and len(source["sha256"]) == 64
+    assert manifest["versions"]["trl"] and manifest["device"] == "cpu" and manifest["wall_time_s"] > 0
+    assert manifest["model"]["revision"]["sha256"]["model.safetensors"]
+    rows = read_rows(out)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+    # A real learning signal at this lr: the chosen reward separates from the rejected one.
+    assert last(rows, "rewards/margins") > 0
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "library_name: peft" in card and "held-out rewards/accuracies" in card
+    assert "Final train:" in result.output
+
+
+def test_config_file_repeats_the_run_and_options_override_it(tiny_gpt2, pairs_file, tmp_path):
+    first = tmp_path / "a"
+    train(tiny_config(tiny_gpt2, pairs_file, first, max_steps=3), progress=lambda m: None)
+    result = runner.invoke(app, ["train", "--config", str(first / "config.yaml"), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert last(read_rows(tmp_path / "b"), "loss") == pytest.approx(last(read_rows(first), "loss"), rel=1e-6)
+    result = runner.invoke(app, ["train", "--config", str(first / "config.yaml"), "-o", str(tmp_path / "c"), "--lr", "1e-4"])
+    assert result.exit_code == 0, result.output
+    assert "learning_rate: 0.0001" in (tmp_path / "c" / "config.yaml").read_text()
+
+
+class InterruptAt(TrainerCallback):
+    """Sends this process a real SIGINT at the end of one step, as Ctrl-C would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    train(tiny_config(tiny_gpt2, pairs_file, whole), progress=lambda m: None)
+
+    cut = tmp_path / "cut"
+    original = train_module.DPOTrainer if hasattr(train_module, "DPOTrainer") else None
+    import trl
+
+    class InterruptedTrainer(trl.DPOTrainer):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[InterruptAt(3), *(callbacks or [])], **kwargs)
+
+    monkeypatch.setattr(trl, "DPOTrainer", InterruptedTrainer)
+    with pytest.raises(Interrupted) as stop:
+        train(tiny_config(tiny_gpt2, pairs_file, cut), progress=lambda m: None)
+    assert stop.value.checkpoint == cut / "checkpoint-3"
+    assert "--resume" in str(stop.value)
+    assert not (cut / "manifest.json").exists()  # nothing that looks complete
+    monkeypatch.setattr(trl, "DPOTrainer", original or InterruptedTrainer.__mro__[1])
+
+    result = runner.invoke(app, ["train", "-o", str(cut), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert last(read_rows(cut), "loss") == pytest.approx(last(read_rows(whole), "loss"), rel=1e-5)
+    assert [r["step"] for r in read_rows(cut) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() < 1e-5, key
+
+    # A finished run cannot be resumed, and a resume cannot change the settings.
+    result = runner.invoke(app, ["train", "-o", str(cut), "--resume"])
+    assert result.exit_code == 2 and "already finished" in result.output
+    result = runner.invoke(app, ["train", "-o", str(cut), "--resume", "--max-steps", "9"])
+    assert result.exit_code == 2 and "--max-steps" in result.output
+
+
+def test_resume_skips_a_checkpoint_that_was_cut_while_being_written(tiny_gpt2, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config(tiny_gpt2, pairs_file, out)
+    train(config, progress=lambda m: None)
+    # Recreate the state of a SIGKILL during a save: checkpoints 2 and 4 complete, 6 half-written.
+    (out / "manifest.json").unlink()
+    for step in (2, 4, 6):
+        (out / f"checkpoint-{step}").mkdir()
+    from dpo_align.callbacks import COMPLETE_MARKER, latest_checkpoint
+
+    for step in (2, 4):
+        (out / f"checkpoint-{step}" / COMPLETE_MARKER).write_text(str(step))
+    assert latest_checkpoint(out) == out / "checkpoint-4"
+
+
+def test_output_dir_in_use_and_bad_input(tiny_gpt2, pairs_file, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    base = ["train", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--max-steps", "1", "--precision", "fp32"]
+    result = runner.invoke(app, [*base, "-o", str(busy)])
+    assert result.exit_code == 2 and "--overwrite" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, [*base, "-o", str(busy), "--overwrite"])
+    assert result.exit_code == 2 and "does not look like a dpo-align run" in result.output
+    assert (busy / "notes.txt").read_text() == "mine"
+
+    result = runner.invoke(app, ["train", "--model", str(tiny_gpt2), "--data", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "none.jsonl" in result.output
+    result = runner.invoke(app, ["train", "--model", str(tmp_path / "no-model"), "--data", str(pairs_file), "-o", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "local" in result.output
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "z"), "--lr", "-1"])
+    assert result.exit_code == 2 and "--lr" in result.output
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "w"), "--resume"])
+    assert result.exit_code == 2 and "no run to resume" in result.output
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("learning_rat: 1e-5\n")
+    result = runner.invoke(app, ["train", "--config", str(bad_config)])
+    assert result.exit_code == 2 and "learning_rat" in result.output and str(bad_config) in result.output
+
+
+def test_prompts_are_cut_from_the_left_keeping_the_template(tiny_gpt2):
+    from dpo_align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    long_dialogue = " ".join(f"word{i}" for i in range(300)) + " THE END?"
+    pairs = [Pair(long_dialogue, "yes", "no", "mem:1"), Pair("short?", "yes", "no", "mem:2")]
+    fitted, stats = fit_to_length(pairs, tokenizer, "alpaca", max_length=64)
+    assert stats == {"prompt truncated from the left": 1}
+    assert fitted[1] == pairs[1]
+    assert fitted[0].instruction.endswith("THE END?") and not fitted[0].instruction.startswith("word0")
+    prompt = render_prompt(fitted[0].instruction, "alpaca")
+    assert prompt.startswith("Below is an instruction") and prompt.endswith("### Response:")
+    assert len(tokenizer(prompt)["input_ids"]) + 2 <= 64
+
+
+def test_decontamination_counts_and_drops_overlap(tiny_gpt2, pairs_file, tmp_path):
+    import csv
+
+    data_dir = tmp_path / "suite"
+    (data_dir / "truthfulqa").mkdir(parents=True)
+    with open(data_dir / "truthfulqa" / "TruthfulQA.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
+        writer.writerow(["A", "B", "What  is the capital of France? (0)", "Paris", "", "", ""])  # whitespace differs
+    messages = []
+    manifest = train(tiny_config(tiny_gpt2, pairs_file, tmp_path / "run", max_steps=1, eval_suite_data_dir=str(data_dir),
+                                 drop_eval_overlap=True), progress=messages.append)
+    assert manifest["eval_suite_overlap"] == {"truthfulqa": 1}
+    assert manifest["pairs_trained_on"] == 47
+    assert any("truthfulqa 1" in m for m in messages)
+
+
+def test_merged_checkpoint_scores_like_base_plus_adapter(tiny_llama, pairs_file, tmp_path):
+    from dpo_align.evaluate import run_eval
+
+    adapter = tmp_path / "adapter"
+    train(tiny_config(tiny_llama, pairs_file, adapter, learning_rate=5e-2, save_steps=100), progress=lambda m: None)
+    merged = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(adapter), "-o", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert (merged / "model.safetensors").is_file()
+    result = runner.invoke(app, ["merge", str(adapter), "-o", str(merged)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+
+    common = dict(output=tmp_path / "scores", limit=None, data_dir=None, pku_path=str(pairs_file), template="alpaca",
+                  batch_size=8, device="cpu", dtype="float32", trust_remote_code=False, datasets=["pku"], progress=lambda m: None)
+    runs = run_eval([str(tiny_llama), str(merged)], adapters=[str(adapter)], **common)
+    base, merged_ce, peft_ce = (r["table"]["pku"]["ce"][0] for r in runs)
+    assert merged_ce == pytest.approx(peft_ce, rel=1e-4)
+    assert abs(peft_ce - base) / base > 1e-3  # the adapter really changes the model, so the check has teeth
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_real_model_smoke(default_model_path, tmp_path):
+    manifest = train(TrainConfig(data=[str(SHARED_DATA / "splits" / "train-pool.jsonl.gz")], output_dir=str(tmp_path / "run"),
+                                 max_steps=2, batch_size=2, max_length=192, logging_steps=1, eval_data=[str(SHARED_DATA / "splits" / "heldout.jsonl.gz")],
+                                 eval_max_pairs=4, eval_steps=2).validate(), progress=lambda m: None)
+    assert manifest["global_steps"] == 2 and manifest["data"]["rows_kept"] == 7657
+    assert 0.0 < manifest["final_train"]["loss"] < 2.0 and "eval_loss" in manifest["final_eval"]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
