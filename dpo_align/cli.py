@@ -21,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",
 )
 models_app = typer.Typer(help="Prepare and locate models (the built-in offline default included).", no_args_is_help=True)
 data_app = typer.Typer(help="Read and check preference data before training on it.", no_args_is_help=True)
@@ -156,8 +157,7 @@ def eval_command(
     perplexity and bits per byte on TruthfulQA, WinoGrande and PKU/hh-rlhf, with standard
     errors. Example, offline:
 
-        dpo-align eval smollm2-135m-instruct --peft runs/dpo --data-dir ../shared/data
-        --pku-path ../shared/data/splits/heldout.jsonl.gz
+        dpo-align eval smollm2-135m-instruct --peft runs/dpo --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
     from dpo_align.eval_data import DATASETS
     from dpo_align.evaluate import markdown_table, run_eval
@@ -288,12 +288,70 @@ def merge_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with the base checkpoint to run.")] = False,
 ) -> None:
-    """Merge a LoRA adapter into its base model and save a standalone checkpoint (safetensors + tokenizer). Score it like any model: `lm_eval --model hf --model_args pretrained=OUTPUT ...` gives the same numbers as `pretrained=BASE,peft=ADAPTER`."""
+    """Merge a LoRA adapter into its base model and save a standalone checkpoint.
+
+    The output holds safetensors weights and the tokenizer. Score it like any model:
+    `lm_eval --model hf --model_args pretrained=OUTPUT ...` gives the same numbers as
+    `pretrained=BASE,peft=ADAPTER`.
+    """
     from dpo_align.merge import merge
 
     path = merge(adapter, output, base=base, overwrite=overwrite, trust_remote_code=trust_remote_code,
                  progress=lambda m: typer.echo(m, err=True))
     typer.echo(str(path))
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@app.command("sweep")
+@user_errors
+def sweep_command(
+    ctx: typer.Context,
+    lr: Annotated[str, typer.Option("--lr", help="Learning rates to train, comma-separated.")] = "5e-6,1e-5",
+    model: ModelOption = DEFAULT_MODEL,
+    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="Training pairs (repeatable). Default: Anthropic/hh-rlhf.")] = None,
+    eval_data: Annotated[list[str] | None, typer.Option("--eval-data", help="Held-out pairs evaluated during training.")] = None,
+    max_pairs: Annotated[int | None, typer.Option(help="Train on the first N usable pairs only.")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the training pairs.")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Stop each run after N optimizer steps (overrides --epochs when > 0).")] = -1,
+    batch_size: Annotated[int, typer.Option(help="Training pairs per forward pass.")] = 4,
+    max_length: Annotated[int, typer.Option(help="Max tokens of prompt + response.")] = 512,
+    template: TemplateOption = DEFAULT_TEMPLATE,
+    seed: Annotated[int, typer.Option(help="Seed of every run.")] = 42,
+    precision: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    config: Annotated[Path | None, typer.Option("--config", help="YAML of any other `train` settings; options given here override it.")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Score only the first N documents of each dataset.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Offline suite data (like ../shared/data); also used for the overlap check.")] = None,
+    pku_path: Annotated[str | None, typer.Option(help="PKU file(s) or hh-rlhf transcripts for the suite, e.g. ../shared/data/splits/heldout.jsonl.gz.")] = None,
+    eval_batch_size: Annotated[int, typer.Option(help="Requests per forward pass when scoring.")] = 16,
+    runs_dir: Annotated[Path, typer.Option(help="Where the adapters and checkpoints go (not for git).")] = Path("runs/sweep"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the table, curves and manifests go.")] = Path("results/sweep"),
+) -> None:
+    """Train one adapter per learning rate, score the base model and every adapter, and write the reference table.
+
+    Reproduces the reference experiment (one epoch at lr 5e-6 and 1e-5) in one command.
+
+    An interrupted sweep resumes when run again: finished runs and models already scored are kept.
+
+        dpo-align sweep --lr 5e-6,1e-5 --data ../shared/data/splits/train-pool.jsonl.gz --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
+    """
+    from dpo_align.sweep import parse_lrs, sweep
+    from dpo_align.train_config import build_config, load_config_file
+
+    lrs = parse_lrs(lr)
+    skip = ("lr", "config", "eval_limit", "eval_batch_size", "runs_dir", "output", "ctx")
+    given = _explicit(ctx, {k: v for k, v in ctx.params.items() if k not in skip})
+    for key in ("data", "eval_data"):
+        if key in given and not given[key]:
+            given.pop(key)
+    base = build_config(load_config_file(config) if config else {}, given)
+    runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=eval_limit, data_dir=data_dir, pku_path=pku_path,
+                 batch_size=eval_batch_size, progress=lambda m: typer.echo(m, err=True))
+    from dpo_align.evaluate import markdown_table
+
+    typer.echo(markdown_table(runs))
+    typer.echo(f"Wrote {output}/: table.md, table.csv, table.png, results.json, curves/, manifests/, samples/.")
 
 
 def main() -> None:

@@ -217,6 +217,45 @@ def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
     atomic_write_bytes(output / "table.png", bar_chart_png(runs))
 
 
+def eval_settings(*, tasks, limit, template, data_dir, pku_path, batch_size, device, dtype) -> dict:
+    return {
+        "tasks": tasks, "limit": limit, "template": template, "data_dir": data_dir, "pku_path": pku_path,
+        "batch_size": batch_size, "device": device, "dtype": dtype,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(), "git_commit": git_commit(),
+        "machine": machine(),
+    }
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval logs several warnings per task that do not apply here (custom_dataset hints,
+    chat-template advice); its progress bars still show."""
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def score_spec(spec: ModelSpec, **options) -> dict:
+    """One model: lm-eval's numbers, provenance and per-document values, as one dict."""
+    start = time.perf_counter()
+    results = score(spec, **options)
+    revision = {"base": model_revision(spec.pretrained)}
+    if spec.peft:
+        revision["adapter"] = model_revision(spec.peft)
+    return {
+        "label": spec.label, "pretrained": spec.pretrained, "peft": spec.peft, "revision": revision,
+        "seconds": round(time.perf_counter() - start, 2), "table": summarize(results),
+        "documents": per_document(results),
+    }
+
+
 def run_eval(
     models: list[str],
     *,
@@ -233,37 +272,16 @@ def run_eval(
     datasets: list[str] | None = None,
     progress=print,
 ) -> list[dict]:
-    import logging
-
-    import torch
-
-    # lm-eval logs several warnings per task that do not apply here (custom_dataset hints,
-    # chat-template advice); its progress bars still show.
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    quiet_lm_eval()
     specs = model_specs(models, adapters, progress)
     tasks = [SUITE] if not datasets else [TASKS[d] for d in datasets]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = {
-        "command": "dpo-align eval",
-        "tasks": tasks, "limit": limit, "template": template, "data_dir": data_dir, "pku_path": pku_path,
-        "batch_size": batch_size, "device": device, "dtype": dtype,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(), "git_commit": git_commit(),
-        "machine": machine(),
-    }
+    device = resolve_device(device)
+    settings = {"command": "dpo-align eval", **eval_settings(tasks=tasks, limit=limit, template=template, data_dir=data_dir,
+                                                              pku_path=pku_path, batch_size=batch_size, device=device, dtype=dtype)}
     runs = []
     for i, spec in enumerate(specs, start=1):
         progress(f"[{i}/{len(specs)}] scoring {spec.label}: {spec.pretrained}" + (f" + adapter {spec.peft}" if spec.peft else ""))
-        start = time.perf_counter()
-        results = score(spec, tasks=tasks, limit=limit, data_dir=data_dir, pku_path=pku_path, template=template,
-                        batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        revision = {"base": model_revision(spec.pretrained)}
-        if spec.peft:
-            revision["adapter"] = model_revision(spec.peft)
-        runs.append({
-            "label": spec.label, "pretrained": spec.pretrained, "peft": spec.peft, "revision": revision,
-            "seconds": round(time.perf_counter() - start, 2), "table": summarize(results),
-            "documents": per_document(results),
-        })
+        runs.append(score_spec(spec, tasks=tasks, limit=limit, data_dir=data_dir, pku_path=pku_path, template=template,
+                               batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code))
     write_outputs(output, runs, settings)
     return runs

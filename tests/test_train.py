@@ -246,3 +246,37 @@ def test_real_model_smoke(default_model_path, tmp_path):
     assert manifest["global_steps"] == 2 and manifest["data"]["rows_kept"] == 7657
     assert 0.0 < manifest["final_train"]["loss"] < 2.0 and "eval_loss" in manifest["final_eval"]
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path):
+    args = ["sweep", "--lr", "1e-3,5e-2", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--eval-data", str(pairs_file),
+            "--max-steps", "2", "--batch-size", "4", "--max-length", "96", "--precision", "fp32", "--pku-path", str(pairs_file),
+            "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "out"), "--eval-limit", "8"]
+    # The suite needs truthfulqa/winogrande too: give it a tiny data dir.
+    import csv
+
+    data_dir = tmp_path / "suite"
+    (data_dir / "truthfulqa").mkdir(parents=True)
+    (data_dir / "winogrande").mkdir()
+    with open(data_dir / "truthfulqa" / "TruthfulQA.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
+        w.writerow(["A", "B", "What is the capital of France?", "Paris.", "", "", ""])
+        w.writerow(["A", "B", "How do I bake bread?", "Bake it.", "", "", ""])
+    (data_dir / "winogrande" / "dev.jsonl").write_text(
+        json.dumps({"sentence": "The fox is _.", "option1": "quick", "option2": "slow", "answer": "1"}) + "\n"
+        + json.dumps({"sentence": "The dog is _.", "option1": "lazy", "option2": "fast", "answer": "1"}) + "\n")
+    args += ["--data-dir", str(data_dir)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    table = (out / "table.md").read_text()
+    assert "baseline" in table and "DPO lr-0.001" in table and "DPO lr-0.05" in table and "Δ DPO lr-0.05" in table
+    assert {p.name for p in (out / "manifests").iterdir()} == {"lr-0.001.json", "lr-0.05.json"}
+    assert (out / "curves" / "loss.png").is_file() and (out / "table.csv").is_file() and (out / "results.json").is_file()
+    # Run again: nothing is trained or scored twice.
+    before = (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("already finished, kept") == 2 and result.output.count("already scored, kept") == 3
+    assert (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns == before
