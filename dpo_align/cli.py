@@ -269,6 +269,8 @@ def train_command(
         raise typer.Exit(130) from None
     from dpo_align.train import SUMMARY_KEYS
 
+    if not manifest:  # a non-main process under `accelerate launch`: the main one reports
+        return
     typer.echo(f"Done in {manifest['wall_time_s']} s, {manifest['global_steps']} steps. Adapter and report in {settings.output_dir}/")
     for name, row, prefix in (("train", manifest["final_train"], ""), ("held-out", manifest["final_eval"], "eval_")):
         shown = {k: row[prefix + k] for k in SUMMARY_KEYS if prefix + k in row}

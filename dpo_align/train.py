@@ -144,13 +144,24 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     # Deprecation chatter from transformers/peft/trl is not actionable for users of this tool.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    from accelerate import PartialState
+
     started = time.time()
     output = Path(config.output_dir)
-    prepare_output_dir(output, overwrite=overwrite, resume=resume)
-    resume_from = latest_checkpoint(output) if resume else None
+    # Under `accelerate launch` every process runs this function; only the main one
+    # touches the output folder, the others wait for it.
+    use_cuda = torch.cuda.is_available()
+    state = PartialState(cpu=not use_cuda)  # the same state TrainingArguments(use_cpu=...) makes
+    main = state.is_main_process
+    if not main:
+        progress = _silent
     if resume and (output / "manifest.json").is_file():
         raise UserError(f"--resume: the run in {output} already finished. Use --overwrite to train it again, or another --output-dir.")
-    atomic_write_text(output / "config.yaml", config.to_yaml())
+    if main:
+        prepare_output_dir(output, overwrite=overwrite, resume=resume)
+        atomic_write_text(output / "config.yaml", config.to_yaml())
+    state.wait_for_everyone()
+    resume_from = latest_checkpoint(output) if resume else None
     set_seed(config.seed)
 
     # Model path and tokenizer first: a wrong model name should fail before data work.
@@ -187,7 +198,6 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         eval_dataset = to_dataset(eval_pairs, config.template, tokenizer).remove_columns("instruction")
 
     precision = resolve_precision(config.precision)
-    use_cuda = torch.cuda.is_available()
     model = load_model(model_path, trust_remote_code=config.trust_remote_code, dtype=torch.float32)
     peft_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -238,16 +248,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
 
-    if resume_from is not None:
-        step = int(resume_from.name.removeprefix("checkpoint-"))
+    if resume and main:
+        step = int(resume_from.name.removeprefix("checkpoint-")) if resume_from else 0
         for newer_step, path in checkpoints(output):  # incomplete checkpoints newer than the resume point
             if newer_step > step:
                 shutil.rmtree(path, ignore_errors=True)
         truncate_metrics(output / "metrics.jsonl", step)
-        progress(f"Resuming from {resume_from}")
-    elif resume:
-        truncate_metrics(output / "metrics.jsonl", 0)
-        progress("No complete checkpoint yet: starting from the beginning.")
+        progress(f"Resuming from {resume_from}" if resume_from else "No complete checkpoint yet: starting from the beginning.")
+    state.wait_for_everyone()
 
     interrupt.install()
     try:
@@ -258,7 +266,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         raise Interrupted(latest_checkpoint(output), output)
 
     # ---- outputs: adapter and tokenizer, curves, model card, manifest (last)
-    trainer.save_model(str(output))
+    trainer.save_model(str(output))  # the Trainer writes from the main process only
+    if not main:
+        return {}
     tokenizer.save_pretrained(str(output))
     (output / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
     rows = read_metrics(output / "metrics.jsonl")
@@ -296,6 +306,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     for _, path in checkpoints(output):
         shutil.rmtree(path, ignore_errors=True)
     return manifest
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def model_card(config: TrainConfig, manifest: dict) -> str:
