@@ -150,6 +150,7 @@ def eval_command(
     dtype: Annotated[str, typer.Option(help="Weights dtype for scoring: float32, bfloat16, float16 or auto.")] = "float32",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with a checkpoint to run.")]
     = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.pt) weights through torch's weights_only loader; safetensors only otherwise.")] = False,
 ) -> None:
     """Score models with the dpo_ppl suite (lm-eval) and write a reference-style table.
 
@@ -168,7 +169,7 @@ def eval_command(
     runs = run_eval(
         models or [], adapters=peft or [], output=output, limit=limit, data_dir=data_dir, pku_path=pku_path,
         template=template, batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        datasets=dataset, progress=lambda m: typer.echo(m, err=True),
+        allow_pickle=allow_pickle, datasets=dataset, progress=lambda m: typer.echo(m, err=True),
     )
     typer.echo(markdown_table(runs))
     typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
@@ -226,6 +227,7 @@ def train_command(
     pku_path: Annotated[str | None, typer.Option(help="Scoring-suite PKU file(s), for the same overlap check.")] = None,
     drop_eval_overlap: Annotated[bool, typer.Option("--drop-eval-overlap", help="Remove training pairs whose prompt occurs in the scoring suite.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with a checkpoint to run.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.pt) weights through torch's weights_only loader; safetensors only otherwise.")] = False,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of settings (e.g. a previous run's config.yaml); options given here override it.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --output-dir.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its latest complete checkpoint.")] = False,
@@ -289,6 +291,7 @@ def merge_command(
     base: Annotated[str | None, typer.Option(help="Base model, if not the one named in adapter_config.json.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with the base checkpoint to run.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.pt) weights through torch's weights_only loader; safetensors only otherwise.")] = False,
 ) -> None:
     """Merge a LoRA adapter into its base model and save a standalone checkpoint.
 
@@ -298,7 +301,7 @@ def merge_command(
     """
     from dpo_align.merge import merge
 
-    path = merge(adapter, output, base=base, overwrite=overwrite, trust_remote_code=trust_remote_code,
+    path = merge(adapter, output, base=base, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                  progress=lambda m: typer.echo(m, err=True))
     typer.echo(str(path))
 

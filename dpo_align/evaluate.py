@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pickle
 import re
 import time
 from dataclasses import dataclass
@@ -94,15 +95,23 @@ def score(
     device: str,
     dtype: str,
     trust_remote_code: bool,
+    allow_pickle: bool = False,
 ) -> dict:
     """One model through lm-eval; returns lm-eval's results dict (with samples)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from dpo_align.models import check_weights_safe
+
+    check_weights_safe(spec.pretrained, allow_pickle)
+    if spec.peft:
+        check_weights_safe(spec.peft, allow_pickle)
     model_args = {"pretrained": spec.pretrained, "dtype": dtype, "trust_remote_code": trust_remote_code}
     if spec.peft:
         model_args["peft"] = spec.peft
     metadata = {**model_args, "template": template}
+    if not allow_pickle:
+        model_args["use_safetensors"] = True  # passed through by lm-eval to from_pretrained
     if data_dir:
         metadata["data_dir"] = data_dir
     if pku_path:
@@ -119,10 +128,17 @@ def score(
             device=device,
             log_samples=True,
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
         if isinstance(err, UserError):
             raise
-        raise UserError(f"Scoring {spec.label} ({spec.pretrained}) failed: {err}") from None
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        hint = ""
+        if "size mismatch" in str(err) or "adapter" in str(err).lower():
+            hint = " Does the adapter belong to this base model? An adapter only loads on the base it was trained on."
+        elif "safetensors" in str(err) and not allow_pickle:
+            hint = " The checkpoint may have only pickle weights: pass --allow-pickle if you trust it."
+        raise UserError(f"Scoring {spec.label} ({spec.pretrained}" + (f" + {spec.peft}" if spec.peft else "")
+                        + f") failed: {message}.{hint}") from None
 
 
 def summarize(results: dict) -> dict:
@@ -269,6 +285,7 @@ def run_eval(
     device: str,
     dtype: str,
     trust_remote_code: bool,
+    allow_pickle: bool = False,
     datasets: list[str] | None = None,
     progress=print,
 ) -> list[dict]:
@@ -282,6 +299,11 @@ def run_eval(
     for i, spec in enumerate(specs, start=1):
         progress(f"[{i}/{len(specs)}] scoring {spec.label}: {spec.pretrained}" + (f" + adapter {spec.peft}" if spec.peft else ""))
         runs.append(score_spec(spec, tasks=tasks, limit=limit, data_dir=data_dir, pku_path=pku_path, template=template,
-                               batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code))
-    write_outputs(output, runs, settings)
+                               batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                               allow_pickle=allow_pickle))
+    try:
+        write_outputs(output, runs, settings)
+    except OSError as err:
+        raise UserError(f"--output {output}: cannot write the results there ({err.strerror}). "
+                        "Choose a writable folder with free space; nothing was left half-written.") from None
     return runs

@@ -25,19 +25,23 @@ def adapter_base(adapter: Path) -> str:
 
 
 def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bool = False,
-          trust_remote_code: bool = False, progress=print) -> Path:
+          trust_remote_code: bool = False, allow_pickle: bool = False, progress=print) -> Path:
     import torch
     from peft import PeftModel
 
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise UserError(f"--output {output} is not empty. Pass --overwrite or choose another folder.")
+    from dpo_align.models import check_weights_safe
+
+    check_weights_safe(str(adapter), allow_pickle)
     base_path = resolve_model(base or adapter_base(adapter), progress=progress)
-    model = load_model(base_path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    model = load_model(base_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, dtype=torch.float32)
     try:
         model = PeftModel.from_pretrained(model, str(adapter))
     except (RuntimeError, ValueError, KeyError) as err:
-        raise UserError(f"The adapter in {adapter} does not fit the base model {base_path}: {err}".split("\n")[0]
-                        + " Pass the base it was trained on with --base.") from None
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"The adapter in {adapter} does not fit the base model {base_path} ({first_line}). "
+                        "Pass the base it was trained on with --base.") from None
     merged = model.merge_and_unload()
     tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)

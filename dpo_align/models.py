@@ -155,13 +155,50 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_model(path: str, *, trust_remote_code: bool = False, dtype=None, **kwargs):
-    """Load a causal LM from safetensors weights, with no remote code unless asked."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def check_weights_safe(path: str, allow_pickle: bool = False) -> None:
+    """Refuse a local checkpoint whose weights exist only as pickle files.
+
+    Unpickling can run arbitrary code, and third-party checkpoints are untrusted input.
+    With ``allow_pickle`` they load through torch's ``weights_only`` unpickler, which
+    transformers and peft use by default.
+    """
+    directory = Path(path).expanduser()
+    if allow_pickle or not directory.is_dir():
+        return
+    names = [p.name for p in directory.iterdir() if p.is_file()]
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and n not in ("training_args.bin",))
+    if pickles and not has_safetensors:
+        raise UserError(
+            f"{directory} holds weights only as pickle files ({', '.join(pickles)}), which can run code when loaded. "
+            "dpo-align loads safetensors only by default. If you trust this checkpoint, pass --allow-pickle "
+            "(it then loads through torch's weights_only unpickler), or convert it to safetensors."
+        )
+
+
+def load_model(path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, dtype=None, **kwargs):
+    """Load a causal LM: safetensors only unless ``allow_pickle``, no remote code unless asked."""
+    import pickle
+
     from transformers import AutoModelForCausalLM
 
+    check_weights_safe(path, allow_pickle)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype, **kwargs
+            path, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True, dtype=dtype, **kwargs
         )
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"Refused to load {path!r}: its pickle weights hold objects other than tensors, which torch's weights_only "
+            f"loader does not run ({str(err).splitlines()[0][:120]}...). Do not load this checkpoint unless you can inspect it."
+        ) from None
     except (OSError, ValueError) as err:
-        raise UserError(f"Could not load a model from {path!r}: {err}.{_offline_hint(path)}") from None
+        hint = _offline_hint(path)
+        if "safetensors" in str(err) and not allow_pickle:
+            hint = " It may have only pickle weights: dpo-align loads safetensors only unless you pass --allow-pickle." + hint
+        if "trust_remote_code" in str(err):
+            hint = " This checkpoint ships its own code; pass --trust-remote-code only if you trust it." + hint
+        raise UserError(f"Could not load a model from {path!r}: {str(err).splitlines()[0]}{hint}") from None

@@ -89,7 +89,8 @@ def sweep(
     specs = [ModelSpec(f"baseline ({base.model})", base_path)]
     specs += [ModelSpec(f"DPO {name}", base_path, str(path)) for name, path in adapters.items()]
     options = dict(tasks=[SUITE], limit=eval_limit, data_dir=data_dir, pku_path=pku_path, template=base.template,
-                   batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=base.trust_remote_code)
+                   batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=base.trust_remote_code,
+                   allow_pickle=base.allow_pickle)
     scores_dir = output / "scores"
     runs = []
     for i, spec in enumerate(specs, start=1):
@@ -105,7 +106,7 @@ def sweep(
 
     # 3. tables, curves, manifests
     settings = {"command": "dpo-align sweep", "learning_rates": lrs, "train": dataclasses.asdict(base),
-                **eval_settings(**{k: v for k, v in options.items() if k != "trust_remote_code"})}
+                **eval_settings(**{k: v for k, v in options.items() if k not in ("trust_remote_code", "allow_pickle")})}
     write_outputs(output, [dict(r) for r in runs], settings)
     plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, output / "curves")
     manifests = output / "manifests"

@@ -198,7 +198,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         eval_dataset = to_dataset(eval_pairs, config.template, tokenizer).remove_columns("instruction")
 
     precision = resolve_precision(config.precision)
-    model = load_model(model_path, trust_remote_code=config.trust_remote_code, dtype=torch.float32)
+    model = load_model(model_path, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, dtype=torch.float32)
     peft_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(","),

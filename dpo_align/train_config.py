@@ -62,6 +62,7 @@ class TrainConfig:
     save_total_limit: int = 2
     report_to: str = "none"
     trust_remote_code: bool = False
+    allow_pickle: bool = False
     # decontamination against the scoring suite
     eval_suite_data_dir: str | None = None
     eval_suite_pku_path: str | None = None
