@@ -269,6 +269,10 @@ def train_command(
     except Interrupted as stop:
         typer.secho(str(stop), fg="yellow", err=True)
         raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, mid-step
+        typer.secho(f"Stopped. The latest complete checkpoint in {settings.output_dir} is intact; resume with:\n"
+                    f"    dpo-align train --output-dir {settings.output_dir} --resume", fg="yellow", err=True)
+        raise typer.Exit(130) from None
     from dpo_align.train import SUMMARY_KEYS
 
     if not manifest:  # a non-main process under `accelerate launch`: the main one reports

@@ -9,6 +9,7 @@ order: ``manifest.json`` is written last and says the run is complete.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections import Counter
@@ -257,14 +258,43 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         progress(f"Resuming from {resume_from}" if resume_from else "No complete checkpoint yet: starting from the beginning.")
     state.wait_for_everyone()
 
+    # Ctrl-C is handled until the manifest is written: during training it stops at the next
+    # step with a checkpoint; once training is done, the outputs are finished first.
     interrupt.install()
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if resume_from is not None and _is_final(resume_from):
+            # Killed after the last step was saved but before the outputs were written: the
+            # Trainer would run one step too many from here, so take the final adapter as is.
+            result = _restore_final(trainer, resume_from)
+        else:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:
+            raise Interrupted(latest_checkpoint(output), output)
+        return _write_outputs(config, trainer, tokenizer, result, output=output, main=main, started=started, model_path=model_path,
+                              report=report, eval_report=eval_report, truncation=truncation, contamination=contamination,
+                              precision=precision, use_cuda=use_cuda, resume_from=resume_from, train_size=len(train_dataset))
     finally:
         interrupt.uninstall()
-    if interrupt.requested:
-        raise Interrupted(latest_checkpoint(output), output)
 
+
+def _is_final(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"] > 0
+
+
+def _restore_final(trainer, checkpoint: Path):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": 0.0})
+
+
+def _write_outputs(config, trainer, tokenizer, result, *, output, main, started, model_path, report, eval_report, truncation,
+                   contamination, precision, use_cuda, resume_from, train_size) -> dict:
     # ---- outputs: adapter and tokenizer, curves, model card, manifest (last)
     trainer.save_model(str(output))  # the Trainer writes from the main process only
     if not main:
@@ -282,7 +312,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         "adapter": model_revision(str(output)),
         "data": report.as_dict(),
         "eval_data": eval_report.as_dict() if eval_report else None,
-        "pairs_trained_on": len(train_dataset),
+        "pairs_trained_on": train_size,
         "length_fitting": dict(truncation),
         "eval_suite_overlap": contamination,
         "dropped_eval_overlap": config.drop_eval_overlap,

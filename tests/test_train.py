@@ -280,3 +280,25 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert result.exit_code == 0, result.output
     assert result.output.count("already finished, kept") == 2 and result.output.count("already scored, kept") == 3
     assert (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns == before
+
+
+def test_crash_after_the_last_step_resumes_without_an_extra_step(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    train(tiny_config(tiny_gpt2, pairs_file, whole, max_steps=4), progress=lambda m: None)
+    out = tmp_path / "crashed"
+
+    def crash(*args, **kwargs):
+        raise SystemExit("killed while writing the outputs")
+
+    monkeypatch.setattr(train_module, "_write_outputs", crash)
+    with pytest.raises(SystemExit):
+        train(tiny_config(tiny_gpt2, pairs_file, out, max_steps=4), progress=lambda m: None)
+    monkeypatch.undo()
+    assert (out / "checkpoint-4").is_dir() and not (out / "manifest.json").exists()
+    manifest = train(tiny_config(tiny_gpt2, pairs_file, out, max_steps=4), resume=True, progress=lambda m: None)
+    assert manifest["global_steps"] == 4
+    assert [r["step"] for r in read_rows(out) if "loss" in r] == [1, 2, 3, 4]
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert all((a[k] - b[k]).abs().max().item() < 1e-6 for k in a)
