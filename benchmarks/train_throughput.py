@@ -5,7 +5,8 @@ layers), on the same first N pairs of the same data, rendered with the same temp
 the same batch size, for the same number of steps:
 
 * stock: ``DPOTrainer`` with ``DPOConfig``'s own defaults for everything else (on this CPU
-  that means bf16 autocast, gradient checkpointing on, max_length 1024);
+  that means bf16 autocast, gradient checkpointing on, max_length 1024), plus
+  ``use_cpu=True``, without which its bf16 default refuses to start on a CPU;
 * dpo-align: ``dpo_align.train.train`` with its defaults (precision auto, no gradient
   checkpointing, prompts fitted to max_length 512 from the left).
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 
 def stock_trl(model_path: str, dataset, steps: int, batch_size: int, output: Path) -> dict:
+    import torch
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
@@ -33,7 +35,8 @@ def stock_trl(model_path: str, dataset, steps: int, batch_size: int, output: Pat
 
     tokenizer = load_tokenizer(model_path)
     args = DPOConfig(output_dir=str(output), per_device_train_batch_size=batch_size, max_steps=steps,
-                     report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True)
+                     report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
+                     use_cpu=not torch.cuda.is_available())  # stock bf16 default refuses a CPU otherwise
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     result = trainer.train()
