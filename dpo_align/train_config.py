@@ -87,6 +87,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(f"Invalid training option: {message}.")
+        if self.report_to != "none":
+            import importlib.util
+
+            module = {"tensorboard": "tensorboard", "wandb": "wandb"}[self.report_to]
+            if importlib.util.find_spec(module) is None:
+                raise UserError(f"--report-to {self.report_to} needs the {module} package: pip install {module} (or use --report-to none).")
         return self
 
     def to_yaml(self) -> str:

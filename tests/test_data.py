@@ -194,3 +194,8 @@ def test_real_heldout_and_all_test_splits_load():
     _, whole = data.read_pairs([str(SHARED_DATA / "hh-rlhf")])
     assert held.rows_read == 836 and whole.rows_read == 8552
     assert whole.rows_read == whole.rows_kept + sum(whole.skipped.values())
+
+
+def test_hub_dataset_offline_says_how_to_use_local_files():
+    with pytest.raises(UserError, match=r"Anthropic/hh-rlhf:harmless-base.*\n.*--data path/to/train.jsonl.gz"):
+        data.read_pairs(["Anthropic/hh-rlhf:harmless-base"])

@@ -302,3 +302,14 @@ def test_crash_after_the_last_step_resumes_without_an_extra_step(tiny_gpt2, pair
 
     a, b = load_file(whole / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert all((a[k] - b[k]).abs().max().item() < 1e-6 for k in a)
+
+
+def test_report_to_needs_its_package(tiny_gpt2, pairs_file, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    result = runner.invoke(app, ["train", "--model", str(tiny_gpt2), "--data", str(pairs_file), "-o", str(tmp_path / "r"),
+                                 "--report-to", "wandb"])
+    assert result.exit_code == 2 and "pip install wandb" in result.output
+    assert not (tmp_path / "r").exists()
