@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
 
-    from dpo_align.evaluate import ModelSpec, score
+    from dpo_align.evaluate import ModelSpec, ScoreOptions, score
     from dpo_align.models import load_model, resolve_model
 
     path = resolve_model(args.model)
@@ -68,9 +68,9 @@ def main() -> None:
 
     # 1. the suite through lm-eval
     start = time.perf_counter()
-    results = score(ModelSpec(args.model, path), tasks=["dpo_ppl_suite"], limit=args.limit, data_dir=args.data_dir,
-                    pku_path=args.pku_path, template="alpaca", batch_size=args.batch_size, device="cpu",
-                    dtype=args.dtype, trust_remote_code=False)
+    options = ScoreOptions(limit=args.limit, data_dir=args.data_dir, pku_path=args.pku_path, batch_size=args.batch_size,
+                           device="cpu", dtype=args.dtype)
+    results = score(ModelSpec(args.model, path), options)
     suite_seconds = time.perf_counter() - start
     docs = [(s["doc"]["context"], s["doc"]["continuation"]) for task in results["samples"].values() for s in task]
     suite_tokens = sum(s["ce"][1] for task in results["samples"].values() for s in task)

@@ -13,6 +13,7 @@ prints. This module only picks the models, runs them one after another, and writ
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import pickle
@@ -83,49 +84,58 @@ def model_specs(models: list[str], adapters: list[str], progress=print) -> list[
     return specs
 
 
-def score(
-    spec: ModelSpec,
-    *,
-    tasks: list[str],
-    limit: int | None,
-    data_dir: str | None,
-    pku_path: str | None,
-    template: str,
-    batch_size: int,
-    device: str,
-    dtype: str,
-    trust_remote_code: bool,
-    allow_pickle: bool = False,
-) -> dict:
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How models are scored: the same for every model of one table."""
+
+    tasks: tuple[str, ...] = (SUITE,)
+    limit: int | None = None
+    data_dir: str | None = None
+    pku_path: str | None = None
+    template: str = "alpaca"
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def settings(self) -> dict:
+        """For results files: the options plus where and with what they ran."""
+        return {**dataclasses.asdict(self), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": package_versions(), "git_commit": git_commit(), "machine": machine()}
+
+
+def score(spec: ModelSpec, options: ScoreOptions) -> dict:
     """One model through lm-eval; returns lm-eval's results dict (with samples)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from dpo_align.models import check_weights_safe
 
+    allow_pickle = options.allow_pickle
     check_weights_safe(spec.pretrained, allow_pickle)
     if spec.peft:
         check_weights_safe(spec.peft, allow_pickle)
-    model_args = {"pretrained": spec.pretrained, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    model_args = {"pretrained": spec.pretrained, "dtype": options.dtype, "trust_remote_code": options.trust_remote_code}
     if spec.peft:
         model_args["peft"] = spec.peft
-    metadata = {**model_args, "template": template}
+    metadata = {**model_args, "template": options.template}
     if not allow_pickle:
         model_args["use_safetensors"] = True  # passed through by lm-eval to from_pretrained
-    if data_dir:
-        metadata["data_dir"] = data_dir
-    if pku_path:
-        metadata["pku_path"] = pku_path
+    if options.data_dir:
+        metadata["data_dir"] = options.data_dir
+    if options.pku_path:
+        metadata["pku_path"] = options.pku_path
     manager = TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata)
     try:
         return lm_eval.simple_evaluate(
             model="hf",
             model_args=model_args,
-            tasks=tasks,
+            tasks=list(options.tasks),
             task_manager=manager,
-            limit=limit,
-            batch_size=batch_size,
-            device=device,
+            limit=options.limit,
+            batch_size=options.batch_size,
+            device=resolve_device(options.device),
             log_samples=True,
         )
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
@@ -233,15 +243,6 @@ def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
     atomic_write_bytes(output / "table.png", bar_chart_png(runs))
 
 
-def eval_settings(*, tasks, limit, template, data_dir, pku_path, batch_size, device, dtype) -> dict:
-    return {
-        "tasks": tasks, "limit": limit, "template": template, "data_dir": data_dir, "pku_path": pku_path,
-        "batch_size": batch_size, "device": device, "dtype": dtype,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(), "git_commit": git_commit(),
-        "machine": machine(),
-    }
-
-
 def resolve_device(device: str) -> str:
     import torch
 
@@ -258,10 +259,10 @@ def quiet_lm_eval() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
-def score_spec(spec: ModelSpec, **options) -> dict:
+def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict:
     """One model: lm-eval's numbers, provenance and per-document values, as one dict."""
     start = time.perf_counter()
-    results = score(spec, **options)
+    results = score(spec, options)
     revision = {"base": model_revision(spec.pretrained)}
     if spec.peft:
         revision["adapter"] = model_revision(spec.peft)
@@ -277,32 +278,21 @@ def run_eval(
     *,
     adapters: list[str],
     output: Path,
-    limit: int | None,
-    data_dir: str | None,
-    pku_path: str | None,
-    template: str,
-    batch_size: int,
-    device: str,
-    dtype: str,
-    trust_remote_code: bool,
-    allow_pickle: bool = False,
     datasets: list[str] | None = None,
     progress=print,
+    **options,
 ) -> list[dict]:
+    """Score every model (``options`` are ScoreOptions fields) and write the output folder."""
     quiet_lm_eval()
     specs = model_specs(models, adapters, progress)
-    tasks = [SUITE] if not datasets else [TASKS[d] for d in datasets]
-    device = resolve_device(device)
-    settings = {"command": "dpo-align eval", **eval_settings(tasks=tasks, limit=limit, template=template, data_dir=data_dir,
-                                                              pku_path=pku_path, batch_size=batch_size, device=device, dtype=dtype)}
+    tasks = (SUITE,) if not datasets else tuple(TASKS[d] for d in datasets)
+    options = ScoreOptions(tasks=tasks, **options)
     runs = []
     for i, spec in enumerate(specs, start=1):
         progress(f"[{i}/{len(specs)}] scoring {spec.label}: {spec.pretrained}" + (f" + adapter {spec.peft}" if spec.peft else ""))
-        runs.append(score_spec(spec, tasks=tasks, limit=limit, data_dir=data_dir, pku_path=pku_path, template=template,
-                               batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                               allow_pickle=allow_pickle))
+        runs.append(score_spec(spec, options))
     try:
-        write_outputs(output, runs, settings)
+        write_outputs(output, runs, {"command": "dpo-align eval", **options.settings()})
     except OSError as err:
         raise UserError(f"--output {output}: cannot write the results there ({err.strerror}). "
                         "Choose a writable folder with free space; nothing was left half-written.") from None

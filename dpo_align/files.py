@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -34,3 +36,21 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 def write_jsonl(path: str | Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+@contextmanager
+def atomic_directory(target: str | Path):
+    """Build a folder beside ``target`` and rename it into place only if the block succeeds,
+    so an interruption never leaves a folder that looks complete."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from dpo_align.errors import UserError
+from dpo_align.files import atomic_directory
 from dpo_align.models import load_model, load_tokenizer, resolve_model
 
 
@@ -46,15 +45,7 @@ def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bo
     tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with atomic_directory(output) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return output

