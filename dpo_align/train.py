@@ -137,6 +137,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     import warnings
 
     import torch
+    from accelerate import PartialState
     from peft import LoraConfig
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -145,7 +146,6 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     # Deprecation chatter from transformers/peft/trl is not actionable for users of this tool.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-    from accelerate import PartialState
 
     started = time.time()
     output = Path(config.output_dir)
@@ -166,7 +166,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     set_seed(config.seed)
 
     # Model path and tokenizer first: a wrong model name should fail before data work.
-    model_path = resolve_model(config.model, progress=progress)
+    with state.main_process_first():  # the built-in model is converted once, by the main process
+        model_path = resolve_model(config.model, progress=progress)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
 
     pairs, report = read_pairs(config.data, split=config.split, skip_bad_rows=config.skip_bad_rows)
