@@ -313,3 +313,21 @@ def test_report_to_needs_its_package(tiny_gpt2, pairs_file, tmp_path):
                                  "--report-to", "wandb"])
     assert result.exit_code == 2 and "pip install wandb" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_epochs_grad_accum_and_lora_options(tiny_gpt2, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "train", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--max-pairs", "16", "--epochs", "2",
+        "--batch-size", "2", "--grad-accum", "2", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
+        "--lora-targets", "c_attn", "--beta", "0.2", "--loss-type", "ipo", "--template", "raw", "--seed", "7",
+        "--max-length", "96", "--precision", "fp32", "--logging-steps", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["global_steps"] == 8  # 16 pairs / (2 x 2) per step x 2 epochs
+    assert manifest["pairs_trained_on"] == 16 and manifest["seed"] == 7
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["target_modules"] == ["c_attn"]
+    saved = (out / "config.yaml").read_text()
+    for line in ("beta: 0.2", "loss_type: ipo", "template: raw", "grad_accum: 2", "epochs: 2.0"):
+        assert line in saved
