@@ -187,7 +187,7 @@ def _explicit(ctx: typer.Context, params: dict) -> dict:
     for name, value in params.items():
         source = ctx.get_parameter_source(name)
         # compared by name: Typer ships its own copy of click's ParameterSource enum
-        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP") and value != []:
             given[_TRAIN_FIELD.get(name, name)] = value
     return given
 
@@ -248,9 +248,6 @@ def train_command(
         raise UserError("--overwrite and --resume contradict each other: choose one.")
     params = {k: v for k, v in ctx.params.items() if k not in ("config", "overwrite", "resume", "ctx")}
     given = _explicit(ctx, params)
-    for key in ("data", "eval_data"):
-        if key in given and not given[key]:
-            given.pop(key)
     file_settings = load_config_file(config) if config else {}
     if resume:
         saved_path = Path(given.get("output_dir", file_settings.get("output_dir", output_dir))) / "config.yaml"
@@ -353,9 +350,6 @@ def sweep_command(
     lrs = parse_lrs(lr)
     skip = ("lr", "config", "eval_limit", "eval_batch_size", "runs_dir", "output", "ctx")
     given = _explicit(ctx, {k: v for k, v in ctx.params.items() if k not in skip})
-    for key in ("data", "eval_data"):
-        if key in given and not given[key]:
-            given.pop(key)
     base = build_config(load_config_file(config) if config else {}, given)
     runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=eval_limit, data_dir=data_dir, pku_path=pku_path,
                  batch_size=eval_batch_size, progress=lambda m: typer.echo(m, err=True))
