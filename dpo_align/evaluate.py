@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import pickle
 import re
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from dpo_align.errors import UserError
 from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text, write_jsonl
-from dpo_align.models import BUILTIN_MODELS, resolve_model
+from dpo_align.models import BUILTIN_MODELS, adapter_base, resolve_model
 from dpo_align.provenance import git_commit, machine, model_revision, package_versions
 
 SUITE = "dpo_ppl_suite"
@@ -46,23 +45,13 @@ def include_path() -> str:
     return str(files("dpo_align.lm_eval_tasks"))
 
 
-def _adapter_base(adapter: Path) -> str | None:
-    config = adapter / "adapter_config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("base_model_name_or_path")
-    except ValueError:
-        raise UserError(f"{config}: not valid JSON; is the adapter directory complete?") from None
-
-
 def model_specs(models: list[str], adapters: list[str], progress=print) -> list[ModelSpec]:
     """Positional models (hub ids, directories, built-in names, or adapter directories),
     then one column per --peft adapter on its own base (or on the first model)."""
     specs: list[ModelSpec] = []
     for name in models:
         path = Path(name).expanduser()
-        base = _adapter_base(path) if path.is_dir() else None
+        base = adapter_base(path) if path.is_dir() else None
         if base:
             specs.append(ModelSpec(f"{path.name} (LoRA)", resolve_model(base, progress), str(path)))
         else:
@@ -72,7 +61,7 @@ def model_specs(models: list[str], adapters: list[str], progress=print) -> list[
         path = Path(adapter).expanduser()
         if not (path / "adapter_config.json").is_file():
             raise UserError(f"--peft {adapter}: no adapter_config.json there. Pass the directory `dpo-align train` wrote.")
-        base = _adapter_base(path) or (specs[0].pretrained if specs else None)
+        base = adapter_base(path) or (specs[0].pretrained if specs else None)
         if base is None:
             raise UserError(f"--peft {adapter}: the adapter names no base model; pass the base as MODEL.")
         specs.append(ModelSpec(f"{path.name} (LoRA)", resolve_model(base, progress), str(path)))

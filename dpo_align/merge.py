@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dpo_align.errors import UserError
 from dpo_align.files import atomic_directory
-from dpo_align.models import load_model, load_tokenizer, resolve_model
-
-
-def adapter_base(adapter: Path) -> str:
-    config = adapter / "adapter_config.json"
-    if not config.is_file():
-        raise UserError(f"{adapter}: no adapter_config.json. Pass the folder `dpo-align train` wrote.")
-    try:
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
-    except ValueError:
-        raise UserError(f"{config}: not valid JSON.") from None
-    if not base:
-        raise UserError(f"{config}: names no base model (base_model_name_or_path); pass --base.")
-    return base
+from dpo_align.models import adapter_base, load_model, load_tokenizer, resolve_model
 
 
 def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bool = False,
@@ -33,7 +19,12 @@ def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bo
     from dpo_align.models import check_weights_safe
 
     check_weights_safe(str(adapter), allow_pickle)
-    base_path = resolve_model(base or adapter_base(adapter), progress=progress)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: no adapter_config.json. Pass the folder `dpo-align train` wrote.")
+    base = base or adapter_base(adapter)
+    if not base:
+        raise UserError(f"{adapter / 'adapter_config.json'} names no base model (base_model_name_or_path); pass --base.")
+    base_path = resolve_model(base, progress=progress)
     model = load_model(base_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, dtype=torch.float32)
     try:
         model = PeftModel.from_pretrained(model, str(adapter))

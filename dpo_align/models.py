@@ -124,6 +124,17 @@ def _offline_hint(name: str) -> str:
     return " Check the name, or pass a local checkpoint directory."
 
 
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base model a PEFT adapter folder names, or None when it is not an adapter folder."""
+    config = Path(adapter).expanduser() / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("base_model_name_or_path")
+    except ValueError:
+        raise UserError(f"{config}: not valid JSON; is the adapter folder complete?") from None
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, **kwargs):
     """Load a tokenizer; give it a pad token (= eos) where it has none, as GPT-2's lacks one."""
     from transformers import AutoTokenizer

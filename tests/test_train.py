@@ -112,7 +112,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tiny
     train(tiny_config(tiny_gpt2, pairs_file, whole), progress=lambda m: None)
 
     cut = tmp_path / "cut"
-    original = train_module.DPOTrainer if hasattr(train_module, "DPOTrainer") else None
     import trl
 
     class InterruptedTrainer(trl.DPOTrainer):
@@ -125,7 +124,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tiny
     assert stop.value.checkpoint == cut / "checkpoint-3"
     assert "--resume" in str(stop.value)
     assert not (cut / "manifest.json").exists()  # nothing that looks complete
-    monkeypatch.setattr(trl, "DPOTrainer", original or InterruptedTrainer.__mro__[1])
+    monkeypatch.undo()
 
     result = runner.invoke(app, ["train", "-o", str(cut), "--resume"])
     assert result.exit_code == 0, result.output
