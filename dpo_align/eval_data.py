@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from dpo_align.data import read_pairs
+from dpo_align.data import parse_record, read_pairs
 from dpo_align.errors import UserError
 
 HUB = {
@@ -97,8 +97,6 @@ def pku_docs(pku_path: str | list[str] | None = None) -> list[dict]:
         sources = [pku_path] if isinstance(pku_path, str) else list(pku_path)
         pairs, _ = read_pairs(sources, for_training=False, hash_files=False)
     else:
-        from dpo_align.data import parse_record
-
         pairs = []
         for i, row in enumerate(_hub_rows("pku")):
             result = parse_record(row, f"pku:{i}", for_training=False)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dpo_align.errors import UserError
 from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text, write_jsonl
-from dpo_align.models import BUILTIN_MODELS, adapter_base, resolve_model
+from dpo_align.models import BUILTIN_MODELS, adapter_base, check_weights_safe, resolve_model
 from dpo_align.provenance import git_commit, machine, model_revision, package_versions
 
 SUITE = "dpo_ppl_suite"
@@ -98,8 +98,6 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
     """One model through lm-eval; returns lm-eval's results dict (with samples)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
-
-    from dpo_align.models import check_weights_safe
 
     allow_pickle = options.allow_pickle
     check_weights_safe(spec.pretrained, allow_pickle)

@@ -15,7 +15,6 @@ into which lm-eval also copies the ``--model_args``: the tokenizer is the run's 
 from __future__ import annotations
 
 import functools
-import os
 
 import datasets
 import lm_eval.api.metrics
@@ -23,7 +22,7 @@ import lm_eval.evaluator_utils
 from lm_eval.api.task import ConfigurableTask
 
 from dpo_align import metrics
-from dpo_align.eval_data import DATA_DIR_ENV, load_docs
+from dpo_align.eval_data import load_docs
 from dpo_align.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
 
 METRICS = ("ce", "ppl", "bpb")
@@ -118,7 +117,7 @@ def _dataset(name: str, metadata: dict) -> dict:
     tokenizer = tokenizer_for(metadata) if template == "chat" else None
     docs = load_docs(
         name,
-        data_dir=metadata.get("data_dir") or os.environ.get(DATA_DIR_ENV),
+        data_dir=metadata.get("data_dir"),  # load_docs falls back to env DPO_ALIGN_DATA_DIR
         pku_path=metadata.get("pku_path"),
     )
     for doc in docs:
