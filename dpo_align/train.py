@@ -130,6 +130,18 @@ def resolve_precision(precision: str) -> str:
     return "fp32"
 
 
+def frozen_linears_to(model, dtype) -> None:
+    """Store the frozen linear weights of the backbone in ``dtype`` (bf16): autocast would
+    otherwise re-cast them from fp32 at every call. Norms, embeddings (tied to the LM head)
+    and the residual stream stay fp32; LoRA weights and optimizer state are created in fp32."""
+    import torch
+
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.to(dtype)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -141,7 +153,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     from peft import LoraConfig
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
+
+    from dpo_align.fast_dpo import SharedPromptDPOTrainer
 
     # Deprecation chatter from transformers/peft/trl is not actionable for users of this tool.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -201,6 +215,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     precision = resolve_precision(config.precision)
     model = load_model(model_path, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, dtype=torch.float32)
+    if precision == "bf16":
+        frozen_linears_to(model, torch.bfloat16)
     peft_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(","),
@@ -234,12 +250,17 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         dataloader_num_workers=0,
         # Small models fit without recomputing activations; recomputation costs ~30% speed.
         gradient_checkpointing=False,
+        # The reference is the base model (adapter off): its log-probs are computed once per pair
+        # and cached on disk (dpo_align/ref_logps.py), not recomputed at every step.
+        precompute_ref_log_probs=True,
         trust_remote_code=config.trust_remote_code,
     )
     interrupt = GracefulInterrupt()
     pairs_per_step = config.batch_size * config.grad_accum
-    trainer = DPOTrainer(
+    trainer = SharedPromptDPOTrainer(
         model=model,
+        pack_pairs=config.pack_pairs,
+        log=progress,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,

@@ -112,13 +112,13 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tiny
     train(tiny_config(tiny_gpt2, pairs_file, whole), progress=lambda m: None)
 
     cut = tmp_path / "cut"
-    import trl
+    from dpo_align import fast_dpo
 
-    class InterruptedTrainer(trl.DPOTrainer):
+    class InterruptedTrainer(fast_dpo.SharedPromptDPOTrainer):
         def __init__(self, *args, callbacks=None, **kwargs):
             super().__init__(*args, callbacks=[InterruptAt(3), *(callbacks or [])], **kwargs)
 
-    monkeypatch.setattr(trl, "DPOTrainer", InterruptedTrainer)
+    monkeypatch.setattr(fast_dpo, "SharedPromptDPOTrainer", InterruptedTrainer)
     with pytest.raises(Interrupted) as stop:
         train(tiny_config(tiny_gpt2, pairs_file, cut), progress=lambda m: None)
     assert stop.value.checkpoint == cut / "checkpoint-3"

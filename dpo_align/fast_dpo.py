@@ -1,0 +1,104 @@
+"""``SharedPromptDPOTrainer``: TRL's ``DPOTrainer`` with a faster batch layout, nothing else changed.
+
+TRL stays the engine: its dataset tokenization, every ``loss_type``, its logged metrics
+(``rewards/*``, ``logps/*``, ``logits/*``, entropy, token accuracy), the Trainer loop,
+checkpointing and resume. Only three things differ:
+
+1. batches come from ``pair_batch.SharedPromptCollator`` (one row per pair, prompt once);
+   pairs of similar length are batched together by transformers' own length-grouped
+   sampler (``train_sampling_strategy="group_by_length"``), which still shuffles;
+2. the policy forward returns log-probs at the response positions only (``pair_logps``);
+3. the reference log-probs are computed once per pair, before training, and cached on
+   disk (``ref_logps``), so ``precompute_ref_log_probs`` is always on.
+
+How the loss is reused: TRL's ``_compute_loss`` calls ``model(...)`` once and reads
+per-token fields laid out ``[2B, R]`` beside a ``completion_mask``. Our forward produces
+exactly that grid, so ``_compute_loss`` runs unchanged on a stand-in model that returns it.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import DPOTrainer
+
+from dpo_align import ref_logps
+from dpo_align.pair_batch import SharedPromptCollator, pair_length
+from dpo_align.pair_logps import add_pair_logps, model_inputs
+
+# TRL versions whose `_compute_loss` this class was tested against (pyproject pins the same range).
+TESTED_TRL = (">=1.16", "<1.17")
+
+
+class _Outputs:
+    """Stands in for the model inside TRL's `_compute_loss`: returns the outputs already computed."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def __call__(self, *args, **kwargs):
+        return self.outputs
+
+
+class SharedPromptDPOTrainer(DPOTrainer):
+    def __init__(self, model, args, *, processing_class, pack_pairs: bool = False, group_by_length: bool = True, log=print, **kwargs):
+        if not args.precompute_ref_log_probs:
+            raise ValueError("SharedPromptDPOTrainer computes reference log-probs once; set precompute_ref_log_probs=True.")
+        if isinstance(model, str):
+            raise TypeError("SharedPromptDPOTrainer needs a loaded model instance.")
+        self._log = log
+        outputs = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if args.use_weighting else ())
+        add_pair_logps(model, outputs=outputs)  # before PEFT wraps it; TRL's own fused head wraps this in turn
+        pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
+        collator = SharedPromptCollator(pad_token_id=pad, max_length=args.max_length, pack=pack_pairs)
+        if group_by_length:
+            args.train_sampling_strategy = "group_by_length"
+            args.length_column_name = "length"
+        super().__init__(model=model, args=args, processing_class=processing_class, data_collator=collator, **kwargs)
+
+    # ---- data: TRL's tokenization, plus the row length the sampler groups by
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if "length" not in dataset.column_names:
+            dataset = dataset.add_column("length", [pair_length(ex, args.max_length) for ex in dataset])
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "length" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "length"]
+
+    # ---- reference log-probs: once per pair, from the disk cache when it has them
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        model = self.ref_model or self.model
+        autocast_dtype = str(torch.get_autocast_dtype(self.accelerator.device.type)) if self.args.bf16 or self.args.fp16 else None
+        key = ref_logps.cache_key(weights=ref_logps.weights_digest(model), ids=ref_logps.ids_digest(dataset),
+                                  max_length=self.args.max_length, device_type=self.accelerator.device.type,
+                                  autocast_dtype=autocast_dtype)
+        with self.accelerator.main_process_first():
+            cached = ref_logps.load(key)
+            if cached is None:
+                cached = ref_logps.compute(model, dataset, max_length=self.args.max_length, pad_token_id=self.data_collator.pad_token_id,
+                                           device=self.accelerator.device, autocast=self.accelerator.autocast,
+                                           progress_desc=f"Reference log-probs ({name})")
+                if self.accelerator.is_main_process:
+                    ref_logps.save(key, *cached)
+                self.ref_cache_hits = getattr(self, "ref_cache_hits", {}) | {name: False}
+            else:
+                self._log(f"Reference log-probs for {len(dataset)} {name} pairs: reused from the cache ({key}).")
+                self.ref_cache_hits = getattr(self, "ref_cache_hits", {}) | {name: True}
+        chosen, rejected = cached
+        dataset = dataset.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in dataset.column_names])
+        return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column("ref_rejected_logps", rejected.tolist())
+
+    # ---- the loss: our forward, TRL's loss and metrics
+    def _compute_loss(self, model, inputs, return_outputs):
+        outputs = model(**model_inputs(inputs))
+        completion = inputs["completion_mask"]
+        view = {
+            "input_ids": torch.zeros_like(completion),  # only its shape is read (labels = input_ids masked)
+            "completion_mask": completion,
+            "attention_mask": inputs["real_tokens"],  # its sum is TRL's num_tokens: the tokens actually fed
+            "ref_chosen_logps": inputs["ref_chosen_logps"],
+            "ref_rejected_logps": inputs["ref_rejected_logps"],
+        }
+        return super()._compute_loss(_Outputs(outputs), view, return_outputs)

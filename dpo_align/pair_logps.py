@@ -1,0 +1,92 @@
+"""Per-token log-probs of the response tokens only, from a shared-prompt batch.
+
+The backbone runs over the rows of ``pair_batch.SharedPromptCollator``; only the hidden
+states that predict a response token are gathered, and the LM head and log-softmax run
+there alone, through TRL's own chunked kernel (``trl.kernels.ChunkedLogProbFunction``:
+log-probs, entropy, mean logit, top-1, without materialising ``[N, vocab]`` logits). Stock
+TRL on a CPU projects every position of both padded rows, prompt included.
+
+``add_pair_logps(model)`` patches the model's forward the way TRL patches its fused head:
+``model(..., pair_logps=spec)`` returns a ``FusedCausalLMOutput`` whose per-token fields
+lie in the ``[2B, R]`` grid of the batch (zero where there is no token), and any other
+call runs the original forward. Going through ``model(...)`` keeps PEFT, DDP and
+accelerate wrappers in the path.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+PAIR_KEYS = ("logp_index", "logp_targets", "logp_seq", "logp_offset")
+# TRL's vocabulary tile for the chunked kernel.
+VOCAB_CHUNK = 32768
+
+
+def _logit_transform(config) -> tuple[float | None, float]:
+    """Final-logit soft-capping and scale, as the model's own forward applies them."""
+    text = config.get_text_config()
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    for other in ("output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(text, other, None) is not None:
+            raise NotImplementedError(f"{type(config).__name__} scales its logits with {other}; the shared-prompt trainer does not support it.")
+    return softcap, 1.0 if scale is None else scale
+
+
+def add_pair_logps(model, outputs: tuple[str, ...] = ()) -> None:
+    """Let ``model(input_ids=..., attention_mask=..., position_ids=..., pair_logps=spec)`` score responses only.
+
+    ``outputs``: optional fields besides ``log_probs`` (``entropy``, ``mean_logits``,
+    ``is_top1``, ``log_sum_sq_probs``), as in TRL's ``add_fused_lm_head``.
+    """
+    original = model.forward
+    softcap, scale = _logit_transform(model.config)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, pair_logps=None, **kwargs):
+        if pair_logps is None:
+            return original(*args, **kwargs)
+        return response_logps(self, pair_logps, kwargs, outputs=outputs, softcap=softcap, scale=scale)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def response_logps(model, spec: dict, backbone_inputs: dict, *, outputs=(), softcap=None, scale=1.0):
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    backbone_inputs = {k: v for k, v in backbone_inputs.items() if k not in ("labels", "fused_lm_head", "output_router_logits")}
+    hidden = model.base_model(**backbone_inputs, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, spec["logp_index"].to(hidden.device))
+    targets = spec["logp_targets"].to(hidden.device)
+    fields = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, 1.0, VOCAB_CHUNK, softcap, scale, tuple(outputs))
+    seq, offset = spec["logp_seq"].to(hidden.device), spec["logp_offset"].to(hidden.device)
+    shape = spec["grid_shape"]
+
+    def grid(values):
+        if values is None:
+            return None
+        return values.new_zeros(shape).index_put((seq, offset), values)
+
+    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (grid(x) for x in fields)
+    label_mask = torch.zeros(shape, dtype=torch.bool, device=hidden.device).index_put((seq, offset), torch.ones_like(targets, dtype=torch.bool))
+    return FusedCausalLMOutput(loss=-fields[0].sum() / max(len(targets), 1), log_probs=log_probs, entropy=entropy,
+                               log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1, label_mask=label_mask)
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments of a model call for a shared-prompt batch."""
+    completion = batch["completion_mask"]
+    spec = {key: batch[key] for key in PAIR_KEYS}
+    spec["grid_shape"] = (completion.size(0), completion.size(1) - 1)
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": batch["attention_mask"],
+            "pair_logps": spec}
+
+
+def pair_sums(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each chosen and each rejected response."""
+    return log_probs.sum(dim=1).chunk(2, dim=0)

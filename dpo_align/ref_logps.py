@@ -1,0 +1,141 @@
+"""Reference log-probs, computed once per pair and kept on disk.
+
+With LoRA the reference model is the base model with the adapter switched off, and it
+never changes during training. So its summed log-probs of every chosen and rejected
+response are computed once, in inference mode, and stored in
+``~/.cache/dpo-align/ref-logps/<key>.safetensors`` (``$XDG_CACHE_HOME`` is honoured; so
+is ``DPO_ALIGN_REF_CACHE``, a folder, or ``off``).
+
+The key is a sha256 of everything the numbers depend on:
+
+* the frozen weights themselves (names, dtypes and bytes, adapter weights excluded);
+* the token ids of every pair, in order (so the data, the template, the tokenizer and the
+  fitting to ``max_length`` are all in it), and ``max_length`` (the collator's cut);
+* the device type and the autocast dtype the forward runs under.
+
+Change any of them and the key changes, so a stale file is never read. The runs of a
+sweep, a ``--resume`` and a re-run share one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dpo_align.pair_batch import SharedPromptCollator, pair_length
+from dpo_align.pair_logps import model_inputs, pair_sums
+
+# Bumped when the way the numbers are computed changes.
+LAYOUT_VERSION = 1
+
+
+def cache_dir() -> Path | None:
+    override = os.environ.get("DPO_ALIGN_REF_CACHE")
+    if override == "off":
+        return None
+    if override:
+        return Path(override)
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "dpo-align" / "ref-logps"
+
+
+def weights_digest(model) -> str:
+    """sha256 of the frozen weights (LoRA weights excluded), in parameter order."""
+    digest = hashlib.sha256()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if "lora_" in name:
+            continue
+        data = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def ids_digest(dataset) -> str:
+    digest = hashlib.sha256()
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        for ids in dataset[column]:
+            digest.update(json.dumps(ids).encode())
+            digest.update(b";")
+    return digest.hexdigest()
+
+
+def cache_key(*, weights: str, ids: str, max_length: int | None, device_type: str, autocast_dtype: str | None) -> str:
+    parts = {"layout": LAYOUT_VERSION, "weights": weights, "ids": ids, "max_length": max_length,
+             "device": device_type, "autocast": autocast_dtype}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def compute(model, dataset, *, max_length: int | None, pad_token_id: int, device, autocast=contextlib.nullcontext,
+            batch_tokens: int = 8192, progress_desc: str = "Reference log-probs") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed reference log-probs of each pair's chosen and rejected response (adapter off, no grad)."""
+    from tqdm.auto import tqdm
+
+    collate = SharedPromptCollator(pad_token_id=pad_token_id, max_length=max_length)
+    lengths = [pair_length(dataset[i], max_length) for i in range(len(dataset))]
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i])  # similar lengths together: little padding
+    batches, current = [], []
+    for i in order:
+        if current and lengths[i] * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+
+    chosen = torch.zeros(len(dataset), dtype=torch.float32)
+    rejected = torch.zeros(len(dataset), dtype=torch.float32)
+    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), adapter_off, tqdm(total=len(dataset), desc=progress_desc, unit="pair",
+                                                       disable=bool(os.environ.get("TQDM_DISABLE"))) as bar:
+            for batch_idx in batches:
+                batch = collate([dataset[i] for i in batch_idx])
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+                with autocast():
+                    out = model(**inputs)
+                c, r = pair_sums(out.log_probs.float())
+                chosen[batch_idx] = c.cpu()
+                rejected[batch_idx] = r.cpu()
+                bar.update(len(batch_idx))
+    finally:
+        model.train(was_training)
+    return chosen, rejected
+
+
+def load(key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    root = cache_dir()
+    path = root / f"{key}.safetensors" if root else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+        return tensors["chosen"], tensors["rejected"]
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return None
+
+
+def save(key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> Path | None:
+    from safetensors.torch import save_file
+
+    root = cache_dir()
+    if root is None:
+        return None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"{key}.safetensors"
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        return path
+    except OSError:  # a cache that cannot be written only costs time next run
+        return None

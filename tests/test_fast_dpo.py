@@ -1,0 +1,176 @@
+"""The shared-prompt trainer computes what stock TRL computes: layout, log-probs, every loss, gradients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_align.pair_batch import SharedPromptCollator
+
+from .conftest import SHARED_DATA, needs_shared_data
+
+# Every loss of TRL 1.16's DPOTrainer (its own error message lists them).
+LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+              "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+COMPARED = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+            "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def example(p, c, r, start=10):
+    return {"prompt_ids": list(range(start, start + p)), "chosen_ids": list(range(100, 100 + c)), "rejected_ids": list(range(200, 200 + r))}
+
+
+def test_one_row_per_pair_positions_restart_and_rejected_never_sees_chosen():
+    batch = SharedPromptCollator(pad_token_id=0)([example(3, 2, 4)])
+    assert batch["input_ids"][0].tolist() == [10, 11, 12, 100, 101, 200, 201, 202, 203]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6]
+    mask = batch["attention_mask"][0, 0]
+    assert mask[5:, 3:5].sum() == 0  # rejected rows, chosen columns
+    assert mask[5:, :3].all()  # rejected tokens see the whole prompt
+    assert torch.equal(mask[:5, :5], torch.ones(5, 5, dtype=torch.bool).tril())
+    # first chosen and first rejected token are both predicted from the last prompt position (2)
+    index, targets = batch["logp_index"].tolist(), batch["logp_targets"].tolist()
+    assert index == [2, 3, 2, 5, 6, 7] and targets == [100, 101, 200, 201, 202, 203]
+    assert batch["completion_mask"].tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+
+
+def test_truncation_follows_trl_keep_start():
+    batch = SharedPromptCollator(pad_token_id=0, max_length=5)([example(3, 4, 1)])
+    assert batch["input_ids"][0].tolist() == [10, 11, 12, 100, 101, 200]  # (prompt + chosen)[:5], (prompt + rejected)[:5]
+
+
+def test_packing_puts_short_pairs_in_one_row_with_a_block_diagonal_mask():
+    examples = [example(6, 3, 3), example(2, 1, 1, start=20), example(2, 2, 2, start=30)]
+    loose = SharedPromptCollator(pad_token_id=0)(examples)
+    packed = SharedPromptCollator(pad_token_id=0, pack=True)(examples)
+    assert loose["input_ids"].shape == (3, 12)
+    assert packed["input_ids"].shape == (2, 12)  # 12 | 6 + 4 (+2 padding), longest first
+    row = packed["attention_mask"][1, 0]
+    assert row[:6, 6:10].sum() == 0 and row[6:10, :6].sum() == 0  # the two pairs never see each other
+    assert packed["position_ids"][1, 6:10].tolist() == [0, 1, 2, 2]  # the second pair starts at position 0
+    assert packed["real_tokens"].sum() == loose["real_tokens"].sum() == 22
+    assert row[10:, 10:].diagonal().all()  # padding attends to itself (SDPA would give NaN otherwise)
+
+
+# --------------------------------------------------------------------------- against stock TRL
+
+
+def _transcript(turns):
+    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
+
+
+def pairs_file(directory: Path) -> Path:
+    rows = []
+    for i in range(8):
+        context = [f"What is the capital of France? ({i})"]
+        if i % 2:  # multi-turn prompts
+            context += ["Paris, I think.", "Are you sure? Tell me more about the fox and the dog."]
+        chosen = "Paris is the capital. The quick brown fox jumps over the lazy dog. " * (1 + i % 3)
+        rows.append({"chosen": _transcript(context + [chosen]), "rejected": _transcript(context + [f"No. {i}"])})
+    path = directory / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_trainers(model_path, data, tmp_path, *, max_length, **dpo_settings):
+    """Stock DPOTrainer (reference forward at every step) and ours, on one model, with the same random LoRA weights."""
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_align.data import read_pairs, to_dataset
+    from dpo_align.fast_dpo import SharedPromptDPOTrainer
+    from dpo_align.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_path))
+    pairs, _ = read_pairs([str(data)])
+    dataset = to_dataset(pairs, "alpaca", tokenizer).remove_columns("instruction")
+    trainers = []
+    for cls, precompute in ((DPOTrainer, False), (SharedPromptDPOTrainer, True)):
+        args = DPOConfig(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, max_length=max_length, use_cpu=True,
+                         bf16=False, report_to=[], gradient_checkpointing=False, precompute_ref_log_probs=precompute, **dpo_settings)
+        model = load_model(str(model_path), dtype=torch.float32)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+        trainers.append(cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora))
+    generator = torch.Generator().manual_seed(0)
+    for trainer in trainers:
+        generator.manual_seed(0)
+        for name, param in trainer.model.named_parameters():
+            if "lora_" in name:  # LoRA B starts at zero: make policy and reference differ
+                param.data = torch.randn(param.shape, generator=generator) * 0.2
+        trainer.model.train()
+    return trainers
+
+
+def loss_metrics_and_grads(trainer, loss_type, n=4):
+    trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+    trainer.label_smoothing = 0.1 if loss_type in ("exo_pair", "robust") else 0.0
+    trainer._metrics["train"].clear()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, batch, False)
+    loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.item(), metrics, grads
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_every_loss_type_and_the_lora_gradients_equal_stock_trl(arch, tiny_gpt2, tiny_llama, tmp_path):
+    model_path = tiny_gpt2 if arch == "gpt2" else tiny_llama
+    data = pairs_file(tmp_path)
+    # prompts are 67 (one turn) or 127 (three turns) tokens: max_length 150 cuts responses of both kinds
+    stock, ours = build_trainers(model_path, data, tmp_path, max_length=150)
+    assert len(stock.train_dataset) == len(ours.train_dataset) == 8
+    cut = [len(p) + len(c) > 150 for p, c in zip(stock.train_dataset["prompt_ids"], stock.train_dataset["chosen_ids"], strict=True)]
+    assert any(cut[:4]) and not all(cut[:4])
+    for loss_type in LOSS_TYPES:
+        loss_s, metrics_s, grads_s = loss_metrics_and_grads(stock, loss_type)
+        loss_o, metrics_o, grads_o = loss_metrics_and_grads(ours, loss_type)
+        assert loss_o == pytest.approx(loss_s, rel=1e-4, abs=1e-6), loss_type
+        for key in COMPARED:
+            assert metrics_o[key] == pytest.approx(metrics_s[key], rel=1e-4, abs=1e-5), (loss_type, key)
+        assert grads_o.keys() == grads_s.keys() and grads_s
+        for name, grad in grads_s.items():  # norm-wise: single entries can cancel to ~0 in either
+            error = (grads_o[name] - grad).norm() / grad.norm().clamp(min=1e-12)
+            assert error < 1e-4, f"{loss_type} {name}: relative gradient error {error:.2e}"
+        assert any(g.norm() > 0 for g in grads_s.values())
+    # the rewards are not trivially zero: policy and reference really differ
+    assert abs(metrics_s["rewards/chosen"]) > 1e-3
+
+
+def test_packed_rows_give_the_same_numbers(tiny_llama, tmp_path):
+    data = pairs_file(tmp_path)
+    _, ours = build_trainers(tiny_llama, data, tmp_path, max_length=256)
+    loss_a, metrics_a, _ = loss_metrics_and_grads(ours, "sigmoid", n=8)
+    ours.data_collator.pack = True
+    batch = ours.data_collator([ours.train_dataset[i] for i in range(8)])
+    assert batch["input_ids"].shape[0] < 8  # some pairs really share a row
+    loss_b, metrics_b, _ = loss_metrics_and_grads(ours, "sigmoid", n=8)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert metrics_b["logps/chosen"] == pytest.approx(metrics_a["logps/chosen"], rel=1e-5)
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_real_model_log_probs_equal_stock_trl(default_model_path, tmp_path):
+    import gzip
+
+    rows = []
+    with gzip.open(SHARED_DATA / "splits" / "train-pool.jsonl.gz", "rt") as f:
+        for line in f:
+            rows.append(line)
+            if len(rows) == 4:
+                break
+    data = tmp_path / "four.jsonl"
+    data.write_text("".join(rows))
+    stock, ours = build_trainers(default_model_path, data, tmp_path, max_length=512)
+    _, metrics_s, _ = loss_metrics_and_grads(stock, "sigmoid")
+    _, metrics_o, _ = loss_metrics_and_grads(ours, "sigmoid")
+    for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "entropy"):
+        assert metrics_o[key] == pytest.approx(metrics_s[key], rel=1e-4, abs=1e-5), key
