@@ -120,12 +120,14 @@ def loss_metrics_and_grads(trainer, loss_type, n=4):
     return loss.item(), metrics, grads
 
 
+@pytest.mark.parametrize("head", ["plain", "trl"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_every_loss_type_and_the_lora_gradients_equal_stock_trl(arch, tiny_gpt2, tiny_llama, tmp_path):
+def test_every_loss_type_and_the_lora_gradients_equal_stock_trl(arch, head, tiny_gpt2, tiny_llama, tmp_path):
     model_path = tiny_gpt2 if arch == "gpt2" else tiny_llama
     data = pairs_file(tmp_path)
     # prompts are 67 (one turn) or 127 (three turns) tokens: max_length 150 cuts responses of both kinds
     stock, ours = build_trainers(model_path, data, tmp_path, max_length=150)
+    ours.model.get_base_model().pair_logps_head = head  # the CPU head, and TRL's chunked kernel used on GPUs
     assert len(stock.train_dataset) == len(ours.train_dataset) == 8
     cut = [len(p) + len(c) > 150 for p, c in zip(stock.train_dataset["prompt_ids"], stock.train_dataset["chosen_ids"], strict=True)]
     assert any(cut[:4]) and not all(cut[:4])
