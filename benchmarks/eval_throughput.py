@@ -1,17 +1,21 @@
-"""Scoring throughput of the dpo_ppl suite through lm-eval, against the forward-pass ceiling.
+"""Scoring speed and memory of ``--model dpo-hf`` against lm-eval's ``--model hf``, side by side in one run.
 
-Both are measured in one run, on the same model, the same documents and the same batch size:
+The documents are drawn at evenly spaced quantiles of token length from each dataset of the
+full suite (TruthfulQA, WinoGrande, the PKU stand-in), so every length range is represented.
+Each configuration scores exactly those documents through ``dpo-align``'s lm-eval path, in a
+process of its own, one after another, so its peak resident memory is its own:
 
-1. suite: `dpo-align eval`'s path (lm-eval's ``hf`` model and our tasks), timed end to end
-   around ``simple_evaluate`` (tokenizing, batching, forward, log-softmax, bookkeeping);
-2. ceiling: the same token sequences, sorted longest-first and padded into batches of the
-   same size, through a plain ``model(input_ids)`` under ``torch.inference_mode``: the
-   cost no scorer can beat on this machine with this model and batch size.
+* ``hf``: lm-eval's ``hf`` model at ``--batch-size`` (16), fp32;
+* ``dpo_hf``: our ``dpo-hf`` model, same batch, fp32;
+* ``hf_defaults``: lm-eval's ``hf`` with lm-eval's own default batch size (1), fp32;
+* ``dpo_hf_bf16``: ``dpo-hf`` with bf16 weights, to state the deviation bf16 costs.
 
-Rate = scored response tokens per second. The last line printed is
-``fraction_of_ceiling=<suite rate / ceiling rate>``.
+Time is the wall time of ``simple_evaluate`` (model loading included, the same for all);
+rate is scored response tokens per second. ``ce`` of ``dpo_hf`` must equal ``hf``'s
+(``max_rel_ce_diff``, per dataset; ``max_rel_doc_nll_diff``, per document). The last line is
+``speedup=<dpo_hf rate / hf rate>``.
 
-    python benchmarks/eval_throughput.py --limit 64 --data-dir ../shared/data \
+    python benchmarks/eval_throughput.py --per-dataset 64 --data-dir ../shared/data \
         --pku-path ../shared/data/splits/heldout.jsonl.gz
 """
 
@@ -19,85 +23,122 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+TASK_OF = {"truthfulqa": "dpo_ppl_truthfulqa", "winogrande": "dpo_ppl_winogrande", "pku": "dpo_ppl_pku"}
+CONFIGS = {
+    "hf": {"lm_eval_model": "hf", "dtype": "float32", "batch": None},
+    "dpo_hf": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None},
+    "hf_defaults": {"lm_eval_model": "hf", "dtype": "float32", "batch": 1},
+    "dpo_hf_bf16": {"lm_eval_model": "dpo-hf", "dtype": "bfloat16", "batch": None},
+}
 
 
-def token_batches(model_path: str, docs: list[tuple[str, str]], batch_size: int):
-    """Encode (context, continuation) as lm-eval does, sort longest first, and batch."""
+def pick_documents(model_path: str, per_dataset: int, data_dir: str | None, pku_path: str | None) -> dict:
+    """{task: [doc indices]} at evenly spaced quantiles of context + continuation tokens."""
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lm_eval_tasks"))
-    from dpo_ppl import continuation_token_count
+    from dpo_align.eval_data import load_docs
+    from dpo_align.templates import render_prompt, render_response
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    seqs, scored = [], 0
-    for context, continuation in docs:
-        ids = tokenizer.encode(context + continuation)
-        seqs.append(ids[:-1])  # the last token is only a target, as in lm-eval
-        scored += continuation_token_count(tokenizer, context, continuation)
-    seqs.sort(key=len, reverse=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
-        width = len(chunk[0])
-        batches.append(torch.tensor([s + [pad] * (width - len(s)) for s in chunk]))
-    return batches, scored
+    picked = {}
+    for name, task in TASK_OF.items():
+        docs = load_docs(name, data_dir=data_dir, pku_path=pku_path)
+        texts = [render_prompt(d["instruction"], "alpaca", None) + render_response(d["response"], "alpaca") for d in docs]
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        order = sorted(range(len(docs)), key=lambda i: lengths[i])
+        step = (len(order) - 1) / (per_dataset - 1)
+        picked[task] = sorted({order[round(i * step)] for i in range(per_dataset)})
+    return picked
+
+
+def child(args) -> None:
+    from dpo_align.evaluate import ModelSpec, ScoreOptions, per_document, score, summarize
+    from dpo_align.models import resolve_model
+
+    config = CONFIGS[args.child]
+    samples = json.loads(Path(args.samples).read_text())
+    options = ScoreOptions(data_dir=args.data_dir, pku_path=args.pku_path, batch_size=config["batch"] or args.batch_size, device="cpu",
+                           dtype=config["dtype"], lm_eval_model=config["lm_eval_model"], samples=samples)
+    start = time.perf_counter()
+    results = score(ModelSpec(args.model, resolve_model(args.model)), options)
+    seconds = time.perf_counter() - start
+    docs = per_document(results)
+    out = {"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "ce": {k: v["ce"][0] for k, v in summarize(results).items()},
+           "nll": {task: [d["nll"] for d in sorted(rows, key=lambda d: d["doc_id"])] for task, rows in docs.items()},
+           "tokens": sum(d["tokens"] for rows in docs.values() for d in rows), "documents": sum(len(rows) for rows in docs.values())}
+    print("RESULT " + json.dumps(out), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--limit", type=int, default=64, help="documents per dataset")
+    parser.add_argument("--per-dataset", type=int, default=64, help="documents per dataset")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--pku-path", default=None)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which of: " + ", ".join(CONFIGS))
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--samples", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args)
 
-    from dpo_align.evaluate import ModelSpec, ScoreOptions, score
-    from dpo_align.models import load_model, resolve_model
+    import tempfile
+
+    import torch
+
+    from dpo_align.models import resolve_model
 
     path = resolve_model(args.model)
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else None
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = Path(tmp) / "samples.json"
+        samples.write_text(json.dumps(pick_documents(path, args.per_dataset, args.data_dir, args.pku_path)))
+        for name in args.configs.split(","):
+            command = [sys.executable, __file__, "--child", name, "--samples", str(samples), "--model", args.model,
+                       "--batch-size", str(args.batch_size)]
+            command += ["--data-dir", args.data_dir] if args.data_dir else []
+            command += ["--pku-path", args.pku_path] if args.pku_path else []
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if done.returncode != 0 or line is None:
+                sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
+            runs[name] = json.loads(line.removeprefix("RESULT "))
 
-    # 1. the suite through lm-eval
-    start = time.perf_counter()
-    options = ScoreOptions(limit=args.limit, data_dir=args.data_dir, pku_path=args.pku_path, batch_size=args.batch_size,
-                           device="cpu", dtype=args.dtype)
-    results = score(ModelSpec(args.model, path), options)
-    suite_seconds = time.perf_counter() - start
-    docs = [(s["doc"]["context"], s["doc"]["continuation"]) for task in results["samples"].values() for s in task]
-    suite_tokens = sum(s["ce"][1] for task in results["samples"].values() for s in task)
+    numbers = {"model": args.model, "documents": runs["hf"]["documents"], "scored_tokens": runs["hf"]["tokens"], "batch_size": args.batch_size,
+               "torch_threads": torch.get_num_threads()}
+    for name, run in runs.items():
+        numbers[f"{name}_seconds"] = round(run["seconds"], 1)
+        numbers[f"{name}_tokens_per_s"] = round(run["tokens"] / run["seconds"], 1)
+        numbers[f"{name}_peak_rss_gb"] = round(run["peak_rss_gb"], 2)
+        numbers[f"{name}_ce"] = {k: round(v, 6) for k, v in run["ce"].items()}
 
-    # 2. the ceiling: the same sequences, plain batched forward
-    batches, scored = token_batches(path, docs, args.batch_size)
-    assert scored == suite_tokens, (scored, suite_tokens)
-    model = load_model(path, dtype=dtype).eval()
-    with torch.inference_mode():
-        model(batches[-1])  # warm-up
-        start = time.perf_counter()
-        for batch in batches:
-            model(batch)
-        ceiling_seconds = time.perf_counter() - start
+    def rel(a, b):
+        return abs(a - b) / max(abs(b), 1e-12)
 
-    suite_rate, ceiling_rate = suite_tokens / suite_seconds, scored / ceiling_seconds
-    numbers = {
-        "model": args.model, "documents": len(docs), "batch_size": args.batch_size, "dtype": args.dtype,
-        "scored_tokens": suite_tokens, "suite_seconds": round(suite_seconds, 2), "ceiling_seconds": round(ceiling_seconds, 2),
-        "suite_tokens_per_s": round(suite_rate, 1), "ceiling_tokens_per_s": round(ceiling_rate, 1),
-        "torch_threads": torch.get_num_threads(),
-    }
+    hf, ours = runs["hf"], runs["dpo_hf"]
+    numbers["max_rel_ce_diff"] = max(rel(ours["ce"][k], hf["ce"][k]) for k in hf["ce"])
+    numbers["max_rel_doc_nll_diff"] = max(rel(a, b) for task in hf["nll"] for a, b in zip(ours["nll"][task], hf["nll"][task], strict=True))
+    if "dpo_hf_bf16" in runs:
+        numbers["bf16_rel_ce_deviation"] = {k: round(rel(runs["dpo_hf_bf16"]["ce"][k], hf["ce"][k]), 5) for k in hf["ce"]}
+    if "hf_defaults" in runs:
+        numbers["speedup_vs_hf_defaults"] = round(runs["hf_defaults"]["seconds"] / ours["seconds"], 3)
+    numbers["memory_ratio"] = round(ours["peak_rss_gb"] / hf["peak_rss_gb"], 3)
     for key, value in numbers.items():
         print(f"{key}={value}")
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
-    print(f"fraction_of_ceiling={suite_rate / ceiling_rate:.3f}")
+    print(f"speedup={hf['seconds'] / ours['seconds']:.3f}")
 
 
 if __name__ == "__main__":

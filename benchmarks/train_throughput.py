@@ -1,100 +1,193 @@
-"""Training throughput of ``dpo-align train`` against stock ``trl.DPOTrainer``, side by side.
+"""Training throughput of ``dpo-align train`` against stock ``trl.DPOTrainer``, side by side in one run.
 
-Both train the same model with the same LoRA (r 16, alpha 32, dropout 0.05, all linear
-layers), on the same first N pairs of the same data, rendered with the same template, at
-the same batch size, for the same number of steps:
+Every trainer gets the same model, the same LoRA (r 16, alpha 32, dropout 0.05, all linear
+layers), the same pairs, the same batch size and the same number of steps. The pairs are
+drawn at evenly spaced quantiles of pair length over the whole training pool (after fitting
+to 512 tokens), so every length range is represented. Each trainer runs in its own process,
+one after another, so its peak resident memory is its own:
 
-* stock: ``DPOTrainer`` with ``DPOConfig``'s own defaults for everything else (on this CPU
-  that means bf16 autocast, gradient checkpointing on, max_length 1024), plus
-  ``use_cpu=True``, without which its bf16 default refuses to start on a CPU;
-* dpo-align: ``dpo_align.train.train`` with its defaults (precision auto, no gradient
-  checkpointing, prompts fitted to max_length 512 from the left).
+* ``stock``: ``DPOTrainer`` with ``DPOConfig``'s defaults (on this CPU: bf16 autocast,
+  gradient checkpointing on, a reference forward at every step), plus ``use_cpu=True``;
+* ``stock_best``: the same with its best flags, ``precompute_ref_log_probs=True`` and
+  gradient checkpointing off;
+* ``dpo_align_cold``: ``dpo_align.train.train`` with its defaults and an empty reference cache;
+* ``dpo_align_warm``: the same run again, reusing the cached reference log-probs (what every
+  later run of a sweep, a resume or a re-run gets).
 
-Time is the Trainer's own ``train_runtime`` (the training loop, not model loading). Tokens
-are TRL's ``num_tokens`` count of the tokens each trainer actually fed. The last line is
-``speedup=<dpo-align pairs/s ÷ stock pairs/s>``.
+Time is trainer set-up (tokenization and any reference pass) plus the training loop; model
+loading is left out of every figure. Model-FLOPs utilisation counts 6N FLOPs per pair token
+(prompt + chosen + rejected: 4N for the policy's forward and backward, 2N for the reference's
+forward, N = base parameters) against the machine's bf16 matmul rate measured here. The last
+line is ``speedup=<dpo-align cold pairs/s ÷ stock pairs/s>``.
 
-    python benchmarks/train_throughput.py --data ../shared/data/splits/train-pool.jsonl.gz --steps 8
+    python benchmarks/train_throughput.py --data ../shared/data/splits/train-pool.jsonl.gz --steps 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
 
-def stock_trl(model_path: str, dataset, steps: int, batch_size: int, output: Path) -> dict:
+
+def write_sample(data: str, model: str, pairs: int, max_length: int, path: Path) -> dict:
+    """Pairs at evenly spaced length quantiles, as plain prompt/chosen/rejected rows (already fitted)."""
+    import random
+
+    from dpo_align.data import read_pairs
+    from dpo_align.models import load_tokenizer, resolve_model
+    from dpo_align.templates import render_prompt, render_response
+    from dpo_align.train import fit_to_length
+
+    tokenizer = load_tokenizer(resolve_model(model))
+    every, _ = read_pairs([data])
+    every, _ = fit_to_length(every, tokenizer, "alpaca", max_length)
+
+    def count(texts):
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    lengths = [sum(x) for x in zip(count([render_prompt(p.instruction, "alpaca", tokenizer) for p in every]),
+                                   count([render_response(p.chosen, "alpaca") for p in every]),
+                                   count([render_response(p.rejected, "alpaca") for p in every]), strict=True)]
+    order = sorted(range(len(every)), key=lambda i: lengths[i])
+    step = (len(order) - 1) / (pairs - 1)
+    chosen = [order[round(i * step)] for i in range(pairs)]
+    random.Random(0).shuffle(chosen)
+    path.write_text("".join(json.dumps({"prompt": every[i].instruction, "chosen": every[i].chosen, "rejected": every[i].rejected}) + "\n"
+                            for i in chosen))
+    picked = sorted(lengths[i] for i in chosen)
+    return {"pool_pairs": len(every), "sample_tokens": sum(picked), "length_min": picked[0], "length_p50": picked[len(picked) // 2],
+            "length_max": picked[-1]}
+
+
+def bf16_matmul_rate() -> float:
+    """Best measured bf16 GFLOP/s over model-shaped and square matmuls."""
+    import torch
+
+    best = 0.0
+    for m, k, n in ((2048, 576, 1536), (2048, 1536, 576), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = max(best, 2 * m * k * n * 10 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+# --------------------------------------------------------------------------- one trainer per process
+
+
+def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags: bool, output: Path) -> dict:
     import torch
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_align.models import load_tokenizer
+    from dpo_align.data import read_pairs, to_dataset
+    from dpo_align.models import load_model, load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(model_path)
-    args = DPOConfig(output_dir=str(output), per_device_train_batch_size=batch_size, max_steps=steps,
-                     report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
-                     use_cpu=not torch.cuda.is_available())  # stock bf16 default refuses a CPU otherwise
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model_path, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    path = resolve_model(model)
+    tokenizer = load_tokenizer(path)
+    pairs, _ = read_pairs([str(sample)])
+    dataset = to_dataset(pairs, "alpaca", tokenizer).remove_columns("instruction")
+    flags = {"precompute_ref_log_probs": True, "gradient_checkpointing": False} if best_flags else {}
+    args = DPOConfig(output_dir=str(output), per_device_train_batch_size=batch_size, max_steps=steps, report_to=[], save_strategy="no",
+                     logging_steps=1, disable_tqdm=True, use_cpu=not torch.cuda.is_available(), **flags)
+    network = load_model(path, dtype=torch.float32)
+    started = time.perf_counter()
+    trainer = DPOTrainer(model=network, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    setup = time.perf_counter() - started
     result = trainer.train()
-    tokens = max((log.get("num_tokens", 0) for log in trainer.state.log_history), default=0)
-    return {"seconds": result.metrics["train_runtime"], "tokens": tokens,
+    return {"setup_s": setup, "train_s": result.metrics["train_runtime"],
+            "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
             "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length}
 
 
-def dpo_align_train(model: str, data: str, pairs: int, steps: int, batch_size: int, output: Path) -> dict:
+def run_dpo_align(sample: Path, model: str, steps: int, batch_size: int, output: Path) -> dict:
     from dpo_align.train import train
     from dpo_align.train_config import TrainConfig
 
-    config = TrainConfig(model=model, data=[data], max_pairs=pairs, max_steps=steps, batch_size=batch_size,
-                         output_dir=str(output), logging_steps=1, save_steps=10_000).validate()
-    manifest = train(config, progress=lambda m: None)
+    config = TrainConfig(model=model, data=[str(sample)], max_steps=steps, batch_size=batch_size, output_dir=str(output),
+                         logging_steps=1, save_steps=10_000).validate()
+    manifest = train(config, overwrite=True, progress=lambda m: None)
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    tokens = max((r.get("num_tokens", 0) for r in rows), default=0)
-    return {"seconds": manifest["train_runtime_s"], "tokens": tokens, "precision": manifest["precision"],
-            "max_length": config.max_length}
+    return {"setup_s": manifest["trainer_setup_s"], "train_s": manifest["train_runtime_s"], "losses": [r["loss"] for r in rows if "loss" in r],
+            "reference_pass_s": manifest["reference_logps"]["train"]["seconds"], "reference_cached": manifest["reference_logps"]["train"]["cached"],
+            "precision": manifest["precision"], "max_length": config.max_length}
+
+
+def child(args) -> None:
+    output = Path(args.workdir) / args.child
+    if args.child in ("stock", "stock_best"):
+        result = run_stock(Path(args.sample), args.model, args.steps, args.batch_size, args.child == "stock_best", output)
+    else:
+        result = run_dpo_align(Path(args.sample), args.model, args.steps, args.batch_size, output)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- the comparison
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sample", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args)
 
     import torch
 
-    from dpo_align.data import read_pairs, to_dataset
-    from dpo_align.models import load_tokenizer, resolve_model
+    from dpo_align.models import load_model, resolve_model
 
-    model_path = resolve_model(args.model)
-    pairs_needed = args.steps * args.batch_size
-    pairs, _ = read_pairs([args.data])
-    dataset = to_dataset(pairs[:pairs_needed], "alpaca", load_tokenizer(model_path)).remove_columns("instruction")
-
+    pairs = args.steps * args.batch_size
+    n_params = sum(p.numel() for p in load_model(resolve_model(args.model), dtype=torch.float32).parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        stock = stock_trl(model_path, dataset, args.steps, args.batch_size, Path(tmp) / "stock")
-        ours = dpo_align_train(args.model, args.data, pairs_needed, args.steps, args.batch_size, Path(tmp) / "ours")
-        total = time.perf_counter() - start
+        sample = Path(tmp) / "sample.jsonl"
+        numbers = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "pairs": pairs, "params": n_params,
+                   **write_sample(args.data, args.model, pairs, 512, sample)}
+        numbers["bf16_matmul_gflops"] = round(bf16_matmul_rate(), 1)
+        numbers["torch_threads"] = torch.get_num_threads()
+        env = {**os.environ, "DPO_ALIGN_REF_CACHE": str(Path(tmp) / "ref-cache"), "TQDM_DISABLE": "1"}
+        for name in ("stock", "stock_best", "dpo_align_cold", "dpo_align_warm"):
+            command = [sys.executable, __file__, "--child", name, "--sample", str(sample), "--workdir", tmp, "--model", args.model,
+                       "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--data", args.data]
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if done.returncode != 0 or line is None:
+                sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
+            run = json.loads(line.removeprefix("RESULT "))
+            run["total_s"] = run["setup_s"] + run["train_s"]
+            for key, value in run.items():
+                numbers[f"{name}_{key}"] = [round(v, 4) for v in value] if isinstance(value, list) else round(value, 3) if isinstance(value, float) else value
+            numbers[f"{name}_pairs_per_s"] = round(pairs / run["total_s"], 3)
+            numbers[f"{name}_mfu"] = round(6 * n_params * numbers["sample_tokens"] / run["total_s"] / (numbers["bf16_matmul_gflops"] * 1e9), 4)
 
-    numbers = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "pairs": pairs_needed,
-               "torch_threads": torch.get_num_threads(), "benchmark_wall_s": round(total, 1)}
-    for name, run in (("stock_trl", stock), ("dpo_align", ours)):
-        for key, value in run.items():
-            numbers[f"{name}_{key}"] = round(value, 2) if isinstance(value, float) else value
-        numbers[f"{name}_pairs_per_s"] = round(pairs_needed / run["seconds"], 3)
-        numbers[f"{name}_tokens_per_s"] = round(run["tokens"] / run["seconds"], 1)
+    numbers["speedup_vs_stock_best"] = round(numbers["dpo_align_cold_pairs_per_s"] / numbers["stock_best_pairs_per_s"], 3)
+    numbers["warm_speedup_vs_stock"] = round(numbers["dpo_align_warm_pairs_per_s"] / numbers["stock_pairs_per_s"], 3)
+    numbers["second_run_saves_s"] = round(numbers["dpo_align_cold_total_s"] - numbers["dpo_align_warm_total_s"], 1)
     for key, value in numbers.items():
         print(f"{key}={value}")
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
-    print(f"speedup={numbers['dpo_align_pairs_per_s'] / numbers['stock_trl_pairs_per_s']:.3f}")
+    print(f"speedup={numbers['dpo_align_cold_pairs_per_s'] / numbers['stock_pairs_per_s']:.3f}")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,11 @@ class ScoreOptions:
     dtype: str = "float32"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    # lm-eval model class: "dpo-hf" (the LM head at continuation positions only; same numbers,
+    # a fraction of the memory) or lm-eval's own "hf"
+    lm_eval_model: str = "dpo-hf"
+    # {task: [doc indices]} to score only those documents (benchmarks); None scores all (or --limit)
+    samples: dict | None = None
 
     def settings(self) -> dict:
         """For results files: the options plus where and with what they ran."""
@@ -98,6 +103,8 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
     """One model through lm-eval; returns lm-eval's results dict (with samples)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
+
+    import dpo_align.lm_eval_model  # noqa: F401  (registers --model dpo-hf with lm-eval)
 
     allow_pickle = options.allow_pickle
     check_weights_safe(spec.pretrained, allow_pickle)
@@ -116,11 +123,12 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
     manager = TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata)
     try:
         return lm_eval.simple_evaluate(
-            model="hf",
+            model=options.lm_eval_model,
             model_args=model_args,
             tasks=list(options.tasks),
             task_manager=manager,
             limit=options.limit,
+            samples=options.samples,
             batch_size=options.batch_size,
             device=resolve_device(options.device),
             log_samples=True,

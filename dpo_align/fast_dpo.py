@@ -18,6 +18,8 @@ exactly that grid, so ``_compute_loss`` runs unchanged on a stand-in model that 
 
 from __future__ import annotations
 
+import time
+
 import torch
 from trl import DPOTrainer
 
@@ -40,16 +42,19 @@ class _Outputs:
 
 
 class SharedPromptDPOTrainer(DPOTrainer):
-    def __init__(self, model, args, *, processing_class, pack_pairs: bool = False, group_by_length: bool = True, log=print, **kwargs):
+    def __init__(self, model, args, *, processing_class, group_by_length: bool = True, log=print, **kwargs):
         if not args.precompute_ref_log_probs:
             raise ValueError("SharedPromptDPOTrainer computes reference log-probs once; set precompute_ref_log_probs=True.")
         if isinstance(model, str):
             raise TypeError("SharedPromptDPOTrainer needs a loaded model instance.")
         self._log = log
+        self.ref_logps_report = {}
         outputs = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if args.use_weighting else ())
         add_pair_logps(model, outputs=outputs)  # before PEFT wraps it; TRL's own fused head wraps this in turn
         pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
-        collator = SharedPromptCollator(pad_token_id=pad, max_length=args.max_length, pack=pack_pairs)
+        # one pair a row; packing several short pairs into a row measured no faster than length grouping
+        # (results/train-throughput.md), so it is left to the benchmark
+        collator = SharedPromptCollator(pad_token_id=pad, max_length=args.max_length)
         if group_by_length:
             args.train_sampling_strategy = "group_by_length"
             args.length_column_name = "length"
@@ -69,6 +74,7 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     # ---- reference log-probs: once per pair, from the disk cache when it has them
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        started = time.perf_counter()
         model = self.ref_model or self.model
         autocast_dtype = str(torch.get_autocast_dtype(self.accelerator.device.type)) if self.args.bf16 or self.args.fp16 else None
         key = ref_logps.cache_key(weights=ref_logps.weights_digest(model), ids=ref_logps.ids_digest(dataset),
@@ -76,16 +82,17 @@ class SharedPromptDPOTrainer(DPOTrainer):
                                   autocast_dtype=autocast_dtype)
         with self.accelerator.main_process_first():
             cached = ref_logps.load(key)
+            hit = cached is not None
             if cached is None:
                 cached = ref_logps.compute(model, dataset, max_length=self.args.max_length, pad_token_id=self.data_collator.pad_token_id,
                                            device=self.accelerator.device, autocast=self.accelerator.autocast,
                                            progress_desc=f"Reference log-probs ({name})")
                 if self.accelerator.is_main_process:
                     ref_logps.save(key, *cached)
-                self.ref_cache_hits = getattr(self, "ref_cache_hits", {}) | {name: False}
             else:
                 self._log(f"Reference log-probs for {len(dataset)} {name} pairs: reused from the cache ({key}).")
-                self.ref_cache_hits = getattr(self, "ref_cache_hits", {}) | {name: True}
+        # what train.py writes to the manifest: whether the cache answered, and the time this took
+        self.ref_logps_report[name] = {"pairs": len(dataset), "cached": hit, "seconds": round(time.perf_counter() - started, 2), "key": key}
         chosen, rejected = cached
         dataset = dataset.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in dataset.column_names])
         return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column("ref_rejected_logps", rejected.tolist())

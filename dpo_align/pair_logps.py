@@ -17,7 +17,6 @@ accelerate wrappers in the path.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import types
 
@@ -62,15 +61,7 @@ def response_logps(model, spec: dict, backbone_inputs: dict, *, outputs=(), soft
     from trl.trainer.utils import FusedCausalLMOutput
 
     backbone_inputs = {k: v for k, v in backbone_inputs.items() if k not in ("labels", "fused_lm_head", "output_router_logits")}
-    no_cast = contextlib.nullcontext()
-    if torch.is_autocast_enabled(backbone_inputs["input_ids"].device.type):
-        # PEFT casts each LoRA input to the adapter's fp32 and autocast casts it back to bf16: an exact
-        # round trip, and two copies of the activations per adapted layer.
-        from peft.helpers import disable_input_dtype_casting
-
-        no_cast = disable_input_dtype_casting(model)
-    with no_cast:
-        hidden = model.base_model(**backbone_inputs, use_cache=False).last_hidden_state
+    hidden = model.base_model(**backbone_inputs, use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
     hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, spec["logp_index"].to(hidden.device))
     targets = spec["logp_targets"].to(hidden.device)

@@ -257,9 +257,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     )
     interrupt = GracefulInterrupt()
     pairs_per_step = config.batch_size * config.grad_accum
+    setup_started = time.time()
     trainer = SharedPromptDPOTrainer(
         model=model,
-        pack_pairs=config.pack_pairs,
         log=progress,
         args=args,
         train_dataset=train_dataset,
@@ -268,6 +268,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         peft_config=peft_config,
         callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker(), interrupt],
     )
+    trainer.setup_s = round(time.time() - setup_started, 1)  # tokenization and the reference pass (or its cache)
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
 
@@ -346,6 +347,8 @@ def _write_outputs(config, trainer, tokenizer, result, *, output, main, started,
         "git_commit": git_commit(),
         "global_steps": trainer.state.global_step,
         "resumed_from": str(resume_from) if resume_from else None,
+        "trainer_setup_s": trainer.setup_s,
+        "reference_logps": trainer.ref_logps_report,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "wall_time_s": round(time.time() - started, 1),
         "final_train": final_train,

@@ -49,8 +49,6 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 512
-    # several short pairs in one row (block-diagonal mask) instead of one pair a row
-    pack_pairs: bool = False
     seed: int = 42
     precision: str = "auto"
     # LoRA

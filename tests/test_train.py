@@ -330,3 +330,58 @@ def test_epochs_grad_accum_and_lora_options(tiny_gpt2, pairs_file, tmp_path):
     saved = (out / "config.yaml").read_text()
     for line in ("beta: 0.2", "loss_type: ipo", "template: raw", "grad_accum: 2", "epochs: 2.0"):
         assert line in saved
+
+
+def test_reference_log_probs_are_cached_reused_and_keyed_on_what_they_depend_on(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    cache = tmp_path / "ref-cache"
+    monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(cache))
+
+    def run(name, model=tiny_gpt2, **overrides):
+        manifest = train(tiny_config(model, pairs_file, tmp_path / name, max_steps=3, **overrides), progress=lambda m: None)
+        return manifest["reference_logps"]["train"], read_rows(tmp_path / name)
+
+    first, rows_first = run("first")
+    assert first["cached"] is False and first["pairs"] == 48 and len(list(cache.glob("*.safetensors"))) == 1
+    again, rows_again = run("again")  # a re-run (and every run of a sweep) reads them back
+    assert again["cached"] is True and again["key"] == first["key"]
+    assert [r["loss"] for r in rows_again if "loss" in r] == [r["loss"] for r in rows_first if "loss" in r]
+    assert [r["logps/chosen"] for r in rows_again if "loss" in r] == [r["logps/chosen"] for r in rows_first if "loss" in r]
+
+    # each thing the numbers depend on changes the key
+    assert run("shorter", max_length=80)[0]["cached"] is False
+    assert run("template", template="raw")[0]["cached"] is False
+    assert run("bf16", precision="bf16")[0]["cached"] is False
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    changed = tmp_path / "changed-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] += 0.5
+    model.save_pretrained(changed)
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(changed)
+    assert run("weights", model=changed)[0]["cached"] is False
+    assert len(list(cache.glob("*.safetensors"))) == 5
+
+    # a damaged cache file is recomputed, not trusted
+    (cache / f"{first['key']}.safetensors").write_bytes(b"not a safetensors file")
+    damaged, rows_damaged = run("damaged")
+    assert damaged["cached"] is False
+    assert [r["loss"] for r in rows_damaged if "loss" in r] == [r["loss"] for r in rows_first if "loss" in r]
+
+
+def test_a_sweep_computes_reference_log_probs_once(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(tmp_path / "ref-cache"))
+    from dpo_align.sweep import sweep
+
+    base = tiny_config(tiny_gpt2, pairs_file, tmp_path / "unused", max_steps=2, eval_data=[str(pairs_file)], eval_max_pairs=8)
+    import dpo_align.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "score_spec", lambda spec, options: {"stub": spec.label})  # scoring is not what this test is about
+    monkeypatch.setattr(sweep_module, "write_outputs", lambda *a, **k: None)
+    sweep(base, [1e-3, 5e-2, 1e-1], runs_dir=tmp_path / "runs", output=tmp_path / "out", eval_limit=2, data_dir=None, pku_path=None,
+          progress=lambda m: None)
+    reports = [json.loads((tmp_path / "runs" / name / "manifest.json").read_text())["reference_logps"]
+               for name in ("lr-0.001", "lr-0.05", "lr-0.1")]
+    assert [r["train"]["cached"] for r in reports] == [False, True, True]
+    assert [r["eval"]["cached"] for r in reports] == [False, True, True]
