@@ -44,6 +44,11 @@ def add_pair_logps(model, outputs: tuple[str, ...] = ()) -> None:
     ``outputs``: optional fields besides ``log_probs`` (``entropy``, ``mean_logits``,
     ``is_top1``, ``log_sum_sq_probs``), as in TRL's ``add_fused_lm_head``.
     """
+    from dpo_align.pair_attention import use_shared_prompt_attention
+
+    if not use_shared_prompt_attention(model) and model.config._attn_implementation != "eager":
+        raise NotImplementedError(f"{model.config._attn_implementation} attention ignores a 4D attention mask; load the model with "
+                                  "attn_implementation='sdpa' (or 'eager') for the shared-prompt trainer.")
     original = model.forward
     softcap, scale = _logit_transform(model.config)
     model.pair_logps_head = "auto"  # or "trl" / "plain": which head kernel (tests compare both)
@@ -112,7 +117,7 @@ def model_inputs(batch: dict) -> dict:
     spec = {key: batch[key] for key in PAIR_KEYS}
     spec["grid_shape"] = (completion.size(0), completion.size(1) - 1)
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": batch["attention_mask"],
-            "pair_logps": spec}
+            "pair_segments": batch["pair_segments"], "pair_logps": spec}
 
 
 def pair_sums(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
