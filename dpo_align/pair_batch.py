@@ -14,8 +14,7 @@ as long as the longest pair of the batch), with a block-diagonal mask between th
 Truncation follows TRL's collator (``keep_start``): ``(prompt + response)[:max_length]``
 for each response, so the tokens scored are the ones stock TRL scores.
 
-It also returns each row's segments as lengths, which ``pair_attention`` uses to skip the
-masked blocks, and, for every response token, where its predicting hidden state
+The collator also returns, for every response token, where its predicting hidden state
 is (``logp_index`` into the flattened ``[rows * L]`` positions), its target token, and its
 place in a ``[2B, R]`` grid (chosen rows ``0..B-1``, rejected rows ``B..2B-1``), which is
 the layout TRL's loss code reads (see ``fast_dpo.py``).
@@ -83,14 +82,12 @@ class SharedPromptCollator:
         mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
         real = torch.zeros((len(rows), width), dtype=torch.long)
         index, targets, seq, offset = [], [], [], []
-        segments = [[] for _ in rows]  # (start, prompt, chosen, rejected) lengths: what pair_attention needs
         for r, row in enumerate(rows):
             start = 0
             for i in row:
                 prompt, chosen, rejected = parts[i]
                 p, c, n = len(prompt), len(chosen), len(rejected)
                 end = start + p + c + n
-                segments[r].append((start, p, c, n))
                 input_ids[r, start:end] = torch.tensor(prompt + chosen + rejected)
                 position_ids[r, start:start + p + c] = torch.arange(p + c)
                 position_ids[r, start + p + c:end] = torch.arange(p, p + n)
@@ -118,7 +115,6 @@ class SharedPromptCollator:
             "input_ids": input_ids,
             "position_ids": position_ids,
             "attention_mask": mask,
-            "pair_segments": segments,
             "real_tokens": real,
             "logp_index": torch.tensor(index, dtype=torch.long),
             "logp_targets": torch.tensor(targets, dtype=torch.long),

@@ -44,9 +44,7 @@ def add_pair_logps(model, outputs: tuple[str, ...] = ()) -> None:
     ``outputs``: optional fields besides ``log_probs`` (``entropy``, ``mean_logits``,
     ``is_top1``, ``log_sum_sq_probs``), as in TRL's ``add_fused_lm_head``.
     """
-    from dpo_align.pair_attention import use_shared_prompt_attention
-
-    if not use_shared_prompt_attention(model) and model.config._attn_implementation != "eager":
+    if model.config._attn_implementation not in ("sdpa", "eager"):
         raise NotImplementedError(f"{model.config._attn_implementation} attention ignores a 4D attention mask; load the model with "
                                   "attn_implementation='sdpa' (or 'eager') for the shared-prompt trainer.")
     original = model.forward
@@ -117,7 +115,7 @@ def model_inputs(batch: dict) -> dict:
     spec = {key: batch[key] for key in PAIR_KEYS}
     spec["grid_shape"] = (completion.size(0), completion.size(1) - 1)
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": batch["attention_mask"],
-            "pair_segments": batch["pair_segments"], "pair_logps": spec}
+            "pair_logps": spec}
 
 
 def pair_sums(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

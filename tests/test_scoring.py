@@ -164,10 +164,11 @@ def test_suite_matches_independent_computation_on_tiny_models(arch, tiny_gpt2, t
     assert (tmp_path / "out" / "table.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_lm_eval_command_line_runs_the_suite(tiny_gpt2, tiny_data, tmp_path):
+@pytest.mark.parametrize("lm_eval_model", ["hf", "dpo-hf"])
+def test_lm_eval_command_line_runs_the_suite(lm_eval_model, tiny_gpt2, tiny_data, tmp_path):
     """The exact command users run, as a subprocess: ce, ppl and bpb with numeric stderrs."""
     metadata = json.dumps({"data_dir": str(tiny_data), "pku_path": str(tiny_data / "pku.jsonl.gz")})
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_gpt2}",
+    cmd = [sys.executable, "-m", "lm_eval", "--model", lm_eval_model, "--model_args", f"pretrained={tiny_gpt2}",
            "--include_path", str(REPO / "lm_eval_tasks"), "--tasks", "dpo_ppl_suite", "--device", "cpu",
            "--metadata", metadata, "--output_path", str(tmp_path / "lm"), "--log_samples"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -180,6 +181,36 @@ def test_lm_eval_command_line_runs_the_suite(tiny_gpt2, tiny_data, tmp_path):
     first = json.loads(sample_files[0].read_text().splitlines()[0])
     nll, tokens = first["ce"]
     assert nll > 0 and isinstance(tokens, int) and tokens > 0
+
+
+def test_dpo_hf_scores_every_document_exactly_like_hf(tiny_llama, tiny_data, tmp_path, monkeypatch):
+    """`--model dpo-hf` applies the LM head at continuation positions only: the same NLLs as lm-eval's `hf`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dpo_align.evaluate import ModelSpec, ScoreOptions, per_document, score
+    from dpo_align.lm_eval_model import ResponseOnlyHFLM
+
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a LoRA that changes the scores
+            param.data = torch.randn(param.shape, generator=generator) * 0.3
+    model.save_pretrained(adapter)
+    monkeypatch.setattr(ResponseOnlyHFLM, "head_chunk", 5)  # several LM-head chunks per batch
+    nll = {}
+    for implementation in ("hf", "dpo-hf"):
+        options = ScoreOptions(data_dir=str(tiny_data), pku_path=str(tiny_data / "pku.jsonl.gz"), batch_size=3, device="cpu",
+                               lm_eval_model=implementation)
+        for peft in (None, str(adapter)):
+            docs = per_document(score(ModelSpec("m", str(tiny_llama), peft), options))
+            nll[implementation, peft] = [d["nll"] for task in sorted(docs) for d in sorted(docs[task], key=lambda d: d["doc_id"])]
+    assert len(nll["hf", None]) == 7
+    assert nll["hf", None] != pytest.approx(nll["hf", str(adapter)], rel=1e-3)  # the adapter matters
+    for peft in (None, str(adapter)):
+        assert nll["dpo-hf", peft] == pytest.approx(nll["hf", peft], rel=1e-6)
 
 
 def test_unknown_template_and_missing_file_errors(tiny_gpt2, tiny_data, tmp_path):
