@@ -9,15 +9,18 @@ one after another, so its peak resident memory is its own:
 * ``stock``: ``DPOTrainer`` with ``DPOConfig``'s defaults (on this CPU: bf16 autocast,
   gradient checkpointing on, a reference forward at every step), plus ``use_cpu=True``;
 * ``stock_best``: the same with its best flags, ``precompute_ref_log_probs=True`` and
-  gradient checkpointing off;
+  gradient checkpointing off, and ``max_length`` 512 like dpo-align's (equal work: stock's
+  default 1024 keeps more of the longest responses);
 * ``dpo_align_cold``: ``dpo_align.train.train`` with its defaults and an empty reference cache;
 * ``dpo_align_warm``: the same run again, reusing the cached reference log-probs (what every
   later run of a sweep, a resume or a re-run gets).
 
 Time is trainer set-up (tokenization and any reference pass) plus the training loop; model
 loading is left out of every figure. Model-FLOPs utilisation counts 6N FLOPs per pair token
-(prompt + chosen + rejected: 4N for the policy's forward and backward, 2N for the reference's
-forward, N = base parameters) against the machine's bf16 matmul rate measured here. The last
+kept at max_length 512 (prompt + chosen + rejected: 4N for the policy's forward and
+backward, 2N for the reference's forward, N = base parameters) against the machine's bf16
+matmul rate measured here. ``tokens_fed`` is TRL's own ``num_tokens`` count (padding
+excluded; stock TRL feeds each prompt twice). The last
 line is ``speedup=<dpo-align cold pairs/s ÷ stock pairs/s>``.
 
     python benchmarks/train_throughput.py --data ../shared/data/splits/train-pool.jsonl.gz --steps 16
@@ -54,9 +57,13 @@ def write_sample(data: str, model: str, pairs: int, max_length: int, path: Path)
     def count(texts):
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    lengths = [sum(x) for x in zip(count([render_prompt(p.instruction, "alpaca", tokenizer) for p in every]),
-                                   count([render_response(p.chosen, "alpaca") for p in every]),
-                                   count([render_response(p.rejected, "alpaca") for p in every]), strict=True)]
+    def fitted(p, c, r):  # the tokens a trainer with max_length keeps: (prompt + response)[:max_length], each side
+        p = min(p, max_length)
+        return p + min(c + 1, max_length - p) + min(r + 1, max_length - p)  # + 1: the EOS token TRL appends
+
+    lengths = [fitted(*x) for x in zip(count([render_prompt(p.instruction, "alpaca", tokenizer) for p in every]),
+                                       count([render_response(p.chosen, "alpaca") for p in every]),
+                                       count([render_response(p.rejected, "alpaca") for p in every]), strict=True)]
     order = sorted(range(len(every)), key=lambda i: lengths[i])
     step = (len(order) - 1) / (pairs - 1)
     chosen = [order[round(i * step)] for i in range(pairs)]
@@ -99,7 +106,8 @@ def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags:
     tokenizer = load_tokenizer(path)
     pairs, _ = read_pairs([str(sample)])
     dataset = to_dataset(pairs, "alpaca", tokenizer).remove_columns("instruction")
-    flags = {"precompute_ref_log_probs": True, "gradient_checkpointing": False} if best_flags else {}
+    # best flags, and max_length 512 as dpo-align's default, so that both keep the same tokens (equal work)
+    flags = {"precompute_ref_log_probs": True, "gradient_checkpointing": False, "max_length": 512} if best_flags else {}
     args = DPOConfig(output_dir=str(output), per_device_train_batch_size=batch_size, max_steps=steps, report_to=[], save_strategy="no",
                      logging_steps=1, disable_tqdm=True, use_cpu=not torch.cuda.is_available(), **flags)
     network = load_model(path, dtype=torch.float32)
@@ -109,6 +117,7 @@ def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags:
     result = trainer.train()
     return {"setup_s": setup, "train_s": result.metrics["train_runtime"],
             "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
+            "tokens_fed": max(log.get("num_tokens", 0) for log in trainer.state.log_history),
             "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length}
 
 
@@ -121,6 +130,7 @@ def run_dpo_align(sample: Path, model: str, steps: int, batch_size: int, output:
     manifest = train(config, overwrite=True, progress=lambda m: None)
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return {"setup_s": manifest["trainer_setup_s"], "train_s": manifest["train_runtime_s"], "losses": [r["loss"] for r in rows if "loss" in r],
+            "tokens_fed": max(r.get("num_tokens", 0) for r in rows),
             "reference_pass_s": manifest["reference_logps"]["train"]["seconds"], "reference_cached": manifest["reference_logps"]["train"]["cached"],
             "precision": manifest["precision"], "max_length": config.max_length}
 

@@ -14,8 +14,9 @@ those of ``hf``. Requests it cannot handle exactly (a non-causal backend, prompt
 adapters with virtual tokens, logit transforms it does not know, ``batch_size=auto``) go to
 ``HFLM`` unchanged.
 
-Registered with lm-eval when this module is imported: ``dpo-align eval`` does that, and so
-does the task module ``lm_eval_tasks/dpo_ppl.py``.
+Registered with lm-eval when this module is imported: ``dpo-align eval`` does that. lm-eval's
+own CLI looks models up before it imports any task code, so from the command line use
+``dpo-lm-eval`` (``dpo_align/lm_eval_cli.py``: lm-eval's CLI with this model registered).
 """
 
 from __future__ import annotations

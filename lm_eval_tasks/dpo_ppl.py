@@ -21,7 +21,6 @@ import lm_eval.api.metrics
 import lm_eval.evaluator_utils
 from lm_eval.api.task import ConfigurableTask
 
-import dpo_align.lm_eval_model  # noqa: F401  (registers `--model dpo-hf`: the LM head at continuation positions only)
 from dpo_align import metrics
 from dpo_align.eval_data import load_docs
 from dpo_align.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response

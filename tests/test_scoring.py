@@ -168,7 +168,9 @@ def test_suite_matches_independent_computation_on_tiny_models(arch, tiny_gpt2, t
 def test_lm_eval_command_line_runs_the_suite(lm_eval_model, tiny_gpt2, tiny_data, tmp_path):
     """The exact command users run, as a subprocess: ce, ppl and bpb with numeric stderrs."""
     metadata = json.dumps({"data_dir": str(tiny_data), "pku_path": str(tiny_data / "pku.jsonl.gz")})
-    cmd = [sys.executable, "-m", "lm_eval", "--model", lm_eval_model, "--model_args", f"pretrained={tiny_gpt2}",
+    # lm-eval's own CLI for its `hf`; ours (the same CLI with dpo-hf registered) for `dpo-hf`
+    runner = "lm_eval" if lm_eval_model == "hf" else "dpo_align.lm_eval_cli"
+    cmd = [sys.executable, "-m", runner, "--model", lm_eval_model, "--model_args", f"pretrained={tiny_gpt2}",
            "--include_path", str(REPO / "lm_eval_tasks"), "--tasks", "dpo_ppl_suite", "--device", "cpu",
            "--metadata", metadata, "--output_path", str(tmp_path / "lm"), "--log_samples"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
