@@ -9,8 +9,9 @@ from __future__ import annotations
 
 
 def main() -> None:
-    import dpo_align.lm_eval_model  # noqa: F401  (registers dpo-hf)
     from lm_eval.__main__ import cli_evaluate
+
+    import dpo_align.lm_eval_model  # noqa: F401  (registers dpo-hf)
 
     cli_evaluate()
 

@@ -36,6 +36,9 @@ MODEL_NAME = "dpo-hf"
 class ResponseOnlyHFLM(HFLM):
     # LM-head positions per call: bounds the [positions, vocab] logits (1024 x 49,152 fp32 = 200 MB)
     head_chunk = 1024
+    # padded tokens per forward: a batch of long documents is split so that activations stay
+    # bounded whatever --batch_size is (each row is computed alone anyway: right padding, causal)
+    max_batch_tokens = 2048
 
     def _head_setup(self):
         """(backbone, head, softcap, scale), or None where HFLM's own path must be used."""
@@ -66,46 +69,59 @@ class ResponseOnlyHFLM(HFLM):
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            inputs, continuations = [], []
-            for i in chunk:
-                _, context, continuation = requests[i]
-                assert len(context) > 0 and 0 < len(continuation) <= self.max_length
-                inputs.append((context + continuation)[-(self.max_length + 1):][:-1])  # HFLM's left truncation
-                continuations.append(continuation)
-            width = max(len(x) for x in inputs)
-            batch = torch.zeros((len(inputs), width), dtype=torch.long)  # right-padded with 0, as HFLM's pad_and_concat
-            index, targets = [], []
-            for row, (tokens, continuation) in enumerate(zip(inputs, continuations, strict=True)):
-                batch[row, :len(tokens)] = torch.tensor(tokens)
-                first = len(tokens) - len(continuation)  # the position that predicts the first continuation token
-                index += range(row * width + first, row * width + len(tokens))
-                targets += continuation
-            index = torch.tensor(index, device=self.device)
-            targets = torch.tensor(targets, device=self.device)
-            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                                 enabled=self.mixed_precision_dtype is not None):
-                hidden = backbone(input_ids=batch.to(self.device)).last_hidden_state
-                hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
-                del batch
-                token_logps, token_greedy = [], []
-                for lo in range(0, len(targets), self.head_chunk):
-                    logits = head(hidden[lo:lo + self.head_chunk])
-                    if scale != 1.0:
-                        logits = logits * scale
-                    if softcap is not None:
-                        logits = torch.tanh(logits / softcap) * softcap
-                    log_softmax = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-                    target = targets[lo:lo + self.head_chunk]
-                    token_logps.append(log_softmax.gather(1, target[:, None]).squeeze(1))
-                    token_greedy.append(log_softmax.argmax(-1) == target)
-            token_logps, token_greedy = torch.cat(token_logps), torch.cat(token_greedy)
-            for i, logps, greedy in zip(chunk, token_logps.split([len(c) for c in continuations]),
-                                        token_greedy.split([len(c) for c in continuations]), strict=True):
-                answer = (float(logps.sum()), bool(greedy.all()))
-                answers[i] = answer
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                bar.update(1)
+            for part in self._token_budget(order[start:start + batch_size], requests):
+                for i, answer in zip(part, self._score(part, requests, backbone, head, softcap, scale), strict=True):
+                    answers[i] = answer
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                    bar.update(1)
         bar.close()
         return answers
+
+    def _token_budget(self, chunk: list[int], requests) -> list[list[int]]:
+        """Split a batch (longest first) so that no forward holds more than ``max_batch_tokens`` padded tokens."""
+        parts, width = [[]], 0
+        for i in chunk:
+            if parts[-1] and (len(parts[-1]) + 1) * width > self.max_batch_tokens:
+                parts.append([])
+            if not parts[-1]:  # the first request of a part is its longest: it sets the padded width
+                width = min(len(requests[i][1]) + len(requests[i][2]) - 1, self.max_length)
+            parts[-1].append(i)
+        return [part for part in parts if part]
+
+    def _score(self, chunk: list[int], requests, backbone, head, softcap, scale) -> list[tuple[float, bool]]:
+        """(summed log-prob, greedy) of each request's continuation, from one right-padded forward."""
+        inputs, continuations = [], []
+        for i in chunk:
+            _, context, continuation = requests[i]
+            assert len(context) > 0 and 0 < len(continuation) <= self.max_length
+            inputs.append((context + continuation)[-(self.max_length + 1):][:-1])  # HFLM's left truncation
+            continuations.append(continuation)
+        width = max(len(x) for x in inputs)
+        batch = torch.zeros((len(inputs), width), dtype=torch.long)  # right-padded with 0, as HFLM's pad_and_concat
+        index, targets = [], []
+        for row, (tokens, continuation) in enumerate(zip(inputs, continuations, strict=True)):
+            batch[row, :len(tokens)] = torch.tensor(tokens)
+            first = len(tokens) - len(continuation)  # the position that predicts the first continuation token
+            index += range(row * width + first, row * width + len(tokens))
+            targets += continuation
+        index = torch.tensor(index, device=self.device)
+        targets = torch.tensor(targets, device=self.device)
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            hidden = backbone(input_ids=batch.to(self.device)).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
+            token_logps, token_greedy = [], []
+            for lo in range(0, len(targets), self.head_chunk):
+                logits = head(hidden[lo:lo + self.head_chunk])
+                if scale != 1.0:
+                    logits = logits * scale
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                log_softmax = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                target = targets[lo:lo + self.head_chunk]
+                token_logps.append(log_softmax.gather(1, target[:, None]).squeeze(1))
+                token_greedy.append(log_softmax.argmax(-1) == target)
+        sizes = [len(c) for c in continuations]
+        return [(float(logps.sum()), bool(greedy.all()))
+                for logps, greedy in zip(torch.cat(token_logps).split(sizes), torch.cat(token_greedy).split(sizes), strict=True)]

@@ -202,6 +202,7 @@ def test_dpo_hf_scores_every_document_exactly_like_hf(tiny_llama, tiny_data, tmp
             param.data = torch.randn(param.shape, generator=generator) * 0.3
     model.save_pretrained(adapter)
     monkeypatch.setattr(ResponseOnlyHFLM, "head_chunk", 5)  # several LM-head chunks per batch
+    monkeypatch.setattr(ResponseOnlyHFLM, "max_batch_tokens", 150)  # batches of 3 split into smaller forwards
     nll = {}
     for implementation in ("hf", "dpo-hf"):
         options = ScoreOptions(data_dir=str(tiny_data), pku_path=str(tiny_data / "pku.jsonl.gz"), batch_size=3, device="cpu",
