@@ -14,6 +14,8 @@ checkpointing and resume. Only three things differ:
 How the loss is reused: TRL's ``_compute_loss`` calls ``model(...)`` once and reads
 per-token fields laid out ``[2B, R]`` beside a ``completion_mask``. Our forward produces
 exactly that grid, so ``_compute_loss`` runs unchanged on a stand-in model that returns it.
+That relies on TRL's internals, so pyproject.toml pins the TRL minor version this was tested
+with (1.16), and tests/test_fast_dpo.py checks every loss type and the gradients against it.
 """
 
 from __future__ import annotations
@@ -26,9 +28,6 @@ from trl import DPOTrainer
 from dpo_align import ref_logps
 from dpo_align.pair_batch import SharedPromptCollator, pair_length
 from dpo_align.pair_logps import add_pair_logps, model_inputs
-
-# TRL versions whose `_compute_loss` this class was tested against (pyproject pins the same range).
-TESTED_TRL = (">=1.16", "<1.17")
 
 
 class _Outputs:
