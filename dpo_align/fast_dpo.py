@@ -9,7 +9,9 @@ checkpointing and resume. Only three things differ:
    sampler (``train_sampling_strategy="group_by_length"``), which still shuffles;
 2. the policy forward returns log-probs at the response positions only (``pair_logps``);
 3. the reference log-probs are computed once per pair, before training, and cached on
-   disk (``ref_logps``), so ``precompute_ref_log_probs`` is always on.
+   disk (``ref_logps``), so ``precompute_ref_log_probs`` is always on; except when
+   ``max_steps`` consumes fewer pairs than the training set holds (a short run on a large
+   pool), where each step computes them for its own batch, adapter off, as stock TRL does.
 
 How the loss is reused: TRL's ``_compute_loss`` calls ``model(...)`` once and reads
 per-token fields laid out ``[2B, R]`` beside a ``completion_mask``. Our forward produces
@@ -27,7 +29,7 @@ from trl import DPOTrainer
 
 from dpo_align import ref_logps
 from dpo_align.pair_batch import SharedPromptCollator, pair_length
-from dpo_align.pair_logps import add_pair_logps, model_inputs
+from dpo_align.pair_logps import add_pair_logps, model_inputs, pair_sums
 
 
 class _Outputs:
@@ -48,6 +50,11 @@ class SharedPromptDPOTrainer(DPOTrainer):
             raise TypeError("SharedPromptDPOTrainer needs a loaded model instance.")
         self._log = log
         self.ref_logps_report = {}
+        # Up front only when the run consumes every training pair: a --max-steps run over part of a
+        # large pool computes its reference per step instead, in the training batch (as stock TRL does).
+        train_dataset = kwargs.get("train_dataset")
+        pairs_consumed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+        self.ref_upfront = not (args.max_steps > 0 and train_dataset is not None and pairs_consumed < len(train_dataset))
         outputs = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if args.use_weighting else ())
         add_pair_logps(model, outputs=outputs)  # before PEFT wraps it; TRL's own fused head wraps this in turn
         pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
@@ -73,6 +80,10 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     # ---- reference log-probs: once per pair, from the disk cache when it has them
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        if name == "train" and not self.ref_upfront:
+            self.ref_logps_report[name] = {"pairs": len(dataset), "cached": False, "seconds": 0.0, "key": None,
+                                           "mode": "per step: --max-steps consumes fewer pairs than the data holds"}
+            return dataset
         started = time.perf_counter()
         model = self.ref_model or self.model
         autocast_dtype = str(torch.get_autocast_dtype(self.accelerator.device.type)) if self.args.bf16 or self.args.fp16 else None
@@ -98,6 +109,10 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     # ---- the loss: our forward, TRL's loss and metrics
     def _compute_loss(self, model, inputs, return_outputs):
+        if "ref_chosen_logps" not in inputs:  # reference per step: same batch, adapter off, no grad
+            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+                reference = model(**model_inputs(inputs)).log_probs
+            inputs = {**inputs, **dict(zip(("ref_chosen_logps", "ref_rejected_logps"), pair_sums(reference.float()), strict=True))}
         outputs = model(**model_inputs(inputs))
         completion = inputs["completion_mask"]
         view = {

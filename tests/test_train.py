@@ -336,8 +336,8 @@ def test_reference_log_probs_are_cached_reused_and_keyed_on_what_they_depend_on(
     cache = tmp_path / "ref-cache"
     monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(cache))
 
-    def run(name, model=tiny_gpt2, **overrides):
-        manifest = train(tiny_config(model, pairs_file, tmp_path / name, max_steps=3, **overrides), progress=lambda m: None)
+    def run(name, model=tiny_gpt2, **overrides):  # 12 steps of 4: every one of the 48 pairs, so the reference is computed up front
+        manifest = train(tiny_config(model, pairs_file, tmp_path / name, max_steps=12, **overrides), progress=lambda m: None)
         return manifest["reference_logps"]["train"], read_rows(tmp_path / name)
 
     first, rows_first = run("first")
@@ -374,7 +374,7 @@ def test_a_sweep_computes_reference_log_probs_once(tiny_gpt2, pairs_file, tmp_pa
     monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(tmp_path / "ref-cache"))
     from dpo_align.sweep import sweep
 
-    base = tiny_config(tiny_gpt2, pairs_file, tmp_path / "unused", max_steps=2, eval_data=[str(pairs_file)], eval_max_pairs=8)
+    base = tiny_config(tiny_gpt2, pairs_file, tmp_path / "unused", max_steps=12, eval_data=[str(pairs_file)], eval_max_pairs=8)
     import dpo_align.sweep as sweep_module
 
     monkeypatch.setattr(sweep_module, "score_spec", lambda spec, options: {"stub": spec.label})  # scoring is not what this test is about
@@ -385,3 +385,17 @@ def test_a_sweep_computes_reference_log_probs_once(tiny_gpt2, pairs_file, tmp_pa
                for name in ("lr-0.001", "lr-0.05", "lr-0.1")]
     assert [r["train"]["cached"] for r in reports] == [False, True, True]
     assert [r["eval"]["cached"] for r in reports] == [False, True, True]
+
+
+def test_a_short_run_on_a_large_pool_computes_the_reference_per_step_with_the_same_numbers(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    """--max-steps covering part of the data must not pay a reference pass over all of it."""
+    monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(tmp_path / "ref-cache"))
+    settings = dict(lr_scheduler="constant", learning_rate=5e-2)
+    short = train(tiny_config(tiny_gpt2, pairs_file, tmp_path / "short", max_steps=3, **settings), progress=lambda m: None)
+    whole = train(tiny_config(tiny_gpt2, pairs_file, tmp_path / "whole", max_steps=12, **settings), progress=lambda m: None)
+    assert short["reference_logps"]["train"]["mode"].startswith("per step")
+    assert "mode" not in whole["reference_logps"]["train"] and whole["reference_logps"]["train"]["pairs"] == 48
+    rows_short, rows_whole = read_rows(tmp_path / "short"), read_rows(tmp_path / "whole")
+    for key in ("loss", "rewards/chosen", "logps/rejected"):
+        assert [r[key] for r in rows_short if key in r] == pytest.approx([r[key] for r in rows_whole if key in r][:3], rel=1e-4, abs=1e-6)
+    assert rows_short[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # policy = reference before the first update
