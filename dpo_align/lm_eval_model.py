@@ -27,7 +27,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from dpo_align.pair_logps import _logit_transform
+from dpo_align.pair_logps import logit_transform, scale_logits
 
 MODEL_NAME = "dpo-hf"
 
@@ -53,7 +53,7 @@ class ResponseOnlyHFLM(HFLM):
         if backbone is None or backbone is model or head is None:
             return None
         try:
-            softcap, scale = _logit_transform(model.config)
+            softcap, scale = logit_transform(model.config)
         except NotImplementedError:
             return None
         return backbone, head, softcap, scale
@@ -113,11 +113,7 @@ class ResponseOnlyHFLM(HFLM):
             hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
             token_logps, token_greedy = [], []
             for lo in range(0, len(targets), self.head_chunk):
-                logits = head(hidden[lo:lo + self.head_chunk])
-                if scale != 1.0:
-                    logits = logits * scale
-                if softcap is not None:
-                    logits = torch.tanh(logits / softcap) * softcap
+                logits = scale_logits(head(hidden[lo:lo + self.head_chunk]), softcap, scale)
                 log_softmax = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
                 target = targets[lo:lo + self.head_chunk]
                 token_logps.append(log_softmax.gather(1, target[:, None]).squeeze(1))

@@ -27,7 +27,7 @@ PAIR_KEYS = ("logp_index", "logp_targets", "logp_seq", "logp_offset")
 VOCAB_CHUNK = 32768
 
 
-def _logit_transform(config) -> tuple[float | None, float]:
+def logit_transform(config) -> tuple[float | None, float]:
     """Final-logit soft-capping and scale, as the model's own forward applies them."""
     text = config.get_text_config()
     softcap = getattr(text, "final_logit_softcapping", None)
@@ -36,6 +36,15 @@ def _logit_transform(config) -> tuple[float | None, float]:
         if getattr(text, other, None) is not None:
             raise NotImplementedError(f"{type(config).__name__} scales its logits with {other}; the shared-prompt trainer does not support it.")
     return softcap, 1.0 if scale is None else scale
+
+
+def scale_logits(logits: torch.Tensor, softcap: float | None, scale: float) -> torch.Tensor:
+    """Apply ``logit_transform``'s scale, then soft-capping, as the model's own forward does."""
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
 
 
 def add_pair_logps(model, outputs: tuple[str, ...] = ()) -> None:
@@ -48,7 +57,7 @@ def add_pair_logps(model, outputs: tuple[str, ...] = ()) -> None:
         raise NotImplementedError(f"{model.config._attn_implementation} attention ignores a 4D attention mask; load the model with "
                                   "attn_implementation='sdpa' (or 'eager') for the shared-prompt trainer.")
     original = model.forward
-    softcap, scale = _logit_transform(model.config)
+    softcap, scale = logit_transform(model.config)
     model.pair_logps_head = "auto"  # or "trl" / "plain": which head kernel (tests compare both)
 
     @functools.wraps(type(model).forward)
@@ -94,11 +103,7 @@ def response_logps(model, spec: dict, backbone_inputs: dict, *, outputs=(), soft
 
 def _plain_head(hidden, head, targets, *, softcap, scale, outputs):
     """The same fields as TRL's kernel, from the ``[N, vocab]`` logits of the N response positions."""
-    logits = head(hidden).float()  # under autocast the projection runs in bf16; the softmax in fp32, as TRL's
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = scale_logits(head(hidden).float(), softcap, scale)  # under autocast the projection runs in bf16; the softmax in fp32, as TRL's
     log_softmax = logits.log_softmax(dim=-1)
     log_probs = log_softmax.gather(1, targets[:, None]).squeeze(1)
     with torch.no_grad():  # metrics only, as in TRL

@@ -77,7 +77,8 @@ def compute(model, dataset, *, max_length: int | None, pad_token_id: int, device
     from tqdm.auto import tqdm
 
     collate = SharedPromptCollator(pad_token_id=pad_token_id, max_length=max_length)
-    lengths = [pair_length(dataset[i], max_length) for i in range(len(dataset))]
+    # the trainer's dataset holds each pair's row length already (same max_length); compute it only without
+    lengths = dataset["length"] if "length" in dataset.column_names else [pair_length(ex, max_length) for ex in dataset]
     order = sorted(range(len(dataset)), key=lambda i: lengths[i])  # similar lengths together: little padding
     batches, current = [], []
     for i in order:
