@@ -26,16 +26,14 @@ def main() -> None:
 
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_levers import sample_pairs
+    from train_levers import build_policy, sample_pairs
 
     from dpo_align import ref_logps
-    from dpo_align.models import load_model, load_tokenizer, resolve_model
+    from dpo_align.models import load_tokenizer, resolve_model
     from dpo_align.pair_batch import SharedPromptCollator
-    from dpo_align.pair_logps import add_pair_logps, model_inputs, pair_sums
-    from dpo_align.train import frozen_linears_to
+    from dpo_align.pair_logps import model_inputs, pair_sums
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
@@ -43,11 +41,7 @@ def main() -> None:
     dataset = Dataset.from_list(examples)
     collate = SharedPromptCollator(pad_token_id=tokenizer.pad_token_id, max_length=512)
     for precision in ("bf16", "fp32"):
-        model = load_model(path, dtype=torch.float32)
-        if precision == "bf16":
-            frozen_linears_to(model, torch.bfloat16)
-        add_pair_logps(model)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")).eval()
+        model = build_policy(path, bf16_weights=precision == "bf16").eval()
         autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
         ref_chosen, ref_rejected = ref_logps.compute(model, dataset, max_length=512, pad_token_id=tokenizer.pad_token_id,
                                                      autocast=autocast, device="cpu")

@@ -23,26 +23,20 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from peft import LoraConfig, get_peft_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_levers import sample_pairs
+    from train_levers import build_policy, sample_pairs
 
-    from dpo_align.models import load_model, load_tokenizer, resolve_model
+    from dpo_align.models import load_tokenizer, resolve_model
     from dpo_align.pair_batch import SharedPromptCollator, pair_length
-    from dpo_align.pair_logps import add_pair_logps, model_inputs, pair_sums
-    from dpo_align.train import frozen_linears_to
+    from dpo_align.pair_logps import model_inputs, pair_sums
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     examples = sorted(sample_pairs(args.data, tokenizer, 32, 512), key=lambda e: pair_length(e, 512))
     collate = SharedPromptCollator(pad_token_id=tokenizer.pad_token_id, max_length=512)
     batches = [collate(examples[i:i + 4]) for i in range(0, 32, 4)]
-    model = load_model(path, dtype=torch.float32)
-    frozen_linears_to(model, torch.bfloat16)
-    add_pair_logps(model)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
-    model.train()
+    model = build_policy(path, bf16_weights=True)
 
     def one_pass() -> float:
         start = time.perf_counter()

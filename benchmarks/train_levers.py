@@ -59,6 +59,23 @@ def sample_pairs(data: str, tokenizer, n: int, max_length: int) -> list[dict]:
     return [tokenized[round(i * step)] for i in range(n)]
 
 
+def build_policy(path: str, bf16_weights: bool):
+    """The default LoRA (r 16, alpha 32, all linear layers) on the model, patched for shared-prompt rows, in train mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dpo_align.models import load_model
+    from dpo_align.pair_logps import add_pair_logps
+    from dpo_align.train import frozen_linears_to
+
+    model = load_model(path, dtype=torch.float32)
+    if bf16_weights:
+        frozen_linears_to(model, torch.bfloat16)
+    add_pair_logps(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return model.train()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -71,14 +88,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from peft import LoraConfig, get_peft_model
     from peft.helpers import disable_input_dtype_casting
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from dpo_align.models import load_model, load_tokenizer, resolve_model
+    from dpo_align.models import load_tokenizer, resolve_model
     from dpo_align.pair_batch import SharedPromptCollator, pair_length
-    from dpo_align.pair_logps import add_pair_logps, model_inputs, pair_sums
-    from dpo_align.train import frozen_linears_to
+    from dpo_align.pair_logps import model_inputs, pair_sums
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
@@ -90,15 +105,6 @@ def main() -> None:
 
     def batches(order):
         return [[examples[i] for i in order[k:k + args.batch_size]] for k in range(0, len(order), args.batch_size)]
-
-    def build(bf16_weights: bool):
-        model = load_model(path, dtype=torch.float32)
-        if bf16_weights:
-            frozen_linears_to(model, torch.bfloat16)
-        add_pair_logps(model)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
-        model.train()
-        return model
 
     two_rows = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
@@ -154,7 +160,7 @@ def main() -> None:
     results = []
     for key, label, bf16_weights, step, options, order in ladder:
         if bf16_weights not in models:
-            models[bf16_weights] = build(bf16_weights)
+            models[bf16_weights] = build_policy(path, bf16_weights)
         model = models[bf16_weights]
         best = float("inf")
         for _ in range(args.repeats):
