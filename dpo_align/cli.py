@@ -197,6 +197,11 @@ def _explicit(ctx: typer.Context, params: dict) -> dict:
     return given
 
 
+PairSampleOption = Annotated[str, typer.Option(help=(
+    "Which --max-pairs: the 'first' N in file order, or a 'random' sample drawn with --seed. hh-rlhf lists its subsets "
+    "one after another (harmless first), so the first N come from one subset."))]
+
+
 @app.command("train")
 @user_errors
 def train_command(
@@ -204,7 +209,8 @@ def train_command(
     model: ModelOption = DEFAULT_MODEL,
     data: Annotated[list[str] | None, typer.Option("--data", "-d", help="Training pairs: files, directories or hub ids (repeatable). Default: Anthropic/hh-rlhf.")] = None,
     output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Where the adapter, checkpoints, curves and manifest go.")] = "runs/dpo",
-    max_pairs: Annotated[int | None, typer.Option(help="Train on the first N usable pairs only.")] = None,
+    max_pairs: Annotated[int | None, typer.Option(help="Train on N usable pairs only (see --pair-sample).")] = None,
+    pair_sample: PairSampleOption = "first",
     eval_data: Annotated[list[str] | None, typer.Option("--eval-data", help="Held-out pairs for DPO loss, reward accuracy and margins during training.")] = None,
     eval_max_pairs: Annotated[int | None, typer.Option(help="Use only the first N held-out pairs.")] = None,
     eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-data every N optimizer steps (and at the end).")] = 50,
@@ -325,7 +331,8 @@ def sweep_command(
     eval_data: Annotated[list[str] | None, typer.Option("--eval-data", help="Held-out pairs evaluated during training.")] = None,
     eval_max_pairs: Annotated[int | None, typer.Option(help="Use only the first N held-out pairs (each evaluation runs over all of them).")] = None,
     eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-data every N optimizer steps (and at the end).")] = 50,
-    max_pairs: Annotated[int | None, typer.Option(help="Train on the first N usable pairs only.")] = None,
+    max_pairs: Annotated[int | None, typer.Option(help="Train on N usable pairs only (see --pair-sample).")] = None,
+    pair_sample: PairSampleOption = "first",
     epochs: Annotated[float, typer.Option(help="Passes over the training pairs.")] = 1.0,
     max_steps: Annotated[int, typer.Option(help="Stop each run after N optimizer steps (overrides --epochs when > 0).")] = -1,
     batch_size: Annotated[int, typer.Option(help="Training pairs per forward pass.")] = 4,
@@ -338,6 +345,13 @@ def sweep_command(
     data_dir: Annotated[str | None, typer.Option(help="Offline suite data (like ../shared/data); also used for the overlap check.")] = None,
     pku_path: Annotated[str | None, typer.Option(help="PKU file(s) or hh-rlhf transcripts for the suite, e.g. ../shared/data/splits/heldout.jsonl.gz.")] = None,
     eval_batch_size: Annotated[int, typer.Option(help="Requests per forward pass when scoring.")] = 16,
+    preference_data: Annotated[list[str] | None, typer.Option("--preference-data", help=(
+        "Held-out pairs on which to measure every model's preference accuracy (implicit DPO reward; length-normalised "
+        "likelihood), e.g. ../shared/data/splits/heldout.jsonl.gz."))] = None,
+    curve_docs: Annotated[int, typer.Option(help=(
+        "Learning curve: keep a checkpoint every 10% of each run and score those of the best run on N fixed documents "
+        "per dataset (0: no curve)."))] = 0,
+    bootstrap: Annotated[int, typer.Option(help="Paired bootstrap replicates for the intervals of the change against the baseline.")] = 10_000,
     runs_dir: Annotated[Path, typer.Option(help="Where the adapters and checkpoints go (not for git).")] = Path("runs/sweep"),
     output: Annotated[Path, typer.Option("--output", "-o", help="Where the table, curves and manifests go.")] = Path("results/sweep"),
 ) -> None:
@@ -353,15 +367,17 @@ def sweep_command(
     from dpo_align.train_config import build_config, load_config_file
 
     lrs = parse_lrs(lr)
-    skip = ("lr", "config", "eval_limit", "eval_batch_size", "runs_dir", "output", "ctx")
+    skip = ("lr", "config", "eval_limit", "eval_batch_size", "runs_dir", "output", "ctx", "preference_data", "curve_docs", "bootstrap")
     given = _explicit(ctx, {k: v for k, v in ctx.params.items() if k not in skip})
     base = build_config(load_config_file(config) if config else {}, given)
     runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=eval_limit, data_dir=data_dir, pku_path=pku_path,
-                 batch_size=eval_batch_size, progress=lambda m: typer.echo(m, err=True))
+                 batch_size=eval_batch_size, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
+                 progress=lambda m: typer.echo(m, err=True))
     from dpo_align.evaluate import markdown_table
 
     typer.echo(markdown_table(runs))
-    typer.echo(f"Wrote {output}/: table.md, table.csv, table.png, results.json, curves/, manifests/, samples/.")
+    typer.echo(f"Wrote {output}/: table.md, table.csv, table.png, results.json, comparison.json, curves/, manifests/, samples/"
+               + (", preference.md" if preference_data else "") + (", learning-curve.png" if curve_docs else "") + ".")
 
 
 def main() -> None:

@@ -74,6 +74,16 @@ def cache_key(*, weights: str, ids: str, max_length: int | None, device_type: st
 def compute(model, dataset, *, max_length: int | None, pad_token_id: int, device, autocast=contextlib.nullcontext,
             batch_tokens: int = 8192, progress_desc: str = "Reference log-probs") -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reference log-probs of each pair's chosen and rejected response (adapter off, no grad)."""
+    sums = summed_logps(model, dataset, adapter=False, max_length=max_length, pad_token_id=pad_token_id, device=device,
+                        autocast=autocast, batch_tokens=batch_tokens, progress_desc=progress_desc)
+    return sums["chosen"], sums["rejected"]
+
+
+def summed_logps(model, dataset, *, adapter: bool, max_length: int | None, pad_token_id: int, device,
+                 autocast=contextlib.nullcontext, batch_tokens: int = 8192, progress_desc: str = "Log-probs") -> dict[str, torch.Tensor]:
+    """Per pair, in inference mode: summed log-probs of the chosen and rejected responses and their
+    token counts (``chosen``, ``rejected``, ``chosen_tokens``, ``rejected_tokens``), with the model's
+    adapter on or off. ``dataset`` holds TRL's ``prompt_ids``/``chosen_ids``/``rejected_ids``."""
     from tqdm.auto import tqdm
 
     collate = SharedPromptCollator(pad_token_id=pad_token_id, max_length=max_length)
@@ -89,9 +99,8 @@ def compute(model, dataset, *, max_length: int | None, pad_token_id: int, device
     if current:
         batches.append(current)
 
-    chosen = torch.zeros(len(dataset), dtype=torch.float32)
-    rejected = torch.zeros(len(dataset), dtype=torch.float32)
-    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    out = {name: torch.zeros(len(dataset), dtype=torch.float32) for name in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    adapter_off = model.disable_adapter() if (not adapter and hasattr(model, "disable_adapter")) else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
@@ -101,14 +110,15 @@ def compute(model, dataset, *, max_length: int | None, pad_token_id: int, device
                 batch = collate([dataset[i] for i in batch_idx])
                 inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
                 with autocast():
-                    out = model(**inputs)
-                c, r = pair_sums(out.log_probs.float())
-                chosen[batch_idx] = c.cpu()
-                rejected[batch_idx] = r.cpu()
+                    result = model(**inputs)
+                c, r = pair_sums(result.log_probs.float())
+                n_c, n_r = batch["completion_mask"].sum(dim=1).chunk(2, dim=0)
+                for name, values in (("chosen", c), ("rejected", r), ("chosen_tokens", n_c), ("rejected_tokens", n_r)):
+                    out[name][batch_idx] = values.float().cpu()
                 bar.update(len(batch_idx))
     finally:
         model.train(was_training)
-    return chosen, rejected
+    return out
 
 
 def load(key: str) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -1,14 +1,21 @@
 """``dpo-align sweep``: the whole reference experiment in one command.
 
 For each learning rate: train one adapter (``RUNS/lr-<lr>``), then score the base model
-and every adapter with the suite, and write to ``OUTPUT``: the reference-style table
-(``table.md``, ``table.csv``, ``results.json``), per-document samples, one PNG per DPO
-statistic with the curves of all runs overlaid (``curves/``), and each run's manifest
-(``manifests/``).
+and every adapter with the suite, and write to ``OUTPUT``:
+
+* ``table.md``: the reference-style table (ce ± stderr), each adapter's relative change
+  against the baseline with a paired bootstrap 95% interval over documents and a verdict
+  (``paired.py``), and the same for bpb; ``table.csv``, ``results.json``, ``comparison.json``;
+* per-document samples, one PNG per DPO statistic with the curves of all runs overlaid
+  (``curves/``), and each run's manifest (``manifests/``);
+* with ``--preference-data``: held-out preference accuracy of every model (``preference.md``);
+* with ``--curve-docs N``: the learning curve of the best run, every checkpoint scored on N
+  fixed documents per dataset (``learning-curve.png``, ``.md``).
 
 Interrupted sweeps resume: a finished run (its ``manifest.json`` exists) is not trained
 again, a started one continues from its latest checkpoint, and a model already scored
-(``OUTPUT/scores/<label>.json``) is not scored again.
+(``OUTPUT/scores/<label>.json``, ``OUTPUT/preference/``, ``OUTPUT/learning-curve/``) is not
+scored again.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ import json
 import shutil
 from pathlib import Path
 
+from dpo_align import learning_curve, paired
 from dpo_align.errors import UserError
-from dpo_align.evaluate import ModelSpec, ScoreOptions, _slug, quiet_lm_eval, score_spec, write_outputs
-from dpo_align.files import atomic_write_json
+from dpo_align.evaluate import TABLE_NAMES, TASKS, ModelSpec, ScoreOptions, _slug, markdown_table, quiet_lm_eval, score_spec, write_outputs
+from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dpo_align.models import resolve_model
 from dpo_align.plots import plot_runs, read_metrics
+from dpo_align.preference import markdown as preference_markdown
 from dpo_align.train import train
 from dpo_align.train_config import TrainConfig
 
@@ -55,9 +64,17 @@ def sweep(
     batch_size: int = 16,
     device: str = "auto",
     dtype: str = "float32",
+    preference_data: list[str] | None = None,
+    curve_docs: int = 0,
+    replicates: int = 10_000,
     progress=print,
 ) -> list[dict]:
     quiet_lm_eval()
+    if curve_docs < 0 or replicates < 100:
+        raise UserError("--curve-docs must be 0 (no learning curve) or more, and --bootstrap at least 100 replicates.")
+    if curve_docs:
+        # the curve scores a checkpoint every 10% of each run, so each run keeps one there
+        base = dataclasses.replace(base, save_steps=0.1, save_total_limit=None, keep_checkpoints=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
 
@@ -93,12 +110,99 @@ def sweep(
         atomic_write_json(cached, result)
         runs.append(result)
 
-    # 3. tables, curves, manifests
-    settings = {"command": "dpo-align sweep", "learning_rates": lrs, "train": dataclasses.asdict(base), **options.settings()}
+    # 3. what each adapter changed, with a paired bootstrap over documents
+    baseline = runs[0]
+    names = {task: TABLE_NAMES[key] for key, task in TASKS.items()} | {"mean": "mean of the three"}
+    in_order = lambda docs: {task: docs[task] for task in TASKS.values() if task in docs}  # noqa: E731  (the reference's order)
+    changes = {metric: {r["label"]: paired.compare_documents(in_order(baseline["documents"]), in_order(r["documents"]), metric=metric,
+                                                            replicates=replicates, seed=base.seed)
+                        for r in runs[1:]} for metric in ("ce", "bpb")}
+
+    # 4. held-out preference accuracy of every model (cached per model)
+    preference = None
+    if preference_data:
+        preference = _preference(specs, base, preference_data, output / "preference", progress)
+
+    # 5. learning curve of the best learning rate, on a fixed subset of each dataset
+    curve = None
+    if curve_docs and len(runs) > 1:
+        curve = _learning_curve(runs, adapters, specs[0], options, curve_docs, output / "learning-curve", base.seed, progress)
+
+    # 6. tables, curves, manifests
+    settings = {"command": "dpo-align sweep", "learning_rates": lrs, "train": dataclasses.asdict(base), **options.settings(),
+                "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
     write_outputs(output, [dict(r) for r in runs], settings)
+    table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "",
+             markdown_table(runs, "ce"),
+             f"## Change against the baseline: paired bootstrap over documents ({replicates:,} replicates)", "",
+             paired.markdown(changes["ce"], metric="ce", names=names),
+             "## Bits per byte (lower is better)", "", markdown_table(runs, "bpb"),
+             paired.markdown(changes["bpb"], metric="bpb", names=names)]
+    atomic_write_text(output / "table.md", "\n".join(table))
+    atomic_write_json(output / "comparison.json", {metric: paired.as_json(c) for metric, c in changes.items()})
+    if preference is not None:
+        atomic_write_json(output / "preference.json", preference)
+        atomic_write_text(output / "preference.md", preference_markdown(preference["table"], beta=base.beta))
+    if curve is not None:
+        atomic_write_json(output / "learning-curve.json", curve)
+        atomic_write_text(output / "learning-curve.md", learning_curve.markdown(curve["points"], curve["total_steps"]))
+        atomic_write_bytes(output / "learning-curve.png",
+                           learning_curve.plot(curve["points"], curve["total_steps"],
+                                               f"{curve['run']}: ce on {curve_docs} fixed documents per dataset"))
     plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, output / "curves")
     manifests = output / "manifests"
     manifests.mkdir(exist_ok=True)
     for name, path in adapters.items():
         shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
     return runs
+
+
+def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], folder: Path, progress) -> dict:
+    """Per-pair log-probs of every model on the held-out pairs (cached per model), then the accuracies."""
+    import numpy as np
+
+    from dpo_align.preference import load_for, model_logps, preference_table
+
+    dataset, pad, report = load_for(specs[0].pretrained, sources, template=base.template, max_length=base.max_length,
+                                    trust_remote_code=base.trust_remote_code)
+    logps = {}
+    for i, spec in enumerate(specs, start=1):
+        cached = folder / f"{_slug(spec.label)}.json"
+        if cached.is_file():
+            progress(f"[preference {i}/{len(specs)}] {spec.label}: already computed, kept.")
+            logps[spec.label] = {k: np.array(v) for k, v in json.loads(cached.read_text())["logps"].items()}
+            continue
+        progress(f"[preference {i}/{len(specs)}] {spec.label}: {len(dataset)} held-out pairs")
+        logps[spec.label] = model_logps(spec.pretrained, spec.peft, dataset, pad_token_id=pad, max_length=base.max_length,
+                                        label=spec.label, trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle)
+        atomic_write_json(cached, {"label": spec.label, "peft": spec.peft, "logps": {k: v.tolist() for k, v in logps[spec.label].items()}})
+    return {"sources": sources, "pairs": len(dataset), "rows_read": report.rows_read,
+            "skipped": dict(report.skipped), "beta": base.beta,
+            "table": preference_table(logps, baseline=specs[0].label, beta=base.beta)}
+
+
+def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: ModelSpec, options: ScoreOptions, per_dataset: int,
+                    folder: Path, seed: int, progress) -> dict:
+    """Score the base model and every checkpoint of the best run (lowest mean ce) on a fixed subset."""
+    best = min(runs[1:], key=lambda r: r["table"]["mean"]["ce"][0])
+    run_name = best["label"].removeprefix("DPO ")
+    run_dir = adapters[run_name]
+    counts = {task: len(docs) for task, docs in runs[0]["documents"].items()}
+    chosen = learning_curve.subset(counts, per_dataset, seed)
+    options = dataclasses.replace(options, limit=None, samples=chosen)
+    total = json.loads((run_dir / "manifest.json").read_text())["global_steps"]
+    steps = [(0, baseline)] + [(step, ModelSpec(f"{run_name} step {step}", baseline.pretrained, str(path)))
+                               for step, path in learning_curve.checkpoint_steps(run_dir)]
+    points = []
+    for i, (step, spec) in enumerate(steps, start=1):
+        cached = folder / f"step-{step}.json"
+        if cached.is_file():
+            progress(f"[curve {i}/{len(steps)}] step {step}: already scored, kept.")
+            points.append(json.loads(cached.read_text()))
+            continue
+        progress(f"[curve {i}/{len(steps)}] {run_name} step {step}/{total} on {per_dataset} documents per dataset")
+        result = score_spec(spec, options)
+        point = {"step": step, "label": spec.label, "peft": spec.peft, "seconds": result["seconds"], "table": result["table"]}
+        atomic_write_json(cached, point)
+        points.append(point)
+    return {"run": run_name, "total_steps": total, "documents": chosen, "points": points}

@@ -142,6 +142,16 @@ def frozen_linears_to(model, dtype) -> None:
             module.to(dtype)
 
 
+def take_pairs(pairs: list, n: int, how: str, seed: int) -> list:
+    """The first ``n`` pairs, or ``n`` drawn uniformly without replacement (kept in file order)."""
+    if how == "first" or n >= len(pairs):
+        return pairs[:n]
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), n))
+    return [pairs[i] for i in keep]
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -199,7 +209,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         drop = {i for idx in found.values() for i in idx}
         pairs = [p for i, p in enumerate(pairs) if i not in drop]
     if config.max_pairs is not None:
-        pairs = pairs[: config.max_pairs]
+        pairs = take_pairs(pairs, config.max_pairs, config.pair_sample, config.seed)
     pairs, truncation = fit_to_length(pairs, tokenizer, config.template, config.max_length)
     if truncation:
         progress("Fitted to --max-length: " + ", ".join(f"{k}: {v}" for k, v in truncation.items()))
@@ -357,9 +367,15 @@ def _write_outputs(config, trainer, tokenizer, result, *, output, main, started,
     }
     atomic_write_text(output / "README.md", model_card(config, manifest))
     atomic_write_json(output / "manifest.json", manifest)
-    # The finished adapter is saved; optimizer-state checkpoints are only for resuming.
+    # The finished adapter is saved; optimizer state is only for resuming. With keep_checkpoints
+    # each checkpoint keeps its adapter and trainer_state.json (a learning curve scores them).
     for _, path in checkpoints(output):
-        shutil.rmtree(path, ignore_errors=True)
+        if not config.keep_checkpoints:
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        for item in path.iterdir():
+            if not (item.name.startswith("adapter_") or item.name in ("trainer_state.json", "README.md")):
+                shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
     return manifest
 
 

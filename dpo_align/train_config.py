@@ -20,6 +20,7 @@ from dpo_align.models import DEFAULT_MODEL
 from dpo_align.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PAIR_SAMPLES = ("first", "random")
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
@@ -30,6 +31,9 @@ class TrainConfig:
     data: list[str] = field(default_factory=lambda: [DEFAULT_DATASET])
     split: str = "train"
     max_pairs: int | None = None
+    # which max_pairs: "first" N in file order, or a "random" sample (seeded by `seed`). hh-rlhf
+    # files are concatenated subsets (harmless first), so the first N are one subset only.
+    pair_sample: str = "first"
     skip_bad_rows: bool = False
     template: str = DEFAULT_TEMPLATE
     output_dir: str = "runs/dpo"
@@ -58,8 +62,11 @@ class TrainConfig:
     lora_targets: str = "all-linear"
     # bookkeeping
     logging_steps: int = 5
-    save_steps: int = 100
-    save_total_limit: int = 2
+    save_steps: int | float = 100  # a float in (0, 1) is a fraction of the run's steps (transformers' convention)
+    save_total_limit: int | None = 2
+    # after training, keep every checkpoint's adapter (for a learning curve); optimizer state is
+    # always dropped once the run has finished, since it only serves --resume
+    keep_checkpoints: bool = False
     report_to: str = "none"
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -82,6 +89,9 @@ class TrainConfig:
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.max_pairs is None or self.max_pairs >= 1, "--max-pairs must be at least 1"),
+            (self.save_steps >= 1 if isinstance(self.save_steps, int) else 0 < self.save_steps < 1,
+             "--save-steps must be a whole number of steps >= 1, or a fraction of the run in (0, 1)"),
+            (self.pair_sample in PAIR_SAMPLES, f"--pair-sample must be one of {', '.join(PAIR_SAMPLES)}"),
             (bool(self.data), "give at least one --data source"),
         ]
         for ok, message in checks:

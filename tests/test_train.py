@@ -266,18 +266,41 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
         json.dumps({"sentence": "The fox is _.", "option1": "quick", "option2": "slow", "answer": "1"}) + "\n"
         + json.dumps({"sentence": "The dog is _.", "option1": "lazy", "option2": "fast", "answer": "1"}) + "\n")
     args += ["--data-dir", str(data_dir)]
+    args += ["--preference-data", str(pairs_file), "--curve-docs", "3", "--bootstrap", "200"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     table = (out / "table.md").read_text()
     assert "baseline" in table and "DPO lr-0.001" in table and "DPO lr-0.05" in table and "Δ DPO lr-0.05" in table
+    # below the ce table: each adapter against the baseline per dataset and the mean, with a verdict; then bpb
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert set(comparison) == {"ce", "bpb"} and set(comparison["ce"]) == {"DPO lr-0.001", "DPO lr-0.05"}
+    rows = comparison["ce"]["DPO lr-0.05"]
+    assert [r["dataset"] for r in rows] == ["dpo_ppl_truthfulqa", "dpo_ppl_winogrande", "dpo_ppl_pku", "mean"]
+    assert all(r["low"] <= r["relative"] <= r["high"] and r["verdict"] in ("better", "worse", "no detectable change") for r in rows)
+    assert "paired bootstrap" in table and "Bits per byte" in table
+    # held-out preference: every model; the implicit reward only for adapters (against the base model)
+    preference = json.loads((out / "preference.json").read_text())
+    assert list(preference["table"]) == ["baseline (" + str(tiny_gpt2) + ")", "DPO lr-0.001", "DPO lr-0.05"]
+    assert "reward" not in preference["table"]["baseline (" + str(tiny_gpt2) + ")"] and preference["pairs"] == 48
+    assert 0 <= preference["table"]["DPO lr-0.05"]["reward"]["accuracy"] <= 1
+    # learning curve of the better run: step 0 (the base model) and each of its checkpoints, on 3 documents per dataset
+    curve = json.loads((out / "learning-curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [0, 1, 2]
+    assert {task: len(v) for task, v in curve["documents"].items()} == {"dpo_ppl_truthfulqa": 2, "dpo_ppl_winogrande": 2, "dpo_ppl_pku": 3}
+    assert curve["points"][0]["table"]["truthfulqa"]["n"] == 2  # the tiny TruthfulQA has 2 documents: both
+    assert (out / "learning-curve.png").read_bytes()[:4] == b"\x89PNG"
+    # the curve's checkpoints keep their adapters, not the optimizer state (only --resume needs that)
+    kept = sorted(p.name for p in (tmp_path / "runs" / "lr-0.05" / "checkpoint-1").iterdir())
+    assert "adapter_model.safetensors" in kept and "optimizer.pt" not in kept and "trainer_state.json" in kept
     assert {p.name for p in (out / "manifests").iterdir()} == {"lr-0.001.json", "lr-0.05.json"}
     assert (out / "curves" / "loss.png").is_file() and (out / "table.csv").is_file() and (out / "results.json").is_file()
     # Run again: nothing is trained or scored twice.
     before = (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert result.output.count("already finished, kept") == 2 and result.output.count("already scored, kept") == 3
+    assert result.output.count("already finished, kept") == 2 and result.output.count("already scored, kept") == 3 + 3
+    assert result.output.count("already computed, kept") == 3
     assert (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns == before
 
 
@@ -399,3 +422,19 @@ def test_a_short_run_on_a_large_pool_computes_the_reference_per_step_with_the_sa
     for key in ("loss", "rewards/chosen", "logps/rejected"):
         assert [r[key] for r in rows_short if key in r] == pytest.approx([r[key] for r in rows_whole if key in r][:3], rel=1e-4, abs=1e-6)
     assert rows_short[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # policy = reference before the first update
+
+
+def test_pair_sample_random_draws_across_the_file_and_is_seeded(tiny_gpt2, pairs_file, tmp_path):
+    from dpo_align.train import take_pairs
+
+    pairs = list(range(100))
+    first, drawn = take_pairs(pairs, 10, "first", 0), take_pairs(pairs, 10, "random", 0)
+    assert first == list(range(10)) and drawn == sorted(drawn) and max(drawn) > 50  # from the whole file, in file order
+    assert take_pairs(pairs, 10, "random", 0) == drawn and take_pairs(pairs, 10, "random", 1) != drawn
+    assert take_pairs(pairs, 200, "random", 0) == pairs
+    # through a run: the manifest's data hash is the file's, but the pairs trained on differ, so the losses do
+    runs = {how: train(tiny_config(tiny_gpt2, pairs_file, tmp_path / how, max_steps=2, max_pairs=8, pair_sample=how), progress=lambda m: None)
+            for how in ("first", "random")}
+    assert runs["first"]["final_train"]["loss"] != runs["random"]["final_train"]["loss"]
+    with pytest.raises(Exception, match="--pair-sample must be one of first, random"):
+        TrainConfig(pair_sample="shuffled").validate()

@@ -1,0 +1,89 @@
+"""Held-out preference accuracy: log-probs against an independent loop, and the two accuracies by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_align.preference import length_normalised_accuracy, load_for, model_logps, preference_table, reward_accuracy
+
+
+def transcript(turns):
+    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    rows = []
+    for i in range(6):
+        context = [f"Where is the fox number {i}?"] + (["In the den.", "And the dog?"] if i % 2 else [])
+        rows.append({"chosen": transcript(context + ["The quick brown fox is in the den. " * (1 + i % 2)]),
+                     "rejected": transcript(context + [f"No {i}."])})
+    path = tmp_path_factory.mktemp("heldout") / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def independent(model, dataset) -> dict[str, list[float]]:
+    """Each response scored alone: prompt + response in one row, full logits, log_softmax, sum."""
+    out = {"chosen": [], "rejected": []}
+    with torch.no_grad():
+        for ex in dataset:
+            for side in ("chosen", "rejected"):
+                ids = torch.tensor([ex["prompt_ids"] + ex[f"{side}_ids"]])
+                logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+                start = len(ex["prompt_ids"]) - 1
+                targets = ids[0, start + 1:]
+                out[side].append(logps[start:].gather(1, targets[:, None]).sum().item())
+    return out
+
+
+def random_adapter(model_path, directory, *, zero: bool):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=zero, task_type="CAUSAL_LM"))
+    peft.save_pretrained(directory)
+    return peft.eval()
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_log_probs_match_an_independent_loop(tiny_llama, heldout, tmp_path, with_adapter):
+    from transformers import AutoModelForCausalLM
+
+    dataset, pad, report = load_for(str(tiny_llama), [str(heldout)], template="alpaca", max_length=256)
+    assert len(dataset) == 6 and report.rows_kept == 6
+    adapter = str(tmp_path / "adapter") if with_adapter else None
+    reference = random_adapter(tiny_llama, adapter, zero=False) if with_adapter else AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    got = model_logps(str(tiny_llama), adapter, dataset, pad_token_id=pad, max_length=256, label="t")
+    want = independent(reference, dataset)
+    assert got["chosen"] == pytest.approx(want["chosen"], rel=1e-4) and got["rejected"] == pytest.approx(want["rejected"], rel=1e-4)
+    assert got["chosen_tokens"].tolist() == [len(ex["chosen_ids"]) for ex in dataset]
+    assert got["rejected_tokens"].tolist() == [len(ex["rejected_ids"]) for ex in dataset]
+
+
+def test_an_adapter_that_changes_nothing_has_no_reward_preference(tiny_llama, heldout, tmp_path):
+    dataset, pad, _ = load_for(str(tiny_llama), [str(heldout)], template="alpaca", max_length=256)
+    random_adapter(tiny_llama, tmp_path / "zero", zero=True)  # LoRA B = 0: the adapter is the identity
+    base = model_logps(str(tiny_llama), None, dataset, pad_token_id=pad, max_length=256, label="base")
+    same = model_logps(str(tiny_llama), str(tmp_path / "zero"), dataset, pad_token_id=pad, max_length=256, label="zero")
+    table = preference_table({"base": base, "zero": same}, baseline="base", beta=0.1)
+    assert table["zero"]["reward"]["accuracy"] == 0.5 and table["zero"]["reward"]["mean_margin"] == 0.0  # all ties: half each
+    assert "reward" not in table["base"]
+    assert table["zero"]["length_normalised"] == table["base"]["length_normalised"]
+
+
+def test_the_accuracies_by_hand():
+    lp = {"chosen": np.array([-10.0, -30.0, -8.0, -5.0]), "rejected": np.array([-12.0, -10.0, -8.0, -1.0]),
+          "chosen_tokens": np.array([10, 30, 4, 5]), "rejected_tokens": np.array([4, 5, 4, 1])}
+    # per token: chosen -1, -1, -2, -1 against rejected -3, -2, -2, -1: wins 1, 1, tie, tie
+    assert length_normalised_accuracy(lp)["accuracy"] == 0.75
+    ref = {"chosen": np.array([-11.0, -30.0, -9.0, -5.0]), "rejected": np.array([-11.0, -11.0, -7.0, -2.0])}
+    # log-ratios chosen +1, 0, +1, 0 against rejected -1, +1, -1, +1: wins, loses, wins, loses
+    result = reward_accuracy(lp, ref, beta=0.5)
+    assert result["accuracy"] == 0.5 and result["mean_margin"] == pytest.approx(0.5 * (2 - 1 + 2 - 1) / 4)
+    assert result["stderr"] == pytest.approx(np.sqrt(0.25 / 4))
