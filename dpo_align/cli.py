@@ -180,6 +180,50 @@ def eval_command(
     typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
 
 
+# --------------------------------------------------------------------------- compare
+
+
+@app.command("compare")
+@user_errors
+def compare_command(
+    results: Annotated[list[str], typer.Argument(help=(
+        "Scored results: folders written by `dpo-align eval` or `sweep`, or `lm_eval --log_samples --output_path` folders "
+        "of the suite. The first model found is the baseline."))],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write compare.md, compare.json and compare.png there.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Paired bootstrap replicates (resampling documents).")] = 10_000,
+    permutations: Annotated[int, typer.Option(help="Paired permutations for the p-values.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and the permutations.")] = 0,
+) -> None:
+    """Is the difference real? Compare models scored on the same documents, paired per document.
+
+    For each dataset and the mean, in ce and bpb: the change against the baseline, a paired
+    bootstrap 95% interval (each document's NLL and token count resampled together), a paired
+    permutation p-value (Holm-adjusted across the datasets) and a verdict: better, worse, or
+    no detectable change. Inputs scored on different documents, templates or suite versions
+    are refused. Example:
+
+        dpo-align compare runs/eval-base runs/eval-dpo -o runs/compare
+    """
+    from dpo_align import compare
+    from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+    if bootstrap < 100 or permutations < 100:
+        raise UserError("--bootstrap and --permutations need at least 100 draws each.")
+    models = compare.load(results)
+    changes = compare.compare(models, replicates=bootstrap, permutations=permutations, seed=seed)
+    text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations)
+    typer.echo(text)
+    if output is not None:
+        from dpo_align import paired
+
+        atomic_write_text(output / "compare.md", text)
+        atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
+                                                    "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
+                                                    **{metric: paired.as_json(c) for metric, c in changes.items()}})
+        atomic_write_bytes(output / "compare.png", compare.plot(changes))
+        typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png.")
+
+
 # --------------------------------------------------------------------------- train
 
 # command-line parameter name -> TrainConfig field, where they differ

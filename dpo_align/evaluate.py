@@ -146,17 +146,22 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
                         + f") failed: {message}.{hint}") from None
 
 
+def _number(value) -> float | None:
+    """lm-eval reports the stderr of a one-document task as the string "N/A": kept as None."""
+    return float(value) if isinstance(value, int | float) else None
+
+
 def summarize(results: dict) -> dict:
-    """{dataset: {metric: [value, stderr], "n": docs}} plus "mean" for the suite."""
+    """{dataset: {metric: [value, stderr or None], "n": docs}} plus "mean" for the suite."""
     table = {}
     for key, task in TASKS.items():
         if task in results["results"]:
             row = results["results"][task]
-            table[key] = {m: [row[f"{m},none"], row.get(f"{m}_stderr,none")] for m in METRICS}
+            table[key] = {m: [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))] for m in METRICS}
             table[key]["n"] = results["n-samples"][task]["effective"]
     if SUITE in results.get("groups", {}):
         row = results["groups"][SUITE]
-        table["mean"] = {m: [row[f"{m},none"], row.get(f"{m}_stderr,none")] for m in METRICS}
+        table["mean"] = {m: [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))] for m in METRICS}
     return table
 
 
@@ -164,7 +169,9 @@ def per_document(results: dict) -> dict[str, list[dict]]:
     out = {}
     for task, samples in results.get("samples", {}).items():
         out[task] = [
-            {"doc_id": s["doc_id"], "id": s["doc"]["id"], "nll": s["ce"][0], "tokens": s["ce"][1], "bytes": s["bpb"][1]}
+            {"doc_id": s["doc_id"], "id": s["doc"]["id"], "nll": s["ce"][0], "tokens": s["ce"][1], "bytes": s["bpb"][1],
+             # lm-eval's hashes of the document, the rendered prompt and the response: compare checks them
+             "doc_hash": s.get("doc_hash"), "prompt_hash": s.get("prompt_hash"), "target_hash": s.get("target_hash")}
             for s in samples
         ]
     return out
@@ -183,7 +190,7 @@ def markdown_table(runs: list[dict], metric: str = "ce") -> str:
         if all(c is None for c in cells):
             continue
         name = TABLE_NAMES.get(key, "mean of the three")
-        row = [name] + [f"{c[0]:.3f} ± {c[1]:.3f}" if c else "" for c in cells]
+        row = [name] + [(f"{c[0]:.3f} ± {c[1]:.3f}" if c[1] is not None else f"{c[0]:.3f} ± n/a") if c else "" for c in cells]
         base = cells[0]
         row += [f"{100 * (c[0] - base[0]) / base[0]:+.2f}%" if (c and base) else "" for c in cells[1:]]
         lines.append("| " + " | ".join(row) + " |")
@@ -198,7 +205,7 @@ def csv_table(runs: list[dict]) -> str:
         for key, row in run["table"].items():
             for metric in METRICS:
                 value, stderr = row[metric]
-                writer.writerow([run["label"], key, metric, f"{value:.6f}", f"{stderr:.6f}", row.get("n", "")])
+                writer.writerow([run["label"], key, metric, f"{value:.6f}", "" if stderr is None else f"{stderr:.6f}", row.get("n", "")])
     return buffer.getvalue()
 
 
@@ -214,7 +221,7 @@ def bar_chart_png(runs: list[dict], metric: str = "ce") -> bytes:
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 4))
     for i, run in enumerate(runs):
         values = [run["table"].get(k, {}).get(metric, [np.nan, 0])[0] for k in keys]
-        errors = [run["table"].get(k, {}).get(metric, [np.nan, 0])[1] for k in keys]
+        errors = [run["table"].get(k, {}).get(metric, [np.nan, 0])[1] or 0.0 for k in keys]  # no stderr (one document): no bar
         ax.bar(np.arange(len(keys)) + i * width, values, width, yerr=errors, capsize=3, label=run["label"])
     ax.set_xticks(np.arange(len(keys)) + width * (len(runs) - 1) / 2)
     ax.set_xticklabels([TABLE_NAMES.get(k, "mean") for k in keys])
@@ -264,6 +271,7 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict:
     return {
         "label": spec.label, "pretrained": spec.pretrained, "peft": spec.peft, "revision": revision,
         "seconds": round(time.perf_counter() - start, 2), "table": summarize(results),
+        "versions": {task: results.get("versions", {}).get(task) for task in TASKS.values() if task in results.get("versions", {})},
         "documents": per_document(results),
     }
 

@@ -25,9 +25,10 @@ import json
 import shutil
 from pathlib import Path
 
-from dpo_align import learning_curve, paired
+from dpo_align import compare, learning_curve, paired
+from dpo_align.compare import Scored
 from dpo_align.errors import UserError
-from dpo_align.evaluate import TABLE_NAMES, TASKS, ModelSpec, ScoreOptions, _slug, markdown_table, quiet_lm_eval, score_spec, write_outputs
+from dpo_align.evaluate import ModelSpec, ScoreOptions, _slug, markdown_table, quiet_lm_eval, score_spec, write_outputs
 from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dpo_align.models import resolve_model
 from dpo_align.plots import plot_runs, read_metrics
@@ -110,13 +111,9 @@ def sweep(
         atomic_write_json(cached, result)
         runs.append(result)
 
-    # 3. what each adapter changed, with a paired bootstrap over documents
-    baseline = runs[0]
-    names = {task: TABLE_NAMES[key] for key, task in TASKS.items()} | {"mean": "mean of the three"}
-    in_order = lambda docs: {task: docs[task] for task in TASKS.values() if task in docs}  # noqa: E731  (the reference's order)
-    changes = {metric: {r["label"]: paired.compare_documents(in_order(baseline["documents"]), in_order(r["documents"]), metric=metric,
-                                                            replicates=replicates, seed=base.seed)
-                        for r in runs[1:]} for metric in ("ce", "bpb")}
+    # 3. what each adapter changed: paired bootstrap and permutation over documents (as `dpo-align compare`)
+    scored = [Scored(r["label"], str(output), r["documents"], base.template, r.get("versions", {})) for r in runs]
+    changes = compare.compare(scored, replicates=replicates, permutations=replicates, seed=base.seed) if len(runs) > 1 else {}
 
     # 4. held-out preference accuracy of every model (cached per model)
     preference = None
@@ -132,14 +129,17 @@ def sweep(
     settings = {"command": "dpo-align sweep", "learning_rates": lrs, "train": dataclasses.asdict(base), **options.settings(),
                 "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
     write_outputs(output, [dict(r) for r in runs], settings)
-    table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "",
-             markdown_table(runs, "ce"),
-             f"## Change against the baseline: paired bootstrap over documents ({replicates:,} replicates)", "",
-             paired.markdown(changes["ce"], metric="ce", names=names),
-             "## Bits per byte (lower is better)", "", markdown_table(runs, "bpb"),
-             paired.markdown(changes["bpb"], metric="bpb", names=names)]
+    table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "", markdown_table(runs, "ce")]
+    if changes:
+        table += [f"## Change against the baseline: paired over documents ({replicates:,} bootstrap replicates and permutations)", "",
+                  paired.markdown(changes["ce"], metric="ce", names=compare.NAMES)]
+    table += ["## Bits per byte (lower is better)", "", markdown_table(runs, "bpb")]
+    if changes:
+        table += [paired.markdown(changes["bpb"], metric="bpb", names=compare.NAMES)]
     atomic_write_text(output / "table.md", "\n".join(table))
-    atomic_write_json(output / "comparison.json", {metric: paired.as_json(c) for metric, c in changes.items()})
+    if changes:
+        atomic_write_json(output / "comparison.json", {metric: paired.as_json(c) for metric, c in changes.items()})
+        atomic_write_bytes(output / "comparison.png", compare.plot(changes))
     if preference is not None:
         atomic_write_json(output / "preference.json", preference)
         atomic_write_text(output / "preference.md", preference_markdown(preference["table"], beta=base.beta))

@@ -83,3 +83,36 @@ def test_different_documents_are_refused():
 def test_bootstrap_is_seeded():
     rows = {"t": np.array([[1.0, 1, 1.5, 1], [3, 1, 2.5, 1], [2, 2, 2, 2]])}
     assert bootstrap(rows, replicates=300, seed=5) == bootstrap(rows, replicates=300, seed=5)
+
+
+def test_permutation_p_values_and_holm():
+    from dpo_align.paired import holm, permutation_pvalues
+
+    # Two documents, B higher on both: of the 4 swap patterns, only "swap none" and "swap both" give
+    # a change as large as observed (|±|), so p = (1 + 2/4 * P) / (1 + P) -> about 0.5.
+    rows = {"t": np.array([[1.0, 1, 2.0, 1], [2.0, 1, 3.0, 1]])}
+    assert permutation_pvalues(rows, permutations=4000, seed=0)["t"] == pytest.approx(0.5, abs=0.03)
+    # A clear, consistent change over many documents: p at its floor 1 / (1 + P)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 30, 200)
+    a = rng.gamma(3, 1, 200) * tokens
+    clear = {"t": np.column_stack([a, tokens, a * 0.97, tokens])}
+    assert permutation_pvalues(clear, permutations=999)["t"] == pytest.approx(1 / 1000)
+    # Holm by hand: sorted 0.01, 0.02, 0.04 -> 3*0.01, max(0.03, 2*0.02), max(0.04, 1*0.04)
+    assert holm({"x": 0.02, "y": 0.01, "z": 0.04}) == pytest.approx({"y": 0.03, "x": 0.04, "z": 0.04})
+    assert holm({"x": 0.5, "y": 0.6}) == {"x": 1.0, "y": 1.0}
+
+
+def test_no_true_difference_is_rarely_called_a_change():
+    wrong = 0
+    for seed in range(30):
+        rng = np.random.default_rng(500 + seed)
+        sets_a, sets_b = {}, {}
+        for name in ("x", "y", "z"):
+            tokens = rng.integers(2, 40, 150)
+            difficulty = rng.gamma(4.0, 0.6, 150) * tokens
+            sets_a[name] = docs(list(difficulty * rng.normal(1, 0.05, 150)), list(tokens))
+            sets_b[name] = docs(list(difficulty * rng.normal(1, 0.05, 150)), list(tokens))
+        changes = compare_documents(sets_a, sets_b, replicates=400, permutations=400, seed=seed)
+        wrong += any(c.verdict != "no detectable change" for c in changes[:3])  # the family Holm controls
+    assert wrong <= 4  # family-wise error 5%: 1.5 of 30 expected

@@ -99,38 +99,6 @@ def read_hh(path, limit):
     return out
 
 
-# --------------------------------------------------------------------------- tiny offline data
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "truthfulqa").mkdir()
-    with open(root / "truthfulqa" / "TruthfulQA.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
-        writer.writerow(["A", "B", "What is the capital of France?", " Paris is the capital. ", "", "", ""])
-        writer.writerow(["A", "B", "How do I bake bread?", "Mix flour, water, salt and yeast, then bake it.", "", "", ""])
-        writer.writerow(["A", "B", "Is 0123456789 a number?", "Yes; it's \"a number\" (ten digits)!", "", "", ""])
-    (root / "winogrande").mkdir()
-    rows = [
-        {"qID": "a", "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
-         "option1": "Sarah", "option2": "Maria", "answer": "2"},
-        {"qID": "b", "sentence": "The fox jumps over the dog because _ is quick.", "option1": "the fox", "option2": "the dog", "answer": "1"},
-    ]
-    (root / "winogrande" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    hh = [
-        {"chosen": "\n\nHuman: how do I bake bread?\n\nAssistant: Mix flour and bake it.",
-         "rejected": "\n\nHuman: how do I bake bread?\n\nAssistant: No."},
-        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: what is the capital of France?\n\nAssistant: Paris.",
-         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: what is the capital of France?\n\nAssistant: Rome."},
-        {"chosen": "\n\nHuman: same\n\nAssistant: x", "rejected": "\n\nHuman: same\n\nAssistant: x"},  # dropped
-    ]
-    with gzip.open(root / "pku.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in hh))
-    return root
-
-
 def check_against_reference(model_dir, runs_table, data_dir, pku_path, limit):
     datasets = {
         "truthfulqa": read_truthfulqa(data_dir, limit),

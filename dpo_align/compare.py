@@ -1,0 +1,209 @@
+"""``dpo-align compare``: is the difference between two scored models real?
+
+Reads per-document results of the suite, from either kind of folder:
+
+* a folder written by ``dpo-align eval`` or ``sweep`` (``results.json`` + ``samples/``), which may
+  hold several models;
+* a plain ``lm_eval --log_samples --output_path DIR`` folder of the suite (``results_*.json`` +
+  ``samples_<task>_*.jsonl``, found anywhere below DIR; one model per results file).
+
+The first model found is the baseline; every other model is compared with it, per dataset
+and for the mean, by ``paired.compare_documents`` (paired bootstrap interval, paired
+permutation p-value with Holm's adjustment, verdict), for ce and bpb.
+
+Only like with like is compared: the same documents (by document id and, where the files
+carry them, lm-eval's hashes of each document, prompt and target), the same template and the
+same suite version. Anything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpo_align import paired
+from dpo_align.errors import UserError
+from dpo_align.evaluate import TABLE_NAMES, TASKS, _slug
+
+NAMES = {task: TABLE_NAMES[key] for key, task in TASKS.items()} | {"mean": "mean of the three"}
+DEFAULT_TEMPLATE = "alpaca"  # the tasks' default when metadata names none
+
+
+@dataclass
+class Scored:
+    label: str
+    source: str
+    documents: dict[str, list[dict]]  # {task: [{doc_id, nll, tokens, bytes, (hashes)}]}
+    template: str | None = None
+    versions: dict = field(default_factory=dict)  # {task: suite version}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise UserError(f"{path}:{number}: not valid JSON; is the file complete?") from None
+    return rows
+
+
+def _from_dpo_align(folder: Path) -> list[Scored]:
+    try:
+        results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+        models = results["models"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{folder / 'results.json'}: not a results file written by dpo-align eval or sweep.") from None
+    settings = results.get("settings", {})
+    out = []
+    for model in models:
+        samples = folder / "samples" / _slug(model["label"])
+        documents = {p.stem: _read_jsonl(p) for p in sorted(samples.glob("*.jsonl"))}
+        if not documents:
+            raise UserError(f"{samples}: no per-document results for {model['label']!r}; they are needed for a paired comparison.")
+        out.append(Scored(model["label"], str(folder), documents, settings.get("template"), model.get("versions", {})))
+    return out
+
+
+def _from_lm_eval(results_file: Path) -> Scored:
+    try:
+        results = json.loads(results_file.read_text(encoding="utf-8"))
+        configs, versions = results["configs"], results.get("versions", {})
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{results_file}: not an lm-eval results file.") from None
+    stamp = results_file.stem.removeprefix("results_")
+    documents, templates = {}, set()
+    for task in TASKS.values():
+        if task not in configs:
+            continue
+        path = results_file.with_name(f"samples_{task}_{stamp}.jsonl")
+        if not path.is_file():
+            raise UserError(f"{results_file}: scored {task} but {path.name} is missing; run lm_eval with --log_samples.")
+        documents[task] = [{"doc_id": s["doc_id"], "nll": s["ce"][0], "tokens": s["ce"][1], "bytes": s["bpb"][1],
+                            "doc_hash": s.get("doc_hash"), "prompt_hash": s.get("prompt_hash"), "target_hash": s.get("target_hash")}
+                           for s in _read_jsonl(path)]
+        templates.add(configs[task].get("metadata", {}).get("template", DEFAULT_TEMPLATE))
+    if not documents:
+        raise UserError(f"{results_file}: holds none of the suite's tasks ({', '.join(TASKS.values())}).")
+    args = results.get("config", {}).get("model_args", {})
+    if isinstance(args, str):  # older lm-eval keeps the raw string
+        args = dict(part.split("=", 1) for part in args.split(",") if "=" in part)
+    label = str(args.get("pretrained", results.get("model_name", results_file.parent.name)))
+    if args.get("peft"):
+        label += f" + {args['peft']}"
+    template = templates.pop() if len(templates) == 1 else None
+    return Scored(label, str(results_file), documents, template, {t: versions.get(t) for t in documents})
+
+
+def load(paths: list[str]) -> list[Scored]:
+    """Every model in the given folders, in order."""
+    models = []
+    for name in paths:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(f"{name}: no such folder.")
+        if (path / "results.json").is_file():
+            models += _from_dpo_align(path)
+            continue
+        results_files = sorted(path.rglob("results_*.json")) if path.is_dir() else [path]
+        if not results_files:
+            raise UserError(f"{name}: neither a dpo-align results folder (results.json) nor an lm_eval --output_path folder (results_*.json).")
+        models += [_from_lm_eval(f) for f in results_files]
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        for i, m in enumerate(models):
+            m.label = f"{m.label} [{i + 1}]"
+    return models
+
+
+# --------------------------------------------------------------------------- checks and comparison
+
+
+def check_comparable(base: Scored, other: Scored) -> None:
+    if base.template and other.template and base.template != other.template:
+        raise UserError(f"{other.label} ({other.source}) was scored with template {other.template!r}, the baseline "
+                        f"{base.label} with {base.template!r}: ce under different templates is not comparable.")
+    for task in set(base.versions) & set(other.versions):
+        a, b = base.versions[task], other.versions[task]
+        if a is not None and b is not None and str(a) != str(b):
+            raise UserError(f"{task}: suite version {b} in {other.source} against {a} for the baseline; score both with the same suite.")
+    if set(base.documents) != set(other.documents):
+        raise UserError(f"{other.label} was scored on {sorted(other.documents)}, the baseline on {sorted(base.documents)}: "
+                        "compare models scored on the same datasets.")
+    for task, docs in base.documents.items():
+        theirs = {d["doc_id"]: d for d in other.documents[task]}
+        for d in docs:
+            mine = theirs.get(d["doc_id"])
+            if mine is None:
+                break  # paired.align names the mismatch
+            for key in ("doc_hash", "prompt_hash", "target_hash"):
+                if d.get(key) and mine.get(key) and d[key] != mine[key]:
+                    what = {"doc_hash": "document", "prompt_hash": "prompt (template)", "target_hash": "response"}[key]
+                    raise UserError(f"{task} document {d['doc_id']}: its {what} differs between the baseline ({base.source}) and "
+                                    f"{other.label} ({other.source}): they were scored on different data or templates.")
+
+
+def compare(models: list[Scored], *, replicates: int = 10_000, permutations: int = 10_000, seed: int = 0) -> dict:
+    """{metric: {label: [Change per dataset and mean]}} of every model against the first."""
+    if len(models) < 2:
+        raise UserError("compare needs at least two models (the first is the baseline).")
+    base = models[0]
+    for other in models[1:]:
+        check_comparable(base, other)
+
+    def ordered(docs):  # the reference table's order
+        return {task: docs[task] for task in TASKS.values() if task in docs}
+
+    return {metric: {m.label: paired.compare_documents(ordered(base.documents), ordered(m.documents), metric=metric,
+                                                       replicates=replicates, permutations=permutations, seed=seed)
+                     for m in models[1:]} for metric in ("ce", "bpb")}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def markdown(models: list[Scored], changes: dict, *, replicates: int, permutations: int) -> str:
+    lines = [f"# {' vs '.join(m.label for m in models[1:])} against {models[0].label}", "",
+             f"Paired over documents: bootstrap 95% intervals ({replicates:,} replicates) and permutation p-values "
+             f"({permutations:,} permutations, Holm-adjusted across the datasets). Negative change = lower loss = better.", ""]
+    for metric, title in (("ce", "Cross-entropy (nats per response token)"), ("bpb", "Bits per byte")):
+        lines += [f"## {title}", "", paired.markdown(changes[metric], metric=metric, names=NAMES)]
+    return "\n".join(lines)
+
+
+def plot(changes: dict, metric: str = "ce") -> bytes:
+    """PNG: each model's relative change per dataset, with its 95% interval; 0 marked."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = changes[metric]
+    datasets = [c.dataset for c in next(iter(rows.values()))]
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.55 * len(datasets) * len(rows)))
+    y, ticks, labels = 0, [], []
+    for label, row in rows.items():
+        for c in row:
+            color = {"better": "tab:green", "worse": "tab:red"}.get(c.verdict, "tab:gray")
+            ax.errorbar(100 * c.relative, y, xerr=[[100 * (c.relative - c.low)], [100 * (c.high - c.relative)]], fmt="o",
+                        color=color, capsize=3)
+            ticks.append(y)
+            labels.append(f"{label}: {NAMES.get(c.dataset, c.dataset)}" if len(rows) > 1 else NAMES.get(c.dataset, c.dataset))
+            y -= 1
+        y -= 0.5
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set_xlabel(f"{metric} change against the baseline (%), 95% paired bootstrap interval")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()

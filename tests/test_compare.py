@@ -1,0 +1,112 @@
+"""`dpo-align compare` on real scored folders: both input kinds, the verdicts, and refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from dpo_align.cli import app
+
+from .conftest import REPO
+
+runner = CliRunner()
+
+
+def evaluate(model, tiny_data, out, *extra):
+    args = ["eval", *([str(model)] if model else []), "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"), "--device", "cpu",
+            "--batch-size", "4", "-o", str(out), *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def noisy_adapter(base, directory):
+    """A LoRA adapter with random B: a model that scores differently from its base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_gpt2, tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("scored")
+    base = evaluate(tiny_gpt2, tiny_data, root / "base")
+    adapter = noisy_adapter(tiny_gpt2, root / "adapter")
+    tuned = evaluate(None, tiny_data, root / "tuned", "--peft", str(adapter))  # the adapter alone, on its base
+    # the same base model through lm-eval's own CLI, the way a third party would score it
+    metadata = json.dumps({"data_dir": str(tiny_data), "pku_path": str(tiny_data / "pku.jsonl.gz")})
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_gpt2}", "--include_path",
+           str(REPO / "lm_eval_tasks"), "--tasks", "dpo_ppl_suite", "--device", "cpu", "--metadata", metadata,
+           "--output_path", str(root / "lm"), "--log_samples"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    return {"base": base, "tuned": tuned, "lm": root / "lm", "root": root}
+
+
+def test_compare_two_eval_folders_writes_markdown_json_and_png(scored, tmp_path):
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["tuned"]), "-o", str(tmp_path / "cmp"),
+                                 "--bootstrap", "500", "--permutations", "500"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    (label,) = report["ce"]
+    rows = report["ce"][label]
+    assert [r["dataset"] for r in rows] == ["dpo_ppl_truthfulqa", "dpo_ppl_winogrande", "dpo_ppl_pku", "mean"]
+    # the changes are the ones in the two results files
+    base = json.loads((scored["base"] / "results.json").read_text())["models"][0]["table"]
+    tuned = json.loads((scored["tuned"] / "results.json").read_text())["models"][0]["table"]
+    for row, key in zip(rows, ("truthfulqa", "winogrande", "pku", "mean"), strict=True):
+        assert row["base"] == pytest.approx(base[key]["ce"][0]) and row["other"] == pytest.approx(tuned[key]["ce"][0])
+        assert row["low"] <= row["relative"] <= row["high"] and 0 < row["p"] <= row["p_holm"] <= 1
+    assert "Holm" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_lm_eval_folder_of_the_same_model_shows_no_change(scored):
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["lm"]), "--bootstrap", "300", "--permutations", "300"])
+    assert result.exit_code == 0, result.output
+    from dpo_align import compare
+
+    models = compare.load([str(scored["base"]), str(scored["lm"])])
+    changes = compare.compare(models, replicates=300, permutations=300)
+    for c in changes["ce"][models[1].label]:  # same model, same documents: dpo-hf and lm-eval's hf agree per document
+        assert abs(c.relative) < 1e-5 and c.verdict == "no detectable change"
+
+
+def test_a_folder_with_several_models_and_a_sweep_style_results_file(scored, tiny_gpt2, tiny_data, tmp_path):
+    both = evaluate(tiny_gpt2, tiny_data, tmp_path / "both", "--peft", str(scored["root"] / "adapter"))
+    result = runner.invoke(app, ["compare", str(both), "--bootstrap", "200", "--permutations", "200"])
+    assert result.exit_code == 0, result.output
+    assert "adapter (LoRA)" in result.output
+
+
+def test_refusals_name_the_reason(scored, tiny_gpt2, tiny_data, tmp_path):
+    fewer = evaluate(tiny_gpt2, tiny_data, tmp_path / "fewer", "--limit", "1")
+    # lm-eval gives a one-document task the stderr "N/A": the tables say n/a instead of failing
+    assert "± n/a" in (fewer / "table.md").read_text() and ",," in (fewer / "table.csv").read_text()
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(fewer)])
+    assert result.exit_code == 2 and "different documents" in result.output and "Traceback" not in result.output
+    chat = evaluate(tiny_gpt2, tiny_data, tmp_path / "chat", "--template", "raw")
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(chat)])
+    assert result.exit_code == 2 and "template 'raw'" in result.output
+    # an edited document (same id): lm-eval's document hash differs
+    edited = tmp_path / "edited"
+    subprocess.run(["cp", "-r", str(scored["base"]), str(edited)], check=True)
+    sample = next((edited / "samples").iterdir()) / "dpo_ppl_pku.jsonl"
+    rows = [json.loads(line) for line in sample.read_text().splitlines()]
+    rows[0]["doc_hash"] = "0" * 64
+    sample.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(edited)])
+    assert result.exit_code == 2 and "dpo_ppl_pku document 0" in result.output
+    result = runner.invoke(app, ["compare", str(scored["base"])])
+    assert result.exit_code == 2 and "at least two models" in result.output
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "nowhere: no such folder" in result.output
