@@ -224,6 +224,68 @@ def compare_command(
         typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png.")
 
 
+# --------------------------------------------------------------------------- generate
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    model: Annotated[str, typer.Argument(help=f"Base model: hub id, local checkpoint, or the built-in {DEFAULT_MODEL!r}.")] = DEFAULT_MODEL,
+    peft: Annotated[list[str] | None, typer.Option("--peft", help="A LoRA adapter trained on MODEL; its responses go beside the base's (repeatable).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="An instruction to answer (repeatable).")] = None,
+    prompts: Annotated[str | None, typer.Option("--prompts", help="A file of instructions: one per line, or JSON/JSONL strings or {\"prompt\": ...}.")] = None,
+    template: TemplateOption = DEFAULT_TEMPLATE,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per response.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding (the default); above 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling, reset before each model.")] = 0,
+    output_format: Annotated[str, typer.Option("--format", help="md or json.")] = "md",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with a checkpoint to run.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights through torch's weights_only loader.")] = False,
+) -> None:
+    """Side by side: the base model's and each adapter's responses to the same prompts.
+
+    Prompts are rendered with the training template. Greedy by default. Without --prompt or
+    --prompts, a fixed handful of hh-rlhf held-out instructions is used (none starts a
+    training-pool conversation). Example, offline:
+
+        dpo-align generate --peft runs/dpo --max-new-tokens 96
+    """
+    import json as json_module
+
+    from dpo_align import generate as gen
+    from dpo_align.evaluate import resolve_device
+    from dpo_align.files import atomic_write_text
+    from dpo_align.models import resolve_model
+    from dpo_align.templates import check_template
+
+    check_template(template)
+    if output_format not in ("md", "json"):
+        raise UserError(f"--format {output_format!r} is not one of: md, json.")
+    if prompt and prompts:
+        raise UserError("Give --prompt or --prompts, not both.")
+    for adapter in peft or []:
+        if not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+            raise UserError(f"--peft {adapter}: no adapter_config.json there. Pass the directory `dpo-align train` wrote.")
+    sampling = gen.Sampling(max_new_tokens, temperature, top_p, seed).validate()
+    texts = list(prompt) if prompt else gen.read_prompts(prompts) if prompts else list(gen.DEFAULT_PROMPTS)
+    path = resolve_model(model, progress=lambda m: typer.echo(m, err=True))
+    rows = gen.generate(path, peft or [], texts, template=template, sampling=sampling, device=resolve_device(device),
+                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if output_format == "json":
+        text = json_module.dumps({"model": model, "adapters": peft or [], "template": template, "sampling": sampling.__dict__,
+                                  "rows": rows}, indent=2, ensure_ascii=False) + "\n"
+    else:
+        text = gen.markdown(rows, model=model, template=template, sampling=sampling)
+    if output is None:
+        typer.echo(text)
+    else:
+        atomic_write_text(output, text)
+        typer.echo(f"Wrote {output}.", err=True)
+
+
 # --------------------------------------------------------------------------- train
 
 # command-line parameter name -> TrainConfig field, where they differ
