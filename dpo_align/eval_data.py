@@ -105,6 +105,27 @@ def pku_docs(pku_path: str | list[str] | None = None) -> list[dict]:
     return [{"id": i, "instruction": p.instruction, "response": p.chosen} for i, p in enumerate(pairs)]
 
 
+def preference_docs(path: str | list[str] | None = None, data_dir: str | None = None) -> list[dict]:
+    """Held-out preference pairs as ``{"id", "instruction", "chosen", "rejected"}``.
+
+    From ``path`` (hh-rlhf transcripts or processed PKU rows) if given; else offline from
+    ``DATA_DIR/splits/heldout.jsonl.gz`` (``data_dir`` or env DPO_ALIGN_DATA_DIR); else the test
+    split of PKU-Alignment/processed-hh-rlhf from the hub. Identical pairs are dropped.
+    """
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    if path:
+        sources = [path] if isinstance(path, str) else list(path)
+    elif data_dir:
+        sources = [str(_local_file(data_dir, "splits/heldout.jsonl.gz", "pku"))]
+    else:
+        sources = None
+    if sources:
+        pairs, _ = read_pairs(sources, split="test", for_training=False, hash_files=False)
+    else:
+        pairs = [r for i, row in enumerate(_hub_rows("pku")) if not isinstance(r := parse_record(row, f"pku:{i}", for_training=False), str)]
+    return [{"id": i, "instruction": p.instruction, "chosen": p.chosen, "rejected": p.rejected} for i, p in enumerate(pairs)]
+
+
 def load_docs(name: str, *, data_dir: str | None = None, pku_path: str | list[str] | None = None) -> list[dict]:
     """Documents of one scoring dataset; ``data_dir`` falls back to env DPO_ALIGN_DATA_DIR."""
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
