@@ -286,6 +286,33 @@ def generate_command(
         typer.echo(f"Wrote {output}.", err=True)
 
 
+# --------------------------------------------------------------------------- report
+
+
+@app.command("report")
+@user_errors
+def report_command(
+    folder: Annotated[Path, typer.Argument(help="A run folder (`dpo-align train -o`) or a sweep output folder (`dpo-align sweep -o`).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="The HTML file (default FOLDER/report.html); the Markdown goes beside it.")] = None,
+    generations: Annotated[int, typer.Option(help="Default prompts answered by the base model and each adapter (0: none).")] = 3,
+) -> None:
+    """One self-contained HTML page (images inlined) and the same as Markdown, for a run or a sweep.
+
+    A run: configuration and manifest summary, training curves, generations side by side. A
+    sweep: the result table with standard errors, the paired comparison with the baseline,
+    held-out preference accuracies, the learning curve, training curves and generations.
+    `train` and `sweep` write it at the end; run this to rebuild it.
+    """
+    from dpo_align.report import write_report
+
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder.")
+    if generations < 0:
+        raise UserError("--generations must be 0 or more.")
+    path = write_report(folder, output, generations=generations, progress=lambda m: typer.echo(m, err=True))
+    typer.echo(f"Wrote {path} and {path.with_suffix('.md')}.")
+
+
 # --------------------------------------------------------------------------- train
 
 # command-line parameter name -> TrainConfig field, where they differ

@@ -33,7 +33,7 @@ from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_
 from dpo_align.models import resolve_model
 from dpo_align.plots import plot_runs, read_metrics
 from dpo_align.preference import markdown as preference_markdown
-from dpo_align.train import train
+from dpo_align.train import train, write_report_safely
 from dpo_align.train_config import TrainConfig
 
 
@@ -154,6 +154,7 @@ def sweep(
     manifests.mkdir(exist_ok=True)
     for name, path in adapters.items():
         shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
+    write_report_safely(output, progress)
     return runs
 
 

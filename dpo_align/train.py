@@ -305,7 +305,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             raise Interrupted(latest_checkpoint(output), output)
         return _write_outputs(config, trainer, tokenizer, result, output=output, main=main, started=started, model_path=model_path,
                               report=report, eval_report=eval_report, truncation=truncation, contamination=contamination,
-                              precision=precision, use_cuda=use_cuda, resume_from=resume_from, train_size=len(train_dataset))
+                              precision=precision, use_cuda=use_cuda, resume_from=resume_from, train_size=len(train_dataset),
+                              progress=progress)
     finally:
         interrupt.uninstall()
 
@@ -327,7 +328,7 @@ def _restore_final(trainer, checkpoint: Path):
 
 
 def _write_outputs(config, trainer, tokenizer, result, *, output, main, started, model_path, report, eval_report, truncation,
-                   contamination, precision, use_cuda, resume_from, train_size) -> dict:
+                   contamination, precision, use_cuda, resume_from, train_size, progress=print) -> dict:
     # ---- outputs: adapter and tokenizer, curves, model card, manifest (last)
     trainer.save_model(str(output))  # the Trainer writes from the main process only
     if not main:
@@ -376,7 +377,18 @@ def _write_outputs(config, trainer, tokenizer, result, *, output, main, started,
         for item in path.iterdir():
             if not (item.name.startswith("adapter_") or item.name in ("trainer_state.json", "README.md")):
                 shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+    write_report_safely(output, progress)
     return manifest
+
+
+def write_report_safely(folder: Path, progress) -> None:
+    """report.html / report.md at the end of a run or sweep; a failure here never fails the run."""
+    from dpo_align.report import write_report
+
+    try:
+        progress(f"Report: {write_report(folder, progress=progress)}")
+    except Exception as err:  # the results are written; the report can be rebuilt with `dpo-align report`
+        progress(f"Warning: the report could not be written ({type(err).__name__}: {err}). Rebuild it with: dpo-align report {folder}")
 
 
 def _silent(message: str) -> None:

@@ -290,6 +290,12 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert {task: len(v) for task, v in curve["documents"].items()} == {"dpo_ppl_truthfulqa": 2, "dpo_ppl_winogrande": 2, "dpo_ppl_pku": 3}
     assert curve["points"][0]["table"]["truthfulqa"]["n"] == 2  # the tiny TruthfulQA has 2 documents: both
     assert (out / "learning-curve.png").read_bytes()[:4] == b"\x89PNG"
+    # the report: every section, and the generations of the base model beside each adapter
+    page = (out / "report.html").read_text()
+    for section in ("Cross-entropy", "Against the baseline", "Held-out preference accuracy", "Learning curve", "Training curves",
+                    "Generations, side by side", "Runs"):
+        assert section in page, section
+    assert page.count("<img ") >= 4 and "DPO lr-0.05" in (out / "report.md").read_text()
     # the curve's checkpoints keep their adapters, not the optimizer state (only --resume needs that)
     kept = sorted(p.name for p in (tmp_path / "runs" / "lr-0.05" / "checkpoint-1").iterdir())
     assert "adapter_model.safetensors" in kept and "optimizer.pt" not in kept and "trainer_state.json" in kept

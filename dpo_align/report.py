@@ -1,0 +1,277 @@
+"""``dpo-align report``: one self-contained HTML page, and the same content as Markdown, for a run or a sweep.
+
+A *run* folder (``dpo-align train``) gives: the configuration and manifest summary, the
+training curves and a few generations of the base model beside the adapter. A *sweep*
+folder (``dpo-align sweep -o``) gives: the result table with standard errors, the paired
+comparison with the baseline (intervals, p-values, verdicts), the held-out preference
+accuracies, the learning curve, the training curves of every run, and generations of the
+base model beside each adapter.
+
+The page is built from a list of blocks (heading, paragraph, table, image, code), rendered
+once to Markdown (images as PNG files beside it) and once to HTML (images inlined as data
+URIs, no scripts, no external resources), so the two always hold the same content.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Para:
+    text: str
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Image:
+    name: str  # file name in the Markdown version
+    png: bytes
+    caption: str
+
+
+@dataclass
+class Code:
+    text: str
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return "" if value is None else str(value)
+
+
+def _cell(pair) -> str:
+    value, stderr = pair
+    return f"{value:.3f} ± {stderr:.3f}" if stderr is not None else f"{value:.3f} ± n/a"
+
+
+def _images(folder: Path, prefix: str, caption: str) -> list[Image]:
+    return [Image(f"{prefix}-{p.name}", p.read_bytes(), f"{caption}: {p.stem.replace('_', ' ')}") for p in sorted(folder.glob("*.png"))]
+
+
+DATASET_NAMES = {"truthfulqa": "TruthfulQA", "winogrande": "WinoGrande", "pku": "PKU (hh-rlhf held-out)", "mean": "mean of the three",
+                 "dpo_ppl_truthfulqa": "TruthfulQA", "dpo_ppl_winogrande": "WinoGrande", "dpo_ppl_pku": "PKU (hh-rlhf held-out)"}
+
+
+def generation_blocks(rows: list[dict], settings: str) -> list:
+    blocks = [Heading("Generations, side by side"), Para(settings)]
+    for i, row in enumerate(rows, start=1):
+        labels = list(row["responses"])
+        blocks.append(Table(["prompt", *labels],
+                            [[f"{i}. {row['prompt']}"] + [row["responses"][label] or "(empty)" for label in labels]]))
+    return blocks
+
+
+def _generations(folder: Path, model_path: str, adapters: list[str], template: str, count: int, progress) -> list[dict]:
+    """A few default prompts, base beside each adapter, greedy; cached in the folder (same prompts and adapters)."""
+    from dpo_align.generate import DEFAULT_PROMPTS, Sampling, generate
+
+    prompts = DEFAULT_PROMPTS[:count]
+    key = {"model": model_path, "adapters": adapters, "prompts": prompts, "template": template, "max_new_tokens": 64}
+    cached = _read_json(folder / "generations.json")
+    if cached and cached.get("key") == key:
+        return cached["rows"]
+    progress(f"Generating {len(prompts)} responses per model for the report (greedy, 64 tokens)")
+    rows = generate(model_path, adapters, prompts, template=template, sampling=Sampling(max_new_tokens=64))
+    atomic_write_json(folder / "generations.json", {"key": key, "rows": rows})
+    return rows
+
+
+# --------------------------------------------------------------------------- a training run
+
+
+def run_blocks(folder: Path, generations: int = 3, progress=print) -> list:
+    manifest = _read_json(folder / "manifest.json") or {}
+    config_text = (folder / "config.yaml").read_text(encoding="utf-8") if (folder / "config.yaml").is_file() else ""
+    import yaml
+
+    config = yaml.safe_load(config_text) or {}
+    blocks = [Heading(f"dpo-align run: {folder.name}", 1)]
+    status = manifest.get("status", "unfinished (no manifest.json yet)")
+    data = manifest.get("data", {})
+    summary = [
+        ["status", status], ["model", _fmt(config.get("model"))], ["data", ", ".join(config.get("data", []))],
+        ["pairs trained on", _fmt(manifest.get("pairs_trained_on"))], ["optimizer steps", _fmt(manifest.get("global_steps"))],
+        ["learning rate", _fmt(config.get("learning_rate"))], ["beta / loss", f"{config.get('beta')} / {config.get('loss_type')}"],
+        ["epochs / batch", f"{config.get('epochs')} / {config.get('batch_size')}"], ["template", _fmt(config.get("template"))],
+        ["precision / device", f"{manifest.get('precision')} / {manifest.get('device')}"],
+        ["wall time", f"{manifest.get('wall_time_s')} s"], ["rows read / kept", f"{data.get('rows_read')} / {data.get('rows_kept')}"],
+        ["versions", ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())],
+        ["git commit", _fmt(manifest.get("git_commit"))],
+    ]
+    blocks += [Heading("Summary"), Table(["", ""], summary)]
+    finals = [(name, row) for name, row in (("train (last logged step)", manifest.get("final_train")),
+                                            ("held-out (last evaluation)", manifest.get("final_eval"))) if row]
+    if finals:
+        keys = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"]
+        rows = [[name] + [_fmt(row.get(k, row.get("eval_" + k))) for k in keys] for name, row in finals]
+        blocks += [Heading("Final DPO statistics"), Table(["", *keys], rows)]
+    blocks += [Heading("Training curves")] + (_images(folder / "plots", "curve", "Training curve") or [Para("No curves yet.")])
+    if generations and manifest and (folder / "adapter_model.safetensors").is_file():
+        from dpo_align.models import resolve_model
+
+        base = resolve_model(config.get("model"), progress=progress)
+        rows = _generations(folder, base, [str(folder)], config.get("template", "alpaca"), generations, progress)
+        blocks += generation_blocks(rows, f"Greedy, at most 64 new tokens, template `{config.get('template', 'alpaca')}`; "
+                                          "default prompts are hh-rlhf held-out first turns.")
+    blocks += [Heading("Configuration"), Code(config_text or "(no config.yaml)")]
+    return blocks
+
+
+# --------------------------------------------------------------------------- a sweep
+
+
+def sweep_blocks(folder: Path, generations: int = 3, progress=print) -> list:
+    results = _read_json(folder / "results.json") or {}
+    settings, models = results.get("settings", {}), results.get("models", [])
+    train = settings.get("train", {})
+    blocks = [Heading(f"dpo-align sweep: {folder.name}", 1),
+              Para(f"Model `{train.get('model')}`, learning rates {', '.join(f'{lr:g}' for lr in settings.get('learning_rates', []))}, "
+                   f"data {', '.join(train.get('data', []))}"
+                   + (f" ({train.get('max_pairs')} pairs, {train.get('pair_sample', 'first')})" if train.get("max_pairs") else "")
+                   + f", template `{settings.get('template')}`, scored in {settings.get('dtype')} with `{settings.get('lm_eval_model')}`.")]
+    if models:
+        keys = [k for k in ("truthfulqa", "winogrande", "pku", "mean") if k in models[0]["table"]]
+        for metric, title in (("ce", "Cross-entropy (nats per response token; lower is better; ± standard error)"),
+                              ("bpb", "Bits per byte (lower is better)")):
+            rows = [[DATASET_NAMES[k]] + [_cell(m["table"][k][metric]) if k in m["table"] else "" for m in models] for k in keys]
+            blocks += [Heading(title), Table(["dataset"] + [m["label"] for m in models], rows)]
+    comparison = _read_json(folder / "comparison.json")
+    if comparison:
+        rows = [[label, DATASET_NAMES.get(c["dataset"], c["dataset"]), f"{100 * c['relative']:+.2f}%",
+                 f"[{100 * c['low']:+.2f}%, {100 * c['high']:+.2f}%]", _fmt(c.get("p_holm")), c["verdict"]]
+                for label, changes in comparison["ce"].items() for c in changes]
+        blocks += [Heading("Against the baseline (ce, paired over documents)"),
+                   Table(["model", "dataset", "change", "95% interval (bootstrap)", "p (permutation, Holm)", "verdict"], rows)]
+        if (folder / "comparison.png").is_file():
+            blocks.append(Image("comparison.png", (folder / "comparison.png").read_bytes(), "ce change against the baseline, 95% intervals"))
+    preference = _read_json(folder / "preference.json")
+    if preference:
+        rows = []
+        for label, row in preference["table"].items():
+            reward, norm = row.get("reward"), row["length_normalised"]
+            rows.append([label, f"{100 * reward['accuracy']:.1f}% ± {100 * reward['stderr']:.1f}" if reward else "(reference)",
+                         f"{100 * norm['accuracy']:.1f}% ± {100 * norm['stderr']:.1f}"])
+        blocks += [Heading(f"Held-out preference accuracy ({preference['pairs']} pairs)"),
+                   Table(["model", "implicit-reward accuracy", "length-normalised likelihood accuracy"], rows)]
+    if (folder / "learning-curve.png").is_file():
+        curve = _read_json(folder / "learning-curve.json") or {}
+        blocks += [Heading(f"Learning curve of {curve.get('run', 'the best run')}"),
+                   Image("learning-curve.png", (folder / "learning-curve.png").read_bytes(), "ce change against the base model over training")]
+    blocks += [Heading("Training curves")] + (_images(folder / "curves", "curve", "Training curve") or [Para("No curves.")])
+    adapters = [m["peft"] for m in models if m.get("peft") and Path(m["peft"]).is_dir()]
+    if generations and models and adapters:
+        rows = _generations(folder, models[0]["pretrained"], adapters, settings.get("template", "alpaca"), generations, progress)
+        blocks += generation_blocks(rows, "Greedy, at most 64 new tokens; default prompts are hh-rlhf held-out first turns.")
+    manifests = sorted((folder / "manifests").glob("*.json"))
+    if manifests:
+        rows = []
+        for path in manifests:
+            m = _read_json(path) or {}
+            rows.append([path.stem, _fmt(m.get("global_steps")), _fmt(m.get("pairs_trained_on")), _fmt(m.get("wall_time_s")),
+                         _fmt((m.get("final_train") or {}).get("loss"))])
+        blocks += [Heading("Runs"), Table(["run", "steps", "pairs", "wall time (s)", "final train loss"], rows)]
+    return blocks
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def to_markdown(blocks: list) -> tuple[str, dict[str, bytes]]:
+    lines, files = [], {}
+    for b in blocks:
+        if isinstance(b, Heading):
+            lines += ["#" * b.level + " " + b.text, ""]
+        elif isinstance(b, Para):
+            lines += [b.text, ""]
+        elif isinstance(b, Table):
+            def esc(text):
+                return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+            lines += ["| " + " | ".join(map(esc, b.header)) + " |", "|" + "---|" * len(b.header)]
+            lines += ["| " + " | ".join(map(esc, row)) + " |" for row in b.rows] + [""]
+        elif isinstance(b, Image):
+            files[b.name] = b.png
+            lines += [f"![{b.caption}](report-images/{b.name})", ""]
+        elif isinstance(b, Code):
+            lines += ["```", b.text.rstrip(), "```", ""]
+    return "\n".join(lines), files
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; white-space: pre-wrap; }
+th { background: #f3f3f3; } img { max-width: 100%; } figure { margin: 0.5em 0 1.5em; }
+figcaption { color: #555; font-size: 0.9em; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+"""
+
+
+def to_html(blocks: list, title: str) -> str:
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
+             f"<style>{STYLE}</style></head><body>"]
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            parts.append(f"<p>{html.escape(b.text)}</p>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in b.rows)
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif isinstance(b, Image):
+            data = base64.b64encode(b.png).decode("ascii")
+            parts.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{html.escape(b.caption)}\">"
+                         f"<figcaption>{html.escape(b.caption)}</figcaption></figure>")
+        elif isinstance(b, Code):
+            parts.append(f"<pre>{html.escape(b.text)}</pre>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(folder: Path, output: Path | None = None, *, generations: int = 3, progress=print) -> Path:
+    """Write OUTPUT (default FOLDER/report.html) and the Markdown beside it (report.md + report-images/)."""
+    from dpo_align.errors import UserError
+
+    folder = Path(folder)
+    if (folder / "manifests").is_dir() or ((folder / "results.json").is_file() and not (folder / "config.yaml").is_file()):
+        blocks = sweep_blocks(folder, generations, progress)
+    elif (folder / "config.yaml").is_file():
+        blocks = run_blocks(folder, generations, progress)
+    else:
+        raise UserError(f"{folder}: neither a training run (config.yaml) nor a sweep output (results.json, manifests/).")
+    output = Path(output) if output else folder / "report.html"
+    markdown, images = to_markdown(blocks)
+    for name, png in images.items():
+        atomic_write_bytes(output.parent / "report-images" / name, png)
+    atomic_write_text(output.with_suffix(".md"), markdown)
+    atomic_write_text(output, to_html(blocks, blocks[0].text))
+    return output
