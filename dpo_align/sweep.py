@@ -92,6 +92,10 @@ def sweep(
             train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
         adapters[run_name(lr)] = run_dir
 
+    # decontamination: the training pairs (as trained on) against every scoring set
+    if data_dir or pku_path:
+        _decontamination(base, data_dir, pku_path, output, progress)
+
     # 2. score the base model and every adapter (each model's result cached on disk)
     base_path = resolve_model(base.model, progress=progress)
     specs = [ModelSpec(f"baseline ({base.model})", base_path)]
@@ -207,3 +211,22 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
         atomic_write_json(cached, point)
         points.append(point)
     return {"run": run_name, "total_steps": total, "documents": chosen, "points": points}
+
+
+def _decontamination(base: TrainConfig, data_dir: str | None, pku_path: str | None, output: Path, progress) -> None:
+    from dpo_align import decontaminate
+    from dpo_align.data import read_pairs
+    from dpo_align.train import take_pairs
+
+    pairs, _ = read_pairs(base.data, split=base.split, skip_bad_rows=base.skip_bad_rows)
+    if base.max_pairs is not None:
+        pairs = take_pairs(pairs, base.max_pairs, base.pair_sample, base.seed)
+    texts = [t for p in pairs for t in (p.instruction, p.chosen, p.rejected)]
+    suite = decontaminate.suite_documents(data_dir, pku_path)
+    exact = {name: len(idx) for name, idx in decontaminate.overlap([p.instruction for p in pairs],
+                                                                    decontaminate.suite_instructions(data_dir, pku_path)).items()}
+    report = decontaminate.ngram_overlap(texts, suite)
+    training = f"{len(pairs)} pairs from {', '.join(base.data)}" + (f" ({base.pair_sample} {base.max_pairs})" if base.max_pairs else "")
+    atomic_write_json(output / "decontamination.json", {"training": training, "exact_prompts": exact, "ngram": report, "n": decontaminate.N})
+    atomic_write_text(output / "decontamination.md", decontaminate.markdown(report, exact, training))
+    progress("Decontamination: " + ", ".join(f"{k} {v['contaminated']}/{v['documents']} share a 13-gram" for k, v in report.items()))

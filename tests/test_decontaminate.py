@@ -1,0 +1,34 @@
+"""Decontamination: exact prompts and 13-gram overlap, counted per scoring set; a wrong data folder is an error."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_align.decontaminate import ngram_overlap, suite_documents, suite_instructions
+from dpo_align.errors import UserError
+
+LONG = "the quick brown fox jumps over the lazy dog while the farmer sleeps in the warm afternoon sun"
+
+
+def test_a_shared_13_gram_flags_the_document_and_12_words_do_not():
+    words = LONG.split()
+    training = ["Some prompt. " + " ".join(words[:13]).upper() + "!"]  # case and punctuation do not matter
+    suite = {"a": [LONG, "nothing in common with anything here at all, not one word of the fox story"],
+             "b": ["prefix " + " ".join(words[1:13]) + " suffix words that differ from the training text entirely"]}
+    report = ngram_overlap(training, suite)
+    assert (report["a"]["contaminated"], report["a"]["documents"]) == (1, 2) and report["a"]["fraction"] == 0.5
+    assert report["b"]["contaminated"] == 0  # only 12 consecutive shared words
+    assert report["a"]["examples"] == [LONG[:200]]
+
+
+def test_short_documents_are_compared_whole():
+    assert ngram_overlap(["yes it is"], {"s": ["Yes, it is.", "no it is not"]})["s"]["contaminated"] == 1
+
+
+def test_a_wrong_data_dir_is_an_error_not_a_silent_zero(tmp_path, tiny_data):
+    with pytest.raises(UserError, match="TruthfulQA.csv"):
+        suite_instructions(str(tmp_path / "nowhere"), None)
+    with pytest.raises(UserError, match="TruthfulQA.csv"):
+        suite_documents(str(tmp_path / "nowhere"), None)
+    docs = suite_documents(str(tiny_data), str(tiny_data / "pku.jsonl.gz"))
+    assert {k: len(v) for k, v in docs.items()} == {"truthfulqa": 3, "winogrande": 2, "pku": 2}
