@@ -187,7 +187,7 @@ def plot(changes: dict, metric: str = "ce") -> bytes:
 
     rows = changes[metric]
     datasets = [c.dataset for c in next(iter(rows.values()))]
-    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.55 * len(datasets) * len(rows)))
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(datasets) * len(rows)))
     y, ticks, labels = 0, [], []
     for label, row in rows.items():
         for c in row:

@@ -157,7 +157,8 @@ def sweep_blocks(folder: Path, generations: int = 3, progress=print) -> list:
               Para(f"Model `{train.get('model')}`, learning rates {', '.join(f'{lr:g}' for lr in settings.get('learning_rates', []))}, "
                    f"data {', '.join(train.get('data', []))}"
                    + (f" ({train.get('max_pairs')} pairs, {train.get('pair_sample', 'first')})" if train.get("max_pairs") else "")
-                   + f", template `{settings.get('template')}`, scored in {settings.get('dtype')} with `{settings.get('lm_eval_model')}`.")]
+                   + f", template `{settings.get('template')}`, scored in {settings.get('dtype')}"
+                   + (f" with lm-eval model `{settings['lm_eval_model']}`." if settings.get("lm_eval_model") else "."))]
     if models:
         keys = [k for k in ("truthfulqa", "winogrande", "pku", "mean") if k in models[0]["table"]]
         for metric, title in (("ce", "Cross-entropy (nats per response token; lower is better; ± standard error)"),
@@ -165,14 +166,22 @@ def sweep_blocks(folder: Path, generations: int = 3, progress=print) -> list:
             rows = [[DATASET_NAMES[k]] + [_cell(m["table"][k][metric]) if k in m["table"] else "" for m in models] for k in keys]
             blocks += [Heading(title), Table(["dataset"] + [m["label"] for m in models], rows)]
     comparison = _read_json(folder / "comparison.json")
+    if comparison is None and len(models) > 1:  # a folder written before sweeps wrote comparison.json
+        from dpo_align import compare, paired
+
+        loaded = compare.load([str(folder)])
+        comparison = {metric: paired.as_json(c) for metric, c in compare.compare(loaded).items()}
+        comparison_png = compare.plot(compare.compare(loaded, replicates=2000, permutations=0))
+    else:
+        comparison_png = (folder / "comparison.png").read_bytes() if (folder / "comparison.png").is_file() else None
     if comparison:
         rows = [[label, DATASET_NAMES.get(c["dataset"], c["dataset"]), f"{100 * c['relative']:+.2f}%",
                  f"[{100 * c['low']:+.2f}%, {100 * c['high']:+.2f}%]", _fmt(c.get("p_holm")), c["verdict"]]
                 for label, changes in comparison["ce"].items() for c in changes]
         blocks += [Heading("Against the baseline (ce, paired over documents)"),
                    Table(["model", "dataset", "change", "95% interval (bootstrap)", "p (permutation, Holm)", "verdict"], rows)]
-        if (folder / "comparison.png").is_file():
-            blocks.append(Image("comparison.png", (folder / "comparison.png").read_bytes(), "ce change against the baseline, 95% intervals"))
+        if comparison_png:
+            blocks.append(Image("comparison.png", comparison_png, "ce change against the baseline, 95% intervals"))
     preference = _read_json(folder / "preference.json")
     if preference:
         rows = []
