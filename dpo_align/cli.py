@@ -366,6 +366,7 @@ def train_command(
     logging_steps: Annotated[int, typer.Option(help="Log train statistics every N steps.")] = 5,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
     report_to: Annotated[str, typer.Option(help="none, tensorboard or wandb.")] = "none",
+    report_generations: Annotated[int, typer.Option(help="Default prompts answered by the base model and the adapter in report.html (0: none).")] = 3,
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="Count and skip broken rows instead of stopping.")] = False,
     data_dir: Annotated[str | None, typer.Option(help="Scoring-suite data (like ../shared/data), to count training prompts that also occur there.")] = None,
     pku_path: Annotated[str | None, typer.Option(help="Scoring-suite PKU file(s), for the same overlap check.")] = None,

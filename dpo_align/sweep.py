@@ -158,7 +158,7 @@ def sweep(
     manifests.mkdir(exist_ok=True)
     for name, path in adapters.items():
         shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
-    write_report_safely(output, progress)
+    write_report_safely(output, progress, generations=base.report_generations)
     return runs
 
 

@@ -377,16 +377,16 @@ def _write_outputs(config, trainer, tokenizer, result, *, output, main, started,
         for item in path.iterdir():
             if not (item.name.startswith("adapter_") or item.name in ("trainer_state.json", "README.md")):
                 shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
-    write_report_safely(output, progress)
+    write_report_safely(output, progress, generations=config.report_generations)
     return manifest
 
 
-def write_report_safely(folder: Path, progress) -> None:
+def write_report_safely(folder: Path, progress, generations: int = 3) -> None:
     """report.html / report.md at the end of a run or sweep; a failure here never fails the run."""
     from dpo_align.report import write_report
 
     try:
-        progress(f"Report: {write_report(folder, progress=progress)}")
+        progress(f"Report: {write_report(folder, generations=generations, progress=progress)}")
     except Exception as err:  # the results are written; the report can be rebuilt with `dpo-align report`
         progress(f"Warning: the report could not be written ({type(err).__name__}: {err}). Rebuild it with: dpo-align report {folder}")
 

@@ -68,6 +68,7 @@ class TrainConfig:
     # always dropped once the run has finished, since it only serves --resume
     keep_checkpoints: bool = False
     report_to: str = "none"
+    report_generations: int = 3  # default prompts answered by the base model and the adapter in report.html
     trust_remote_code: bool = False
     allow_pickle: bool = False
     # decontamination against the scoring suite
@@ -91,6 +92,7 @@ class TrainConfig:
             (self.max_pairs is None or self.max_pairs >= 1, "--max-pairs must be at least 1"),
             (self.save_steps >= 1 if isinstance(self.save_steps, int) else 0 < self.save_steps < 1,
              "--save-steps must be a whole number of steps >= 1, or a fraction of the run in (0, 1)"),
+            (self.report_generations >= 0, "--report-generations must be 0 (none) or more"),
             (self.pair_sample in PAIR_SAMPLES, f"--pair-sample must be one of {', '.join(PAIR_SAMPLES)}"),
             (bool(self.data), "give at least one --data source"),
         ]

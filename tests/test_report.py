@@ -51,7 +51,8 @@ def test_the_probe_catches_a_broken_image_and_a_console_error(tmp_path):
 @needs_chromium
 def test_a_training_run_writes_a_report_that_renders(tiny_gpt2, pairs_file, tmp_path):
     run = tmp_path / "run"
-    train(tiny_config(tiny_gpt2, pairs_file, run, max_steps=4, eval_data=[str(pairs_file)], eval_max_pairs=8, eval_steps=2),
+    train(tiny_config(tiny_gpt2, pairs_file, run, max_steps=4, eval_data=[str(pairs_file)], eval_max_pairs=8, eval_steps=2,
+                      report_generations=2),
           progress=lambda m: None)
     page = run / "report.html"
     text = page.read_text()
