@@ -132,3 +132,24 @@ def tiny_data(tmp_path_factory):
     with gzip.open(root / "pku.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("".join(json.dumps(r) + "\n" for r in hh))
     return root
+
+
+# --------------------------------------------------------------------------- tiny training pairs
+
+QUESTIONS = ["What is the capital of France?", "How do I bake bread?", "Is the fox quick?", "Who was the surgeon?",
+             "What is 2+2?", "Name a colour.", "Why is the sky blue?", "Can dogs swim?"]
+
+
+def hh(q, a):
+    return f"\n\nHuman: {q}\n\nAssistant: {a}"
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pairs") / "train.jsonl"
+    rows = []
+    for i in range(48):
+        q = QUESTIONS[i % len(QUESTIONS)] + f" ({i})"
+        rows.append({"chosen": hh(q, f"A helpful and clear answer number {i}."), "rejected": hh(q, "No.")})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

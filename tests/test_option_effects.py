@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from dpo_align.train import train
 
-from .test_train import pairs_file, read_rows, tiny_config  # noqa: F401  (pairs_file is a fixture)
+from .test_train import read_rows, tiny_config
 
 
 def run(model, data, out, **overrides):

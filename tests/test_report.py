@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from dpo_align.cli import app
 from dpo_align.train import train
 
-from .test_train import pairs_file, tiny_config  # noqa: F401  (pairs_file is a fixture)
+from .test_train import tiny_config
 
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

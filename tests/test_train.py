@@ -22,25 +22,6 @@ from .conftest import SHARED_DATA, needs_shared_data
 
 runner = CliRunner()
 
-QUESTIONS = ["What is the capital of France?", "How do I bake bread?", "Is the fox quick?", "Who was the surgeon?",
-             "What is 2+2?", "Name a colour.", "Why is the sky blue?", "Can dogs swim?"]
-
-
-def hh(q, a):
-    return f"\n\nHuman: {q}\n\nAssistant: {a}"
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("pairs") / "train.jsonl"
-    rows = []
-    for i in range(48):
-        q = QUESTIONS[i % len(QUESTIONS)] + f" ({i})"
-        rows.append({"chosen": hh(q, f"A helpful and clear answer number {i}."), "rejected": hh(q, "No.")})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def tiny_config(model, data, out, **overrides) -> TrainConfig:
     settings = dict(model=str(model), data=[str(data)], output_dir=str(out), max_steps=6, batch_size=4, max_length=96,
                     logging_steps=1, save_steps=2, precision="fp32", learning_rate=5e-3, warmup_ratio=0.0,
