@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from .conftest import REPO
-from .test_train import pairs_file  # noqa: F401  (fixture)
 
 
 def run(cmd):

@@ -22,7 +22,6 @@ from dpo_align.cli import app
 from dpo_align.errors import UserError
 
 from .conftest import make_tiny_model
-from .test_train import pairs_file  # noqa: F401  (fixture)
 
 runner = CliRunner()
 
