@@ -134,7 +134,9 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
             log_samples=True,
         )
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
-        if isinstance(err, UserError):
+        # Only failures a user can fix (files, weights, the wrong base) become a message; any other
+        # ValueError/RuntimeError is a bug and keeps its traceback.
+        if isinstance(err, UserError) or not (isinstance(err, OSError | pickle.UnpicklingError) or _user_fixable(err)):
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         hint = ""
@@ -144,6 +146,15 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
             hint = " The checkpoint may have only pickle weights: pass --allow-pickle if you trust it."
         raise UserError(f"Scoring {spec.label} ({spec.pretrained}" + (f" + {spec.peft}" if spec.peft else "")
                         + f") failed: {message}.{hint}") from None
+
+
+# Messages of ValueError/RuntimeError raised by transformers/peft/lm-eval for bad user input.
+USER_FIXABLE = ("size mismatch", "safetensors", "Repo id", "does not appear to have", "trust_remote_code", "adapter_config",
+                "Can't find", "not a valid", "Unrecognized model", "No such file")
+
+
+def _user_fixable(err: Exception) -> bool:
+    return any(marker in str(err) for marker in USER_FIXABLE)
 
 
 def _number(value) -> float | None:

@@ -90,7 +90,7 @@ def tokenizer_for(metadata: dict):
     return _load_tokenizer(source, tuple(sorted(kwargs.items())))
 
 
-def continuation_token_count(tokenizer, context: str, continuation: str, add_special_tokens=None) -> int:
+def continuation_token_count(tokenizer, context: str, continuation: str) -> int:
     """Tokens lm-eval's HF model scores for (context, continuation).
 
     The same split as ``lm_eval.api.model.LM._encode_pair`` for causal models: the
@@ -100,8 +100,7 @@ def continuation_token_count(tokenizer, context: str, continuation: str, add_spe
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-    return len(tokenizer.encode(context + continuation, **kwargs)) - len(tokenizer.encode(context, **kwargs))
+    return len(tokenizer.encode(context + continuation)) - len(tokenizer.encode(context))
 
 
 def scored_text(context: str, continuation: str) -> str:
@@ -150,15 +149,13 @@ class ResponseCrossEntropyTask(ConfigurableTask):
         config.pop("class", None)
         super().__init__(config=config, **kwargs)
         self._tokenizer = tokenizer_for(self.config.metadata or {})
-        add_bos = (self.config.metadata or {}).get("add_bos_token")
-        self._add_special_tokens = None if add_bos is None else bool(add_bos)
         self._token_counts: dict[int, int] = {}
         self._scored_bytes: dict[int, int] = {}
 
     def _count(self, doc: dict, ctx: str) -> None:
-        self._token_counts[doc["id"]] = continuation_token_count(
-            self._tokenizer, ctx, doc["continuation"], self._add_special_tokens
-        )
+        # No add_bos_token option: a BOS (or EOS) added to both encodings cancels in the difference,
+        # so the count is the same whether the model prepends one or not (tests/test_scoring.py).
+        self._token_counts[doc["id"]] = continuation_token_count(self._tokenizer, ctx, doc["continuation"])
         self._scored_bytes[doc["id"]] = len(scored_text(ctx, doc["continuation"]).encode("utf-8"))
 
     def construct_requests(self, doc, ctx, **kwargs):

@@ -282,3 +282,50 @@ def test_gguf_file_scores_like_the_prepared_checkpoint(default_model_path, tmp_p
             batch_size=8, device="cpu")
         scores.append(results["results"]["dpo_ppl_truthfulqa"]["ce,none"])
     assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_token_counts_are_right_with_and_without_a_bos_token(add_bos, tiny_llama, tiny_data):
+    """lm-eval's add_bos_token changes what the model sees; the task's token counts follow without an option of their own."""
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_align.evaluate import include_path
+
+    metadata = {"pretrained": str(tiny_llama), "data_dir": str(tiny_data), "pku_path": str(tiny_data / "pku.jsonl.gz")}
+    manager = TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata)
+    results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(tiny_llama), "add_bos_token": add_bos, "dtype": "float32"},
+                                      tasks=["dpo_ppl_truthfulqa"], task_manager=manager, batch_size=1, device="cpu", log_samples=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    assert tokenizer.encode("x")[0] == tokenizer.bos_token_id  # this tokenizer adds a BOS by default
+    for sample in results["samples"]["dpo_ppl_truthfulqa"]:
+        context, continuation = sample["doc"]["context"], sample["doc"]["continuation"]
+        whole = tokenizer.encode(context + continuation, add_special_tokens=add_bos)
+        start = len(tokenizer.encode(context, add_special_tokens=add_bos))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+        nll = -sum(logprobs[p - 1, whole[p]].item() for p in range(start, len(whole)))
+        assert sample["ce"][1] == len(whole) - start
+        assert sample["ce"][0] == pytest.approx(nll, rel=1e-4)
+
+
+def test_a_bug_inside_scoring_keeps_its_traceback(tiny_gpt2, tiny_data, tmp_path, monkeypatch):
+    """Only user-fixable failures become messages: an unexpected ValueError is not disguised as one."""
+    import lm_eval
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal invariant violated")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", broken)
+    with pytest.raises(ValueError, match="internal invariant"):
+        run_eval([str(tiny_gpt2)], adapters=[], output=tmp_path / "out", data_dir=str(tiny_data), progress=lambda m: None)
+
+    def missing(*args, **kwargs):
+        raise OSError("Can't load tokenizer: No such file or directory")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", missing)
+    with pytest.raises(UserError, match="Scoring .* failed: Can't load tokenizer"):
+        run_eval([str(tiny_gpt2)], adapters=[], output=tmp_path / "out", data_dir=str(tiny_data), progress=lambda m: None)
