@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import pickle
 import re
 import time
@@ -172,7 +173,10 @@ def summarize(results: dict) -> dict:
             table[key]["n"] = results["n-samples"][task]["effective"]
     if SUITE in results.get("groups", {}):
         row = results["groups"][SUITE]
-        table["mean"] = {m: [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))] for m in METRICS}
+        table["mean"] = {m: [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))] for m in METRICS if f"{m},none" in row}
+        # ppl of the suite: exp(mean ce), with the delta-method stderr (the YAML has no group ppl)
+        ce, se = table["mean"]["ce"]
+        table["mean"]["ppl"] = [math.exp(ce), None if se is None else math.exp(ce) * se]
     return table
 
 

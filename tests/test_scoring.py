@@ -329,3 +329,15 @@ def test_a_bug_inside_scoring_keeps_its_traceback(tiny_gpt2, tiny_data, tmp_path
     monkeypatch.setattr(lm_eval, "simple_evaluate", missing)
     with pytest.raises(UserError, match="Scoring .* failed: Can't load tokenizer"):
         run_eval([str(tiny_gpt2)], adapters=[], output=tmp_path / "out", data_dir=str(tiny_data), progress=lambda m: None)
+
+
+def test_the_group_row_is_the_plain_mean_with_its_stderr(tiny_gpt2, tiny_data, tmp_path):
+    runs = run_eval([str(tiny_gpt2)], adapters=[], output=tmp_path / "out", data_dir=str(tiny_data), pku_path=str(tiny_data / "pku.jsonl.gz"),
+                    batch_size=4, device="cpu", progress=lambda m: None)
+    table = runs[0]["table"]
+    for metric in ("ce", "bpb"):
+        values = [table[k][metric] for k in ("truthfulqa", "winogrande", "pku")]
+        assert table["mean"][metric][0] == pytest.approx(sum(v for v, _ in values) / 3)
+        assert table["mean"][metric][1] == pytest.approx(math.sqrt(sum(se ** 2 for _, se in values)) / 3)
+    # no mean of perplexities: the suite's ppl is exp(mean ce)
+    assert table["mean"]["ppl"][0] == pytest.approx(math.exp(table["mean"]["ce"][0]))
