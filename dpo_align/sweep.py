@@ -21,6 +21,8 @@ scored again.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -33,8 +35,9 @@ from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_
 from dpo_align.models import resolve_model
 from dpo_align.plots import plot_runs, read_metrics
 from dpo_align.preference import markdown as preference_markdown
+from dpo_align.provenance import model_revision
 from dpo_align.train import train, write_report_safely
-from dpo_align.train_config import TrainConfig
+from dpo_align.train_config import TrainConfig, check_resumable
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -84,6 +87,7 @@ def sweep(
     for i, lr in enumerate(lrs, start=1):
         run_dir = runs_dir / run_name(lr)
         config = dataclasses.replace(base, learning_rate=lr, output_dir=str(run_dir))
+        check_resumable(run_dir, config, how_to_fix="give the sweep another --runs-dir, or delete that folder to train it again.")
         if (run_dir / "manifest.json").is_file():
             progress(f"[train {i}/{len(lrs)}] {run_name(lr)}: already finished, kept.")
         else:
@@ -105,14 +109,14 @@ def sweep(
     scores_dir = output / "scores"
     runs = []
     for i, spec in enumerate(specs, start=1):
-        cached = scores_dir / f"{_slug(spec.label)}.json"
-        if cached.is_file():
+        cached, key = scores_dir / f"{_slug(spec.label)}.json", _key(spec, options)
+        if (kept := _reuse(cached, key, progress)) is not None:
             progress(f"[score {i}/{len(specs)}] {spec.label}: already scored, kept.")
-            runs.append(json.loads(cached.read_text()))
+            runs.append(kept)
             continue
         progress(f"[score {i}/{len(specs)}] {spec.label}")
         result = score_spec(spec, options)
-        atomic_write_json(cached, result)
+        atomic_write_json(cached, {**result, "key": key})
         runs.append(result)
 
     # 3. what each adapter changed: paired bootstrap and permutation over documents (as `dpo-align compare`)
@@ -172,15 +176,17 @@ def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], f
                                     trust_remote_code=base.trust_remote_code)
     logps = {}
     for i, spec in enumerate(specs, start=1):
-        cached = folder / f"{_slug(spec.label)}.json"
-        if cached.is_file():
+        cached, key = folder / f"{_slug(spec.label)}.json", _key(spec, {"sources": sources, "template": base.template,
+                                                                         "max_length": base.max_length})
+        if (kept := _reuse(cached, key, progress)) is not None:
             progress(f"[preference {i}/{len(specs)}] {spec.label}: already computed, kept.")
-            logps[spec.label] = {k: np.array(v) for k, v in json.loads(cached.read_text())["logps"].items()}
+            logps[spec.label] = {k: np.array(v) for k, v in kept["logps"].items()}
             continue
         progress(f"[preference {i}/{len(specs)}] {spec.label}: {len(dataset)} held-out pairs")
         logps[spec.label] = model_logps(spec.pretrained, spec.peft, dataset, pad_token_id=pad, max_length=base.max_length,
                                         label=spec.label, trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle)
-        atomic_write_json(cached, {"label": spec.label, "peft": spec.peft, "logps": {k: v.tolist() for k, v in logps[spec.label].items()}})
+        atomic_write_json(cached, {"label": spec.label, "peft": spec.peft, "key": key,
+                                   "logps": {k: v.tolist() for k, v in logps[spec.label].items()}})
     return {"sources": sources, "pairs": len(dataset), "rows_read": report.rows_read,
             "skipped": dict(report.skipped), "beta": base.beta,
             "table": preference_table(logps, baseline=specs[0].label, beta=base.beta)}
@@ -200,14 +206,14 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
                                for step, path in learning_curve.checkpoint_steps(run_dir)]
     points = []
     for i, (step, spec) in enumerate(steps, start=1):
-        cached = folder / f"step-{step}.json"
-        if cached.is_file():
+        cached, key = folder / f"step-{step}.json", _key(spec, options)
+        if (kept := _reuse(cached, key, progress)) is not None:
             progress(f"[curve {i}/{len(steps)}] step {step}: already scored, kept.")
-            points.append(json.loads(cached.read_text()))
+            points.append(kept)
             continue
         progress(f"[curve {i}/{len(steps)}] {run_name} step {step}/{total} on {per_dataset} documents per dataset")
         result = score_spec(spec, options)
-        point = {"step": step, "label": spec.label, "peft": spec.peft, "seconds": result["seconds"], "table": result["table"]}
+        point = {"step": step, "label": spec.label, "peft": spec.peft, "seconds": result["seconds"], "table": result["table"], "key": key}
         atomic_write_json(cached, point)
         points.append(point)
     return {"run": run_name, "total_steps": total, "documents": chosen, "points": points}
@@ -230,3 +236,42 @@ def _decontamination(base: TrainConfig, data_dir: str | None, pku_path: str | No
     atomic_write_json(output / "decontamination.json", {"training": training, "exact_prompts": exact, "ngram": report, "n": decontaminate.N})
     atomic_write_text(output / "decontamination.md", decontaminate.markdown(report, exact, training))
     progress("Decontamination: " + ", ".join(f"{k} {v['contaminated']}/{v['documents']} share a 13-gram" for k, v in report.items()))
+
+
+# --------------------------------------------------------------------------- reuse only what the same settings made
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(path: str, stamp: tuple) -> dict:
+    return model_revision(path)
+
+
+def _digest(path: str | None) -> dict | None:
+    """sha256 of a model's or adapter's weight files (cached while the files are unchanged)."""
+    if path is None:
+        return None
+    folder = Path(path)
+    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.is_file())) if folder.is_dir() else ()
+    return _weights(str(path), stamp)
+
+
+def _key(spec: ModelSpec, settings) -> str:
+    """What a cached result depends on: the model's and adapter's weights and the settings."""
+    if isinstance(settings, ScoreOptions):
+        settings = dataclasses.asdict(settings)
+    parts = {"label": spec.label, "base": _digest(spec.pretrained), "adapter": _digest(spec.peft), "settings": settings}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reuse(path: Path, key: str, progress) -> dict | None:
+    """A cached result when it was made from the same weights and settings; None otherwise (it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if cached.get("key") != key:
+        progress(f"{path}: made from other weights or settings; recomputing it.")
+        return None
+    return cached

@@ -140,3 +140,32 @@ def build_config(file_settings: dict, cli_settings: dict) -> TrainConfig:
         return TrainConfig(**{**file_settings, **cli_settings}).validate()
     except TypeError as err:
         raise UserError(f"Invalid training settings: {err}.") from None
+
+
+# Settings that do not change what a run computes, so a resume may differ in them.
+NOT_COMPARED = ("output_dir", "report_to", "report_generations")
+
+
+def settings_diff(saved: dict, wanted: TrainConfig) -> list[str]:
+    """Keys whose saved value (a run's config.yaml) differs from ``wanted``.
+
+    A key missing from the saved file (a setting added in a later version) counts as its
+    default, so an older run is not refused for a setting it could not have had.
+    """
+    defaults = dataclasses.asdict(TrainConfig())
+    current = dataclasses.asdict(wanted)
+    return sorted(k for k in current if k not in NOT_COMPARED and saved.get(k, defaults[k]) != current[k])
+
+
+def check_resumable(run_dir: Path, wanted: TrainConfig, *, how_to_fix: str) -> None:
+    """Refuse to continue the run in ``run_dir`` under settings other than those it started with."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    changed = settings_diff(load_config_file(saved_path), wanted)
+    if changed:
+        saved = load_config_file(saved_path)
+        current = dataclasses.asdict(wanted)
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {current[k]!r} now" for k in changed)
+        raise UserError(f"{run_dir} holds a run made with other settings ({detail}). It is not reused or continued under "
+                        f"new settings: {how_to_fix}")

@@ -424,3 +424,31 @@ def test_pair_sample_random_draws_across_the_file_and_is_seeded(tiny_gpt2, pairs
     assert runs["first"]["final_train"]["loss"] != runs["random"]["final_train"]["loss"]
     with pytest.raises(Exception, match="--pair-sample must be one of first, random"):
         TrainConfig(pair_sample="shuffled").validate()
+
+
+def test_sweep_never_reuses_work_made_with_other_settings(tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    args = ["sweep", "--lr", "1e-3", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--max-steps", "2", "--max-length", "96",
+            "--precision", "fp32", "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
+            "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "out"), "--bootstrap", "100"]
+    first = runner.invoke(app, [*args, "--eval-limit", "2"])
+    assert first.exit_code == 0, first.output
+    # other scoring settings: the run is kept, every score is made again
+    again = runner.invoke(app, [*args, "--eval-limit", "1"])
+    assert again.exit_code == 0, again.output
+    assert "already finished, kept" in again.output and "already scored, kept" not in again.output
+    assert again.output.count("made from other weights or settings; recomputing it") == 2
+    # the same settings again: everything is reused
+    same = runner.invoke(app, [*args, "--eval-limit", "1"])
+    assert same.output.count("already scored, kept") == 2
+    # other training settings: refused, naming what differs, instead of reusing or continuing the old run
+    other = runner.invoke(app, [*args, "--eval-limit", "1", "--max-pairs", "8"])
+    assert other.exit_code == 2 and "max_pairs: None there, 8 now" in other.output and "another --runs-dir" in other.output
+    # a retrained adapter (same settings, other weights) is scored again
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "lr-0.001")
+    retrained = runner.invoke(app, [*args, "--eval-limit", "1", "--seed", "3"])
+    assert retrained.exit_code == 0, retrained.output
+    # the base model's score is still valid (same weights, same scoring settings); the new adapter's is not
+    assert retrained.output.count("already scored, kept") == 1 and "[score 1/2] baseline" in retrained.output
+    assert retrained.output.count("made from other weights or settings; recomputing it") == 1
