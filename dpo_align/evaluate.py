@@ -171,6 +171,8 @@ def summarize(results: dict) -> dict:
             row = results["results"][task]
             table[key] = {m: [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))] for m in METRICS}
             table[key]["n"] = results["n-samples"][task]["effective"]
+            if "boundary_merge,none" in row:  # share of documents whose response start merged into the context
+                table[key]["boundary_merge"] = [row["boundary_merge,none"], _number(row.get("boundary_merge_stderr,none"))]
     if SUITE in results.get("groups", {}):
         row = results["groups"][SUITE]
         table["mean"] = {m: [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))] for m in METRICS if f"{m},none" in row}
@@ -283,9 +285,17 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict:
     revision = {"base": model_revision(spec.pretrained)}
     if spec.peft:
         revision["adapter"] = model_revision(spec.peft)
+    table = summarize(results)
+    merged = {key: row["boundary_merge"][0] for key, row in table.items() if row.get("boundary_merge", [0])[0]}
+    if merged:
+        import warnings
+
+        warnings.warn(f"{spec.label}: this tokenizer merges the template's last characters with the response's first ones in "
+                      + ", ".join(f"{k} ({100 * v:.0f}% of documents)" for k, v in merged.items())
+                      + ": those characters are not scored (see lm_eval_tasks/README.md, boundary_merge).", stacklevel=2)
     return {
         "label": spec.label, "pretrained": spec.pretrained, "peft": spec.peft, "revision": revision,
-        "seconds": round(time.perf_counter() - start, 2), "table": summarize(results),
+        "seconds": round(time.perf_counter() - start, 2), "table": table,
         "versions": {task: results.get("versions", {}).get(task) for task in TASKS.values() if task in results.get("versions", {})},
         "documents": per_document(results),
     }

@@ -19,6 +19,7 @@ import functools
 import datasets
 import lm_eval.api.metrics
 import lm_eval.evaluator_utils
+from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
 from dpo_align import metrics
@@ -90,22 +91,49 @@ def tokenizer_for(metadata: dict):
     return _load_tokenizer(source, tuple(sorted(kwargs.items())))
 
 
-def continuation_token_count(tokenizer, context: str, continuation: str) -> int:
-    """Tokens lm-eval's HF model scores for (context, continuation).
-
-    The same split as ``lm_eval.api.model.LM._encode_pair`` for causal models: the
-    context's trailing whitespace moves to the continuation, then the continuation's
-    tokens are those of encode(context + continuation) past the encode(context) prefix.
-    """
+def _pair_split(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's ``_encode_pair``: the context's trailing whitespace moves to the continuation."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    return len(tokenizer.encode(context + continuation)) - len(tokenizer.encode(context))
+    return context, continuation
 
 
-def scored_text(context: str, continuation: str) -> str:
-    """The text whose tokens are scored (for bytes per token): trailing context whitespace + continuation."""
-    return context[len(context.rstrip()) :] + continuation
+def continuation_token_count(tokenizer, context: str, continuation: str) -> int:
+    """Tokens lm-eval's HF model scores for (context, continuation): those of
+    encode(context + continuation) past len(encode(context)), as ``LM._encode_pair`` splits them."""
+    return scored_span(tokenizer, context, continuation)[0]
+
+
+def scored_span(tokenizer, context: str, continuation: str) -> tuple[int, int, bool]:
+    """(scored tokens, scored UTF-8 bytes, boundary merge) for one (context, continuation) pair.
+
+    lm-eval scores ``whole[len(encode(context)):]`` where ``whole = encode(context + continuation)``.
+    When a pre-tokenizer glues the context's last characters to the continuation's first ones
+    (Llama-3's and Qwen2's ``[^\\s\\p{L}\\p{N}]+[\\r\\n]*`` makes one token of ``":\\n"``), encode(context)
+    is not a prefix of ``whole``: lm-eval feeds encode(context) and then ``whole[len(encode(context)):]``,
+    so the merged characters (the newline) are neither seen by the model nor scored. The bytes
+    are then those of the text the scored tokens actually cover (from the tokenizer's character
+    offsets), not of the whole continuation, and the merge is reported (``boundary_merge``).
+    """
+    context, continuation = _pair_split(context, continuation)
+    text = context + continuation
+    context_ids = tokenizer.encode(context)
+    try:
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        whole, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: no offsets
+        whole, offsets = tokenizer.encode(text), None
+    n_context = len(context_ids)
+    merged = whole[:n_context] != context_ids
+    n_tokens = len(whole) - n_context
+    if offsets is not None and n_tokens > 0:
+        starts = [start for start, end in offsets[n_context:] if end > start]  # special tokens have empty spans
+        first = min(starts) if starts else len(text)
+        n_bytes = len(text[first:].encode("utf-8"))
+    else:  # without offsets the covered text is unknown: the whole continuation (the merge is still reported)
+        n_bytes = len(continuation.encode("utf-8"))
+    return n_tokens, n_bytes, merged
 
 
 # --------------------------------------------------------------------------- documents
@@ -149,34 +177,28 @@ class ResponseCrossEntropyTask(ConfigurableTask):
         config.pop("class", None)
         super().__init__(config=config, **kwargs)
         self._tokenizer = tokenizer_for(self.config.metadata or {})
-        self._token_counts: dict[int, int] = {}
-        self._scored_bytes: dict[int, int] = {}
+        self._spans: dict[int, tuple[int, int, bool]] = {}
 
-    def _count(self, doc: dict, ctx: str) -> None:
-        # No add_bos_token option: a BOS (or EOS) added to both encodings cancels in the difference,
-        # so the count is the same whether the model prepends one or not (tests/test_scoring.py).
-        self._token_counts[doc["id"]] = continuation_token_count(self._tokenizer, ctx, doc["continuation"])
-        self._scored_bytes[doc["id"]] = len(scored_text(ctx, doc["continuation"]).encode("utf-8"))
-
-    def construct_requests(self, doc, ctx, **kwargs):
-        # ctx is the final context, after any --apply_chat_template: count against it.
-        self._count(doc, ctx)
-        return super().construct_requests(doc, ctx, **kwargs)
+    def build_all_requests(self, *args, **kwargs):
+        # Count from the requests lm-eval actually sends: their context is the final one (after any
+        # --apply_chat_template), and requests restored from lm-eval's request cache are counted too.
+        # No add_bos_token option: a BOS (or EOS) added to both encodings cancels in the difference.
+        result = super().build_all_requests(*args, **kwargs)
+        for instance in self._instances:
+            context, continuation = instance.arguments
+            self._spans[instance.doc["id"]] = scored_span(self._tokenizer, context, continuation)
+        return result
 
     def process_results(self, doc, results):
         loglikelihood = results[0][0]
-        if doc["id"] not in self._token_counts:
-            # Requests restored from lm-eval's request cache skip construct_requests.
-            self._count(doc, doc["context"])
+        n_tokens, n_bytes, merged = self._spans[doc["id"]]
         nll = -float(loglikelihood)
-        return {
-            "ce": (nll, self._token_counts[doc["id"]]),
-            "ppl": (nll, self._token_counts[doc["id"]]),
-            "bpb": (nll, self._scored_bytes[doc["id"]]),
-        }
+        return {"ce": (nll, n_tokens), "ppl": (nll, n_tokens), "bpb": (nll, n_bytes), "boundary_merge": float(merged)}
 
     def aggregation(self):
-        return {"ce": metrics.ce, "ppl": metrics.ppl, "bpb": metrics.bpb}
+        # boundary_merge: the share of documents whose first response characters were merged into
+        # the context's last token (so not scored); 0 for the tokenizers of the reference models
+        return {"ce": metrics.ce, "ppl": metrics.ppl, "bpb": metrics.bpb, "boundary_merge": mean}
 
     def higher_is_better(self):
-        return dict.fromkeys(METRICS, False)
+        return {**dict.fromkeys(METRICS, False), "boundary_merge": False}

@@ -35,13 +35,22 @@ _CORPUS = [
 ]
 
 
-def _train_tokenizer(add_bos: bool):
+# Llama-3's (and, nearly, Qwen2's) pre-tokenizer split: punctuation runs keep the newlines that
+# follow them, so the alpaca template's ":" and the response's leading "\n" can become one token.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _train_tokenizer(add_bos: bool, llama3_split: bool = False):
     """A byte-level BPE tokenizer trained in-process, wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if llama3_split:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>"] if not add_bos else ["<s>", "</s>"]
     trainer = trainers.BpeTrainer(
@@ -57,12 +66,12 @@ def _train_tokenizer(add_bos: bool):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def make_tiny_model(directory: Path, arch: str) -> Path:
+def make_tiny_model(directory: Path, arch: str, llama3_split: bool = False) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tokenizer = _train_tokenizer(add_bos=arch == "llama")
+    tokenizer = _train_tokenizer(add_bos=arch == "llama", llama3_split=llama3_split)
     vocab = len(tokenizer)
     if arch == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=2,
@@ -86,6 +95,12 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_split(tmp_path_factory) -> Path:
+    """A tiny Llama whose tokenizer merges punctuation with the newlines after it, as Llama-3's does."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama3-split"), "llama", llama3_split=True)
 
 
 @pytest.fixture(scope="session")

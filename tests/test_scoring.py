@@ -341,3 +341,48 @@ def test_the_group_row_is_the_plain_mean_with_its_stderr(tiny_gpt2, tiny_data, t
         assert table["mean"][metric][1] == pytest.approx(math.sqrt(sum(se ** 2 for _, se in values)) / 3)
     # no mean of perplexities: the suite's ppl is exp(mean ce)
     assert table["mean"]["ppl"][0] == pytest.approx(math.exp(table["mean"]["ce"][0]))
+
+
+def test_boundary_merges_are_detected_and_bpb_counts_only_scored_bytes(tiny_llama3_split, tiny_data):
+    """A Llama-3-style pre-tokenizer fuses the template's ":" with the response's "\\n": lm-eval then scores
+    encode(ctx + cont)[len(encode(ctx)):] after encode(ctx), so the newline is neither seen nor scored. The token count, the
+    bytes behind bpb and the reported merge all follow what is actually scored."""
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_align.evaluate import include_path
+
+    model_dir = tiny_llama3_split
+    metadata = {"pretrained": str(model_dir), "data_dir": str(tiny_data)}
+    manager = TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata)
+    results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"},
+                                      tasks=["dpo_ppl_truthfulqa"], task_manager=manager, batch_size=2, device="cpu", log_samples=True)
+    assert results["results"]["dpo_ppl_truthfulqa"]["boundary_merge,none"] == 1.0  # every document merged
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total_nll = total_bytes = 0.0
+    for sample in results["samples"]["dpo_ppl_truthfulqa"]:
+        context, continuation = sample["doc"]["context"], sample["doc"]["continuation"]
+        context_ids, whole = tokenizer.encode(context), tokenizer.encode(context + continuation)
+        assert whole[:len(context_ids)] != context_ids  # the merge
+        scored = whole[len(context_ids):]
+        text = tokenizer.decode(scored)
+        assert text == continuation.lstrip("\n")  # the newline went into the context's last token
+        fed = context_ids + scored  # what lm-eval feeds: encode(context), then the scored tokens (no newline at all)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([fed])).logits[0].double(), -1)
+        nll = -sum(logprobs[p - 1, fed[p]].item() for p in range(len(context_ids), len(fed)))
+        assert list(sample["ce"]) == [pytest.approx(nll, rel=1e-4), len(scored)]
+        assert sample["bpb"][1] == len(text.encode("utf-8"))  # not the newline's byte
+        total_nll, total_bytes = total_nll + nll, total_bytes + len(text.encode("utf-8"))
+    assert results["results"]["dpo_ppl_truthfulqa"]["bpb,none"] == pytest.approx(total_nll / total_bytes / math.log(2), rel=1e-4)
+
+
+def test_no_merge_is_reported_for_the_gpt2_style_tokenizer(tiny_gpt2, tiny_data, tmp_path):
+    runs = run_eval([str(tiny_gpt2)], adapters=[], output=tmp_path / "out", data_dir=str(tiny_data), pku_path=str(tiny_data / "pku.jsonl.gz"),
+                    batch_size=4, device="cpu", progress=lambda m: None)
+    assert runs[0]["table"]["truthfulqa"]["n"] == 3  # scored normally; the merge metric is 0 (checked in results.json)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["models"][0]["table"]["truthfulqa"]["boundary_merge"][0] == 0.0
