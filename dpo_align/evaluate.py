@@ -151,7 +151,7 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
 
 # Messages of ValueError/RuntimeError raised by transformers/peft/lm-eval for bad user input.
 USER_FIXABLE = ("size mismatch", "safetensors", "Repo id", "does not appear to have", "trust_remote_code", "adapter_config",
-                "Can't find", "not a valid", "Unrecognized model", "No such file")
+                "Can't find", "not a valid", "Unrecognized model", "No such file", "not found in the base model")
 
 
 def _user_fixable(err: Exception) -> bool:

@@ -22,12 +22,14 @@ with (1.16), and tests/test_fast_dpo.py checks every loss type and the gradients
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from trl import DPOTrainer
 
 from dpo_align import ref_logps
+from dpo_align.errors import TrainingDiverged
 from dpo_align.pair_batch import SharedPromptCollator, pair_length
 from dpo_align.pair_logps import add_pair_logps, model_inputs, pair_sums
 
@@ -106,6 +108,19 @@ class SharedPromptDPOTrainer(DPOTrainer):
         chosen, rejected = cached
         dataset = dataset.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in dataset.column_names])
         return dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column("ref_rejected_logps", rejected.tolist())
+
+    # ---- a NaN or infinite loss stops the run at that step (never an adapter of NaNs reported as done)
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if not torch.isfinite(loss).all():
+            raise TrainingDiverged(self.state.global_step + 1, "loss", float(loss.detach().float().mean()))
+        return loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        grad_norm = logs.get("grad_norm")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise TrainingDiverged(self.state.global_step, "gradient norm", grad_norm)
+        super().log(logs, *args, **kwargs)
 
     # ---- the loss: our forward, TRL's loss and metrics
     def _compute_loss(self, model, inputs, return_outputs):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dpo_align import compare, learning_curve, paired
 from dpo_align.compare import Scored
-from dpo_align.errors import UserError
+from dpo_align.errors import TrainingDiverged, UserError
 from dpo_align.evaluate import ModelSpec, ScoreOptions, _slug, markdown_table, quiet_lm_eval, score_spec, write_outputs
 from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dpo_align.models import resolve_model
@@ -83,7 +83,7 @@ def sweep(
     output.mkdir(parents=True, exist_ok=True)
 
     # 1. train, one adapter per learning rate (finished runs are kept, started ones resumed)
-    adapters = {}
+    adapters, failed = {}, {}
     for i, lr in enumerate(lrs, start=1):
         run_dir = runs_dir / run_name(lr)
         config = dataclasses.replace(base, learning_rate=lr, output_dir=str(run_dir))
@@ -93,8 +93,15 @@ def sweep(
         else:
             resume = (run_dir / "config.yaml").is_file()
             progress(f"[train {i}/{len(lrs)}] {run_name(lr)}" + (": resuming" if resume else ""))
-            train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
+            try:
+                train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
+            except TrainingDiverged as err:  # the other runs go on; this one is reported as failed
+                progress(f"[train {i}/{len(lrs)}] {run_name(lr)} FAILED: {err}")
+                failed[run_name(lr)] = str(err)
+                continue
         adapters[run_name(lr)] = run_dir
+    if not adapters:
+        raise UserError("Every run of the sweep failed: " + " ".join(f"{k}: {v}" for k, v in failed.items()))
 
     # decontamination: the training pairs (as trained on) against every scoring set
     if data_dir or pku_path:
@@ -134,7 +141,7 @@ def sweep(
         curve = _learning_curve(runs, adapters, specs[0], options, curve_docs, output / "learning-curve", base.seed, progress)
 
     # 6. tables, curves, manifests
-    settings = {"command": "dpo-align sweep", "learning_rates": lrs, "train": dataclasses.asdict(base), **options.settings(),
+    settings = {"command": "dpo-align sweep", "learning_rates": lrs, "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
                 "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
     write_outputs(output, [dict(r) for r in runs], settings)
     table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "", markdown_table(runs, "ce")]
@@ -144,6 +151,8 @@ def sweep(
     table += ["## Bits per byte (lower is better)", "", markdown_table(runs, "bpb")]
     if changes:
         table += [paired.markdown(changes["bpb"], metric="bpb", names=compare.NAMES)]
+    if failed:
+        table += ["## Failed runs (not scored)", ""] + [f"* {name}: {reason}" for name, reason in failed.items()] + [""]
     atomic_write_text(output / "table.md", "\n".join(table))
     if changes:
         atomic_write_json(output / "comparison.json", {metric: paired.as_json(c) for metric, c in changes.items()})
@@ -163,6 +172,9 @@ def sweep(
     for name, path in adapters.items():
         shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
     write_report_safely(output, progress, generations=base.report_generations)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(lrs)} runs failed ({', '.join(failed)}); the others are scored in {output}/. "
+                        + " ".join(failed.values()))
     return runs
 
 

@@ -26,7 +26,7 @@ from dpo_align.callbacks import (
 )
 from dpo_align.data import Pair, read_pairs, to_dataset
 from dpo_align.decontaminate import overlap, suite_instructions
-from dpo_align.errors import UserError
+from dpo_align.errors import TrainingDiverged, UserError
 from dpo_align.files import atomic_write_json, atomic_write_text
 from dpo_align.models import load_model, load_tokenizer, resolve_model
 from dpo_align.plots import plot_runs, read_metrics
@@ -300,7 +300,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             # Trainer would run one step too many from here, so take the final adapter as is.
             result = _restore_final(trainer, resume_from)
         else:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            try:
+                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            except TrainingDiverged as err:
+                raise TrainingDiverged(err.step, err.what, err.value, str(output)) from None
         if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:
             raise Interrupted(latest_checkpoint(output), output)
         return _write_outputs(config, trainer, tokenizer, result, output=output, main=main, started=started, model_path=model_path,

@@ -9,6 +9,7 @@ repeats the run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from dpo_align.models import DEFAULT_MODEL
 from dpo_align.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# TRL 1.16's DPOTrainer loss types (its own error message lists them; pyproject pins that TRL minor)
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+              "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 PAIR_SAMPLES = ("first", "random")
 REPORT_TO = ("none", "tensorboard", "wandb")
 
@@ -76,8 +80,43 @@ class TrainConfig:
     eval_suite_pku_path: str | None = None
     drop_eval_overlap: bool = False
 
+    def check_types(self) -> None:
+        """Each setting has its field's type (a YAML value such as `learning_rate: fast` names its key)."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            allowed = []
+            if "None" in kind:
+                allowed.append(type(None))
+            if "list[str]" in kind:
+                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+                if not ok and value is not None:
+                    raise UserError(f"Invalid training setting {f.name}: expected a list of strings, got {value!r}.")
+                continue
+            if kind.startswith("int") or kind.startswith("float"):
+                allowed += [int, float] if ("float" in kind) else [int]
+            elif kind.startswith("bool"):
+                allowed.append(bool)
+            elif kind.startswith("str"):
+                allowed.append(str)
+            if type(value) is bool and bool not in allowed:
+                raise UserError(f"Invalid training setting {f.name}: expected {kind}, got the boolean {value!r}.")
+            if allowed and not isinstance(value, tuple(allowed)):
+                raise UserError(f"Invalid training setting {f.name}: expected {kind}, got {value!r} ({type(value).__name__}).")
+
     def validate(self) -> TrainConfig:
+        self.check_types()
+        finite = [k for k in ("learning_rate", "beta", "warmup_ratio", "epochs", "lora_dropout") if not math.isfinite(getattr(self, k))]
+        if finite:
+            options = {"learning_rate": "--lr"}
+            raise UserError(f"Invalid training option: {', '.join(options.get(k, '--' + k.replace('_', '-')) for k in finite)} must be a finite number "
+                            f"(got {', '.join(repr(getattr(self, k)) for k in finite)}).")
         checks = [
+            (self.loss_type in LOSS_TYPES, f"--loss-type {self.loss_type!r} is not one of TRL's: {', '.join(LOSS_TYPES)}"),
+            (self.logging_steps >= 1, "--logging-steps must be at least 1"),
+            (self.eval_steps >= 1, "--eval-steps must be at least 1"),
+            (self.lora_alpha >= 1, "--lora-alpha must be at least 1"),
+            (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be at least 1, or null to keep all"),
+            (self.eval_max_pairs is None or self.eval_max_pairs >= 1, "--eval-max-pairs must be at least 1"),
             (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}"),

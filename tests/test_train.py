@@ -190,10 +190,13 @@ def test_decontamination_counts_and_drops_overlap(tiny_gpt2, pairs_file, tmp_pat
         writer = csv.writer(f)
         writer.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
         writer.writerow(["A", "B", "What  is the capital of France? (0)", "Paris", "", "", ""])  # whitespace differs
+    (data_dir / "winogrande").mkdir()
+    (data_dir / "winogrande" / "dev.jsonl").write_text(json.dumps({"sentence": "The fox is _.", "option1": "quick", "option2": "slow",
+                                                                   "answer": "1"}) + "\n")
     messages = []
     manifest = train(tiny_config(tiny_gpt2, pairs_file, tmp_path / "run", max_steps=1, eval_suite_data_dir=str(data_dir),
                                  drop_eval_overlap=True), progress=messages.append)
-    assert manifest["eval_suite_overlap"] == {"truthfulqa": 1}
+    assert manifest["eval_suite_overlap"] == {"truthfulqa": 1, "winogrande": 0}
     assert manifest["pairs_trained_on"] == 47
     assert any("truthfulqa 1" in m for m in messages)
 
@@ -379,17 +382,13 @@ def test_reference_log_probs_are_cached_reused_and_keyed_on_what_they_depend_on(
     assert [r["loss"] for r in rows_damaged if "loss" in r] == [r["loss"] for r in rows_first if "loss" in r]
 
 
-def test_a_sweep_computes_reference_log_probs_once(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+def test_a_sweep_computes_reference_log_probs_once(tiny_gpt2, pairs_file, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(tmp_path / "ref-cache"))
     from dpo_align.sweep import sweep
 
     base = tiny_config(tiny_gpt2, pairs_file, tmp_path / "unused", max_steps=12, eval_data=[str(pairs_file)], eval_max_pairs=8)
-    import dpo_align.sweep as sweep_module
-
-    monkeypatch.setattr(sweep_module, "score_spec", lambda spec, options: {"stub": spec.label})  # scoring is not what this test is about
-    monkeypatch.setattr(sweep_module, "write_outputs", lambda *a, **k: None)
-    sweep(base, [1e-3, 5e-2, 1e-1], runs_dir=tmp_path / "runs", output=tmp_path / "out", eval_limit=2, data_dir=None, pku_path=None,
-          progress=lambda m: None)
+    sweep(base, [1e-3, 5e-2, 1e-1], runs_dir=tmp_path / "runs", output=tmp_path / "out", eval_limit=2, data_dir=str(tiny_data),
+          pku_path=str(tiny_data / "pku.jsonl.gz"), replicates=100, progress=lambda m: None)
     reports = [json.loads((tmp_path / "runs" / name / "manifest.json").read_text())["reference_logps"]
                for name in ("lr-0.001", "lr-0.05", "lr-0.1")]
     assert [r["train"]["cached"] for r in reports] == [False, True, True]
