@@ -25,6 +25,7 @@ from pathlib import Path
 from dpo_align import paired
 from dpo_align.errors import UserError
 from dpo_align.evaluate import TABLE_NAMES, TASKS, _slug
+from dpo_align.plots import png_bytes
 
 NAMES = {task: TABLE_NAMES[key] for key, task in TASKS.items()} | {"mean": "mean of the three"}
 DEFAULT_TEMPLATE = "alpaca"  # the tasks' default when metadata names none
@@ -178,8 +179,6 @@ def markdown(models: list[Scored], changes: dict, *, replicates: int, permutatio
 
 def plot(changes: dict, metric: str = "ce") -> bytes:
     """PNG: each model's relative change per dataset, with its 95% interval; 0 marked."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +202,4 @@ def plot(changes: dict, metric: str = "ce") -> bytes:
     ax.set_xlabel(f"{metric} change against the baseline (%), 95% paired bootstrap interval")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)

@@ -26,6 +26,7 @@ from pathlib import Path
 from dpo_align.errors import UserError
 from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text, write_jsonl
 from dpo_align.models import BUILTIN_MODELS, adapter_base, check_weights_safe, resolve_model
+from dpo_align.plots import png_bytes
 from dpo_align.provenance import git_commit, machine, model_revision, package_versions
 
 SUITE = "dpo_ppl_suite"
@@ -246,10 +247,7 @@ def bar_chart_png(runs: list[dict], metric: str = "ce") -> bytes:
     ax.set_title("Templated response-only cross-entropy (± 1 stderr)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from dpo_align.evaluate import TABLE_NAMES, TASKS
+from dpo_align.plots import png_bytes
 
 
 def subset(document_counts: dict[str, int], per_dataset: int, seed: int = 0) -> dict[str, list[int]]:
@@ -32,8 +33,6 @@ def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
 
 def plot(points: list[dict], total_steps: int, title: str) -> bytes:
     """PNG of each dataset's ce change against step 0 (percent, with ±1 stderr of the point) over training."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,10 +56,7 @@ def plot(points: list[dict], total_steps: int, title: str) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def markdown(points: list[dict], total_steps: int) -> str:

@@ -64,3 +64,15 @@ def plot_runs(runs: dict[str, list[dict]], output_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (closed afterwards), for atomic writes and inlining."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()

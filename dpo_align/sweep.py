@@ -116,15 +116,9 @@ def sweep(
     scores_dir = output / "scores"
     runs = []
     for i, spec in enumerate(specs, start=1):
-        cached, key = scores_dir / f"{_slug(spec.label)}.json", _key(spec, options)
-        if (kept := _reuse(cached, key, progress)) is not None:
-            progress(f"[score {i}/{len(specs)}] {spec.label}: already scored, kept.")
-            runs.append(kept)
-            continue
-        progress(f"[score {i}/{len(specs)}] {spec.label}")
-        result = score_spec(spec, options)
-        atomic_write_json(cached, {**result, "key": key})
-        runs.append(result)
+        where = f"[score {i}/{len(specs)}] {spec.label}"
+        runs.append(_cached(scores_dir / f"{_slug(spec.label)}.json", _key(spec, options), progress, where, "already scored, kept",
+                            lambda spec=spec: score_spec(spec, options)))
 
     # 3. what each adapter changed: paired bootstrap and permutation over documents (as `dpo-align compare`)
     scored = [Scored(r["label"], str(output), r["documents"], base.template, r.get("versions", {})) for r in runs]
@@ -188,17 +182,15 @@ def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], f
                                     trust_remote_code=base.trust_remote_code)
     logps = {}
     for i, spec in enumerate(specs, start=1):
-        cached, key = folder / f"{_slug(spec.label)}.json", _key(spec, {"sources": sources, "template": base.template,
-                                                                         "max_length": base.max_length})
-        if (kept := _reuse(cached, key, progress)) is not None:
-            progress(f"[preference {i}/{len(specs)}] {spec.label}: already computed, kept.")
-            logps[spec.label] = {k: np.array(v) for k, v in kept["logps"].items()}
-            continue
-        progress(f"[preference {i}/{len(specs)}] {spec.label}: {len(dataset)} held-out pairs")
-        logps[spec.label] = model_logps(spec.pretrained, spec.peft, dataset, pad_token_id=pad, max_length=base.max_length,
-                                        label=spec.label, trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle)
-        atomic_write_json(cached, {"label": spec.label, "peft": spec.peft, "key": key,
-                                   "logps": {k: v.tolist() for k, v in logps[spec.label].items()}})
+        def compute(spec=spec):
+            values = model_logps(spec.pretrained, spec.peft, dataset, pad_token_id=pad, max_length=base.max_length, label=spec.label,
+                                 trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle)
+            return {"label": spec.label, "peft": spec.peft, "logps": {k: v.tolist() for k, v in values.items()}}
+
+        key = _key(spec, {"sources": sources, "template": base.template, "max_length": base.max_length})
+        where = f"[preference {i}/{len(specs)}] {spec.label} ({len(dataset)} held-out pairs)"
+        done = _cached(folder / f"{_slug(spec.label)}.json", key, progress, where, "already computed, kept", compute)
+        logps[spec.label] = {k: np.array(v) for k, v in done["logps"].items()}
     return {"sources": sources, "pairs": len(dataset), "rows_read": report.rows_read,
             "skipped": dict(report.skipped), "beta": base.beta,
             "table": preference_table(logps, baseline=specs[0].label, beta=base.beta)}
@@ -218,16 +210,12 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
                                for step, path in learning_curve.checkpoint_steps(run_dir)]
     points = []
     for i, (step, spec) in enumerate(steps, start=1):
-        cached, key = folder / f"step-{step}.json", _key(spec, options)
-        if (kept := _reuse(cached, key, progress)) is not None:
-            progress(f"[curve {i}/{len(steps)}] step {step}: already scored, kept.")
-            points.append(kept)
-            continue
-        progress(f"[curve {i}/{len(steps)}] {run_name} step {step}/{total} on {per_dataset} documents per dataset")
-        result = score_spec(spec, options)
-        point = {"step": step, "label": spec.label, "peft": spec.peft, "seconds": result["seconds"], "table": result["table"], "key": key}
-        atomic_write_json(cached, point)
-        points.append(point)
+        def compute(step=step, spec=spec):
+            result = score_spec(spec, options)
+            return {"step": step, "label": spec.label, "peft": spec.peft, "seconds": result["seconds"], "table": result["table"]}
+
+        where = f"[curve {i}/{len(steps)}] {run_name} step {step}/{total} ({per_dataset} documents per dataset)"
+        points.append(_cached(folder / f"step-{step}.json", _key(spec, options), progress, where, "already scored, kept", compute))
     return {"run": run_name, "total_steps": total, "documents": chosen, "points": points}
 
 
@@ -273,6 +261,17 @@ def _key(spec: ModelSpec, settings) -> str:
         settings = dataclasses.asdict(settings)
     parts = {"label": spec.label, "base": _digest(spec.pretrained), "adapter": _digest(spec.peft), "settings": settings}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached(path: Path, key: str, progress, where: str, kept_message: str, compute) -> dict:
+    """The result stored at ``path`` when its key matches; else ``compute()``, stored with its key."""
+    if (kept := _reuse(path, key, progress)) is not None:
+        progress(f"{where}: {kept_message}.")
+        return kept
+    progress(where)
+    result = compute()
+    atomic_write_json(path, {**result, "key": key})
+    return result
 
 
 def _reuse(path: Path, key: str, progress) -> dict | None:
