@@ -180,6 +180,22 @@ def eval_command(
     typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
 
 
+# --------------------------------------------------------------------------- tasks-path
+
+
+@app.command("tasks-path")
+def tasks_path_command() -> None:
+    """Print the folder of the installed lm-eval tasks, for `lm_eval --include_path`.
+
+    Works without a clone of the repository:
+
+        lm_eval --model hf --model_args pretrained=MODEL --include_path "$(dpo-align tasks-path)" --tasks dpo_ppl_suite
+    """
+    from dpo_align.evaluate import include_path
+
+    typer.echo(include_path())
+
+
 # --------------------------------------------------------------------------- compare
 
 

@@ -56,3 +56,23 @@ def test_inspect_real_train_pool(tiny_gpt2):
     result = runner.invoke(app, ["data", "inspect", str(SHARED_DATA / "splits" / "train-pool.jsonl.gz"), "--model", str(tiny_gpt2)])
     assert result.exit_code == 0, result.output
     assert "rows read  7716" in result.output and "rows kept  7657" in result.output
+
+
+def test_tasks_path_points_at_the_installed_tasks_and_the_wheel_ships_them(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    result = CliRunner().invoke(app, ["tasks-path"])
+    assert result.exit_code == 0
+    folder = Path(result.output.strip())
+    assert {"dpo_ppl_suite.yaml", "dpo_pref_heldout.yaml", "dpo_ppl.py", "dpo_pref.py"} <= {p.name for p in folder.iterdir()}
+    # a user who installed the wheel (no clone) has the same files
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(repo), "-w", str(tmp_path)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("dpo_align-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("dpo_ppl_suite.yaml", "dpo_ppl_truthfulqa.yaml", "dpo_pref_heldout.yaml", "dpo_ppl.py", "dpo_pref.py", "README.md"):
+        assert f"dpo_align/lm_eval_tasks/{name}" in names

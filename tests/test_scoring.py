@@ -207,6 +207,25 @@ def test_ratio_stderr_reduces_to_the_standard_error_of_a_mean():
     assert metrics.bpb(items) == pytest.approx(mean / math.log(2))
 
 
+def test_ratio_stderr_with_unequal_token_counts():
+    # by hand: ce = 9/6; residuals 2 - 1.5, 6 - 4.5, 1 - 3; se = sqrt(6.5 / (3 * 2)) / mean(n) = 2
+    items = [(2.0, 1), (6.0, 3), (1.0, 2)]
+    assert metrics.ce(items) == pytest.approx(1.5)
+    assert metrics.ce.stderr(items) == pytest.approx(math.sqrt(6.5 / 6) / 2)
+    # and against the spread of the ratio of sums over resampled documents, for a large sample
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 60, 3000)
+    nll = tokens * rng.gamma(4.0, 0.5, 3000) + rng.normal(0, 2, 3000)
+    items = list(zip(nll.tolist(), tokens.tolist(), strict=True))
+    draws = rng.integers(0, 3000, (3000, 3000))
+    spread = (nll[draws].sum(1) / tokens[draws].sum(1)).std()
+    assert metrics.ce.stderr(items) == pytest.approx(spread, rel=0.06)
+    # a plain mean of per-document ratios would be another number: ce weights long documents more
+    assert metrics.ce(items) != pytest.approx(float(np.mean(nll / tokens)), rel=1e-3)
+
+
 @pytest.mark.slow
 @needs_shared_data
 def test_real_model_matches_independent_computation(default_model_path, tmp_path):
