@@ -126,19 +126,41 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tiny
     assert result.exit_code == 2 and "--max-steps" in result.output
 
 
-def test_resume_skips_a_checkpoint_that_was_cut_while_being_written(tiny_gpt2, pairs_file, tmp_path):
-    out = tmp_path / "run"
-    config = tiny_config(tiny_gpt2, pairs_file, out)
-    train(config, progress=lambda m: None)
-    # Recreate the state of a SIGKILL during a save: checkpoints 2 and 4 complete, 6 half-written.
-    (out / "manifest.json").unlink()
-    for step in (2, 4, 6):
-        (out / f"checkpoint-{step}").mkdir()
+def test_resume_skips_a_checkpoint_that_was_cut_while_being_written(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
     from dpo_align.callbacks import COMPLETE_MARKER, latest_checkpoint
 
-    for step in (2, 4):
-        (out / f"checkpoint-{step}" / COMPLETE_MARKER).write_text(str(step))
-    assert latest_checkpoint(out) == out / "checkpoint-4"
+    settings = dict(max_steps=8, save_steps=2, lr_scheduler="constant", learning_rate=5e-2, lora_dropout=0.0)
+    whole = tmp_path / "whole"
+    train(tiny_config(tiny_gpt2, pairs_file, whole, **settings), progress=lambda m: None)
+    # The same run, killed after its last step but before its outputs: checkpoints 6 and 8 on disk (save_total_limit 2).
+    out = tmp_path / "cut"
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(train_module, "_write_outputs", killed)
+    with pytest.raises(SystemExit):
+        train(tiny_config(tiny_gpt2, pairs_file, out, **settings), progress=lambda m: None)
+    monkeypatch.undo()
+    # The state of a SIGKILL during the save of checkpoint 8: half-written, no completion marker.
+    (out / "checkpoint-8" / COMPLETE_MARKER).unlink()
+    (out / "checkpoint-8" / "optimizer.pt").write_bytes(b"cut")
+    assert latest_checkpoint(out) == out / "checkpoint-6"
+    manifest = train(tiny_config(tiny_gpt2, pairs_file, out, **settings), resume=True, progress=lambda m: None)
+    assert manifest["resumed_from"].endswith("checkpoint-6") and manifest["global_steps"] == 8
+    # steps 7 and 8 were trained again from checkpoint 6 and end where the uninterrupted run ended
+    assert [r["step"] for r in read_rows(out) if "loss" in r] == list(range(1, 9))
+    assert [r["loss"] for r in read_rows(out) if "loss" in r] == pytest.approx([r["loss"] for r in read_rows(whole) if "loss" in r], rel=1e-5)
+    a, b = load_file(str(whole / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch_allclose(a[k], b[k]) for k in a)
+
+
+def torch_allclose(x, y) -> bool:
+    import torch
+
+    return bool(torch.allclose(x, y, rtol=1e-5, atol=1e-7))
 
 
 def test_output_dir_in_use_and_bad_input(tiny_gpt2, pairs_file, tmp_path):
