@@ -473,3 +473,23 @@ def test_sweep_never_reuses_work_made_with_other_settings(tiny_gpt2, pairs_file,
     # the base model's score is still valid (same weights, same scoring settings); the new adapter's is not
     assert retrained.output.count("already scored, kept") == 1 and "[score 1/2] baseline" in retrained.output
     assert retrained.output.count("made from other weights or settings; recomputing it") == 1
+
+
+def test_ctrl_c_while_the_outputs_are_written_finishes_them(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    """Aimed at the window between the adapter being saved and the manifest being written."""
+    out = tmp_path / "run"
+    real_plot_runs = train_module.plot_runs
+    sent = []
+
+    def plot_then_ctrl_c(*args, **kwargs):
+        assert (out / "adapter_model.safetensors").is_file() and not (out / "manifest.json").exists()  # inside the window
+        os.kill(os.getpid(), signal.SIGINT)
+        sent.append(True)
+        return real_plot_runs(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "plot_runs", plot_then_ctrl_c)
+    manifest = train(tiny_config(tiny_gpt2, pairs_file, out, max_steps=2), progress=lambda m: None)
+    assert sent and manifest["status"] == "complete" and manifest["global_steps"] == 2
+    for name in ("manifest.json", "README.md", "adapter_model.safetensors", "config.yaml"):
+        assert (out / name).is_file()
+    assert not list(out.glob("checkpoint-*"))  # the cleanup after the manifest ran too
