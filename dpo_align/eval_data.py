@@ -95,7 +95,7 @@ def pku_docs(pku_path: str | list[str] | None = None) -> list[dict]:
     """
     if pku_path:
         sources = [pku_path] if isinstance(pku_path, str) else list(pku_path)
-        pairs, _ = read_pairs(sources, for_training=False, hash_files=False)
+        pairs, _ = read_pairs(sources, split="test", for_training=False, hash_files=False)  # a hub id: its test split
     else:
         pairs = []
         for i, row in enumerate(_hub_rows("pku")):
