@@ -84,7 +84,7 @@ def models_prepare(
     force: Annotated[bool, typer.Option("--force", help="Rebuild the cached checkpoint even if it is intact.")] = False,
 ) -> None:
     """Make a model loadable offline and print the path to pass to other tools (e.g. lm_eval)."""
-    from dpo_align.models import BUILTIN_MODELS, prepare_builtin, resolve_model
+    from dpo_align.models import BUILTIN_MODELS, check_model_source, prepare_builtin
 
     def progress(message: str) -> None:
         typer.echo(message, err=True)
@@ -92,7 +92,7 @@ def models_prepare(
     if name in BUILTIN_MODELS:
         path = prepare_builtin(name, force=force, progress=progress)
     else:
-        path = resolve_model(name, progress=progress)
+        path = check_model_source(name)
     typer.echo(str(path))
 
 
@@ -164,7 +164,9 @@ def eval_command(
         dpo-align eval smollm2-135m-instruct --peft runs/dpo --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
     from dpo_align.eval_data import DATASETS
-    from dpo_align.evaluate import markdown_table, run_eval
+    from dpo_align.evaluate import check_score_options, markdown_table, run_eval
+
+    check_score_options(batch_size=batch_size, device=device, dtype=dtype, limit=limit)
 
     for name in dataset or []:
         if name not in DATASETS:
@@ -513,9 +515,11 @@ def sweep_command(
 
         dpo-align sweep --lr 5e-6,1e-5 --data ../shared/data/splits/train-pool.jsonl.gz --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
+    from dpo_align.evaluate import check_score_options
     from dpo_align.sweep import parse_lrs, sweep
     from dpo_align.train_config import build_config, load_config_file
 
+    check_score_options(batch_size=eval_batch_size, device="auto", dtype="float32", limit=eval_limit)  # before hours of training
     lrs = parse_lrs(lr)
     skip = ("lr", "config", "eval_limit", "eval_batch_size", "runs_dir", "output", "ctx", "preference_data", "curve_docs", "bootstrap")
     given = _explicit(ctx, {k: v for k, v in ctx.params.items() if k not in skip})

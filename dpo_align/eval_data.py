@@ -62,7 +62,19 @@ def truthfulqa_docs(data_dir: str | None = None) -> list[dict]:
     if data_dir:
         path = _local_file(data_dir, "truthfulqa/TruthfulQA.csv", "truthfulqa")
         with open(path, newline="", encoding="utf-8") as f:
-            rows = [(r["Question"], r["Best Answer"]) for r in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            missing = [c for c in ("Question", "Best Answer") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"{path}:1: the header has no {' or '.join(repr(c) for c in missing)} column"
+                                f" (found: {', '.join(reader.fieldnames or []) or 'an empty file'}). TruthfulQA.csv needs "
+                                "'Question' and 'Best Answer'.")
+            rows = []
+            for line, r in enumerate(reader, start=2):
+                if r.get("Question") is None or r.get("Best Answer") is None:
+                    raise UserError(f"{path}:{line}: the row has fewer columns than the header (no 'Best Answer').")
+                rows.append((r["Question"], r["Best Answer"]))
+        if not rows:
+            raise UserError(f"{path}: no rows after the header.")
     else:
         rows = [(r["question"], r["best_answer"]) for r in _hub_rows("truthfulqa")]
     return [{"id": i, "instruction": q.strip(), "response": a.strip()} for i, (q, a) in enumerate(rows)]
@@ -70,18 +82,32 @@ def truthfulqa_docs(data_dir: str | None = None) -> list[dict]:
 
 def winogrande_docs(data_dir: str | None = None) -> list[dict]:
     """WinoGrande xl/validation: the fill-in instruction; response = the correct option's text."""
+    where = []
     if data_dir:
         path = _local_file(data_dir, "winogrande/dev.jsonl", "winogrande")
+        rows = []
         with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            for line_number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        raise UserError(f"{path}:{line_number}: not valid JSON.") from None
+                    where.append(f"{path}:{line_number}")
+        if not rows:
+            raise UserError(f"{path}: no rows.")
     else:
         rows = _hub_rows("winogrande")
     docs = []
     for i, row in enumerate(rows):
-        sentence, option1, option2 = (row[k].strip() for k in ("sentence", "option1", "option2"))
+        place = where[i] if where else f"winogrande row {i + 1}"
+        missing = [k for k in ("sentence", "option1", "option2", "answer") if not isinstance(row, dict) or not isinstance(row.get(k), str | int)]
+        if missing:
+            raise UserError(f"{place}: missing or non-text field(s) {', '.join(missing)}; each row needs sentence, option1, option2, answer.")
+        sentence, option1, option2 = (str(row[k]).strip() for k in ("sentence", "option1", "option2"))
         answer = str(row["answer"]).strip()
         if answer not in ("1", "2"):
-            raise UserError(f"winogrande row {i + 1}: answer must be '1' or '2', got {answer!r}.")
+            raise UserError(f"{place}: answer must be '1' or '2', got {answer!r}.")
         instruction = WINOGRANDE_INSTRUCTION.format(sentence=sentence, option1=option1, option2=option2)
         docs.append({"id": i, "instruction": instruction, "response": option1 if answer == "1" else option2})
     return docs

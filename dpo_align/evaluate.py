@@ -260,6 +260,25 @@ def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
     atomic_write_bytes(output / "table.png", bar_chart_png(runs))
 
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def check_score_options(*, batch_size: int, device: str, dtype: str, limit: int | None) -> None:
+    """Scoring options, checked before any model loads, each error naming its option."""
+    import torch
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give at least 1 request per forward pass.")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give at least 1 document per dataset, or leave it out to score them all.")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}.")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise UserError(f"--device {device!r} is not one of: auto, cpu, cuda, cuda:N, mps.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}). Use --device cpu or auto.")
+
+
 def resolve_device(device: str) -> str:
     import torch
 

@@ -114,6 +114,28 @@ def resolve_model(name: str, progress=print) -> str:
     return name
 
 
+def check_model_source(name: str) -> str:
+    """A model that is not built in, checked before anything loads: a local checkpoint folder (with its
+    config.json), or a hub id that is cached (or downloadable when online). Returns what to pass on."""
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise UserError(f"{name}: no such model folder." if not path.exists() else f"{name}: a file, not a model folder.")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name}: no config.json there, so it is not a transformers checkpoint. "
+                            "Pass the folder that holds config.json and the weights.")
+        return str(path)
+    if name.count("/") != 1 or not all(name.split("/")):
+        raise UserError(f"{name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), a local folder, "
+                        "nor a hub id of the form owner/name.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+    except Exception as err:
+        raise UserError(f"Could not get {name!r} from the hub: {str(err).splitlines()[0]}.{_offline_hint(name)}") from None
+
+
 def _offline_hint(name: str) -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(name).exists():
         return (

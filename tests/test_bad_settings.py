@@ -68,3 +68,73 @@ def test_a_sweep_marks_a_diverging_run_failed_and_scores_the_others(tiny_gpt2, p
     assert "nan ±" not in table and "DPO lr-1e+30" not in table  # the failed run has no column
     models = json.loads((tmp_path / "out" / "results.json").read_text())["models"]
     assert [m["label"] for m in models] == [models[0]["label"], "DPO lr-0.001"]
+
+
+EVAL_CASES = [
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--limit", "0"], "--limit 0"),
+    (["--limit", "-1"], "--limit -1"),
+    (["--dtype", "float8"], "--dtype 'float8' is not one of"),
+    (["--device", "foo"], "--device 'foo' is not one of"),
+    (["--device", "cuda"], "no CUDA device"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), EVAL_CASES)
+def test_bad_eval_options_are_refused_before_a_model_loads(args, message, tmp_path):
+    result = runner.invoke(app, ["eval", str(tmp_path / "no-model"), "-o", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_checks_its_scoring_options_before_training(tmp_path, pairs_file):
+    result = runner.invoke(app, ["sweep", "--data", str(pairs_file), "--eval-batch-size", "0", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "--batch-size 0" in result.output and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("name", "message"), [("no-such-model", "neither a built-in model"), ("/nonexistent/model", "no such model folder"),
+                                               ("nobody/nothing", "Could not get 'nobody/nothing'")])
+def test_models_prepare_refuses_what_it_cannot_prepare(name, message, tmp_path):
+    result = runner.invoke(app, ["models", "prepare", name])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_folder_without_config_json_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["models", "prepare", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "no config.json" in result.output
+
+
+def _suite(tmp_path, truthfulqa: str, winogrande: str):
+    (tmp_path / "truthfulqa").mkdir(parents=True)
+    (tmp_path / "truthfulqa" / "TruthfulQA.csv").write_text(truthfulqa)
+    (tmp_path / "winogrande").mkdir()
+    (tmp_path / "winogrande" / "dev.jsonl").write_text(winogrande)
+    return tmp_path
+
+
+GOOD_TQA = "Type,Category,Question,Best Answer\nA,B,What is it?,It is.\n"
+GOOD_WINO = json.dumps({"sentence": "The fox is _.", "option1": "quick", "option2": "slow", "answer": "1"}) + "\n"
+
+
+@pytest.mark.parametrize(("tqa", "wino", "message"), [
+    ("Type,Category,Question\nA,B,What is it?\n", GOOD_WINO, "TruthfulQA.csv:1: the header has no 'Best Answer' column"),
+    ("", GOOD_WINO, "TruthfulQA.csv:1: the header has no 'Question' or 'Best Answer' column"),
+    ("Type,Category,Question,Best Answer\n", GOOD_WINO, "TruthfulQA.csv: no rows after the header"),
+    (GOOD_TQA, GOOD_WINO + json.dumps({"sentence": "x _", "option1": "a", "answer": "1"}) + "\n", "dev.jsonl:2: missing or non-text field(s) option2"),
+    (GOOD_TQA, "{not json\n", "dev.jsonl:1: not valid JSON"),
+])
+def test_malformed_scoring_data_names_the_file_line_and_column(tqa, wino, message, tmp_path):
+    from dpo_align.errors import UserError
+    from dpo_align.eval_data import load_docs
+
+    data = _suite(tmp_path / "suite", tqa, wino)
+    with pytest.raises(UserError, match=re_escape(message)):
+        load_docs("truthfulqa", data_dir=str(data))
+        load_docs("winogrande", data_dir=str(data))
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
