@@ -152,13 +152,32 @@ def preference_docs(path: str | list[str] | None = None, data_dir: str | None = 
     return [{"id": i, "instruction": p.instruction, "chosen": p.chosen, "rejected": p.rejected} for i, p in enumerate(pairs)]
 
 
+# Documents with an empty response, skipped per dataset by the last load_docs (read by dpo-align eval for its
+# results; plain lm_eval users get the warning).
+SKIPPED_EMPTY: dict[str, int] = {}
+
+
 def load_docs(name: str, *, data_dir: str | None = None, pku_path: str | list[str] | None = None) -> list[dict]:
-    """Documents of one scoring dataset; ``data_dir`` falls back to env DPO_ALIGN_DATA_DIR."""
+    """Documents of one scoring dataset; ``data_dir`` falls back to env DPO_ALIGN_DATA_DIR.
+
+    A document whose response is empty is skipped and counted (``SKIPPED_EMPTY``): scoring it would score only
+    the template's separator. Document ids stay the row numbers of the source.
+    """
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
     if name == "truthfulqa":
-        return truthfulqa_docs(data_dir)
-    if name == "winogrande":
-        return winogrande_docs(data_dir)
-    if name == "pku":
-        return pku_docs(pku_path)
-    raise UserError(f"Unknown scoring dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+        docs = truthfulqa_docs(data_dir)
+    elif name == "winogrande":
+        docs = winogrande_docs(data_dir)
+    elif name == "pku":
+        docs = pku_docs(pku_path)
+    else:
+        raise UserError(f"Unknown scoring dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    kept = [d for d in docs if d["response"]]
+    SKIPPED_EMPTY[name] = len(docs) - len(kept)
+    if not kept:
+        raise UserError(f"{name}: all {len(docs)} documents have an empty response; there is nothing to score.")
+    if len(kept) < len(docs):
+        import warnings
+
+        warnings.warn(f"{name}: {len(docs) - len(kept)} document(s) with an empty response skipped (of {len(docs)}).", stacklevel=2)
+    return kept

@@ -303,6 +303,11 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict:
     if spec.peft:
         revision["adapter"] = model_revision(spec.peft)
     table = summarize(results)
+    from dpo_align.eval_data import SKIPPED_EMPTY
+
+    for key, row in table.items():  # documents left out for an empty response, per dataset
+        if key in SKIPPED_EMPTY:
+            row["skipped_empty_responses"] = SKIPPED_EMPTY[key]
     merged = {key: row["boundary_merge"][0] for key, row in table.items() if row.get("boundary_merge", [0])[0]}
     if merged:
         import warnings

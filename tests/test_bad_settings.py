@@ -138,3 +138,21 @@ def re_escape(text):
     import re
 
     return re.escape(text)
+
+
+def test_empty_responses_are_skipped_and_counted(tiny_gpt2, tmp_path):
+    data = _suite(tmp_path / "suite", "Type,Category,Question,Best Answer\nA,B,What is it?,It is.\nA,B,Empty?,\nA,B,Blank?,  \n", GOOD_WINO)
+    pku = tmp_path / "pku.jsonl"
+    pku.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: bye"}) + "\n")
+    result = runner.invoke(app, ["eval", str(tiny_gpt2), "--data-dir", str(data), "--pku-path", str(pku), "--device", "cpu",
+                                 "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]["table"]
+    assert table["truthfulqa"]["n"] == 1 and table["truthfulqa"]["skipped_empty_responses"] == 2
+    assert table["winogrande"]["skipped_empty_responses"] == 0
+    # every answer empty: nothing to score is an error, not a ce of the separator alone
+    data2 = _suite(tmp_path / "suite2", "Type,Category,Question,Best Answer\nA,B,Empty?,\n", GOOD_WINO)
+    result = runner.invoke(app, ["eval", str(tiny_gpt2), "--data-dir", str(data2), "--pku-path", str(pku), "--device", "cpu",
+                                 "-o", str(tmp_path / "out2")])
+    assert result.exit_code == 2 and "truthfulqa: all 1 documents have an empty response" in result.output
+    assert not (tmp_path / "out2" / "results.json").exists()

@@ -88,6 +88,8 @@ def read_hh(path, limit):
                 continue
             if chosen[-1][1] == rejected[-1][1]:
                 continue
+            if not chosen[-1][1]:  # an empty response is not scored (only the separator would be)
+                continue
             context = chosen[:-1]
             if len(context) == 1 and context[0][0] == "Human":
                 instruction = context[0][1]
