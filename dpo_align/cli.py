@@ -173,11 +173,14 @@ def eval_command(
             raise UserError(f"--dataset {name!r} is not one of: {', '.join(DATASETS)}.")
     if lm_eval_model not in ("dpo-hf", "hf"):
         raise UserError(f"--lm-eval-model {lm_eval_model!r} is not one of: dpo-hf, hf.")
-    runs = run_eval(
-        models or [], adapters=peft or [], output=output, limit=limit, data_dir=data_dir, pku_path=pku_path,
-        template=template, batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle, datasets=dataset, lm_eval_model=lm_eval_model, progress=lambda m: typer.echo(m, err=True),
-    )
+    from dpo_align.folder_lock import locked
+
+    with locked(output, "dpo-align eval"):
+        runs = run_eval(
+            models or [], adapters=peft or [], output=output, limit=limit, data_dir=data_dir, pku_path=pku_path,
+            template=template, batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle, datasets=dataset, lm_eval_model=lm_eval_model, progress=lambda m: typer.echo(m, err=True),
+        )
     typer.echo(markdown_table(runs))
     typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
 
@@ -463,10 +466,12 @@ def merge_command(
     `lm_eval --model hf --model_args pretrained=OUTPUT ...` gives the same numbers as
     `pretrained=BASE,peft=ADAPTER`.
     """
+    from dpo_align.folder_lock import locked
     from dpo_align.merge import merge
 
-    path = merge(adapter, output, base=base, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                 progress=lambda m: typer.echo(m, err=True))
+    with locked(output, "dpo-align merge"):
+        path = merge(adapter, output, base=base, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                     progress=lambda m: typer.echo(m, err=True))
     typer.echo(str(path))
 
 
@@ -524,9 +529,12 @@ def sweep_command(
     skip = ("lr", "config", "eval_limit", "eval_batch_size", "runs_dir", "output", "ctx", "preference_data", "curve_docs", "bootstrap")
     given = _explicit(ctx, {k: v for k, v in ctx.params.items() if k not in skip})
     base = build_config(load_config_file(config) if config else {}, given)
-    runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=eval_limit, data_dir=data_dir, pku_path=pku_path,
-                 batch_size=eval_batch_size, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
-                 progress=lambda m: typer.echo(m, err=True))
+    from dpo_align.folder_lock import locked
+
+    with locked(output, "dpo-align sweep"):
+        runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=eval_limit, data_dir=data_dir, pku_path=pku_path,
+                     batch_size=eval_batch_size, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
+                     progress=lambda m: typer.echo(m, err=True))
     from dpo_align.evaluate import markdown_table
 
     typer.echo(markdown_table(runs))

@@ -28,6 +28,7 @@ from dpo_align.data import Pair, read_pairs, to_dataset
 from dpo_align.decontaminate import overlap, suite_instructions
 from dpo_align.errors import TrainingDiverged, UserError
 from dpo_align.files import atomic_write_json, atomic_write_text
+from dpo_align.folder_lock import locked
 from dpo_align.models import load_model, load_tokenizer, resolve_model
 from dpo_align.plots import plot_runs, read_metrics
 from dpo_align.provenance import git_commit, machine, model_revision, package_versions
@@ -156,6 +157,16 @@ def take_pairs(pairs: list, n: int, how: str, seed: int) -> list:
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress=print) -> dict:
+    """Train one adapter; the output folder is locked for the run (one writer per folder)."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` the main process holds the lock
+        return _train(config, resume=resume, overwrite=overwrite, progress=progress)
+    with locked(Path(config.output_dir), "dpo-align train"):
+        return _train(config, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> dict:
     import warnings
 
     import torch
