@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 COMPLETE_MARKER = "dpo-align-checkpoint-complete"
+SETTINGS_FILE = "dpo-align-settings.json"
 
 
 class MetricsFile(TrainerCallback):
@@ -111,11 +112,16 @@ class CheckpointMarker(TrainerCallback):
     marker; `latest_checkpoint` then skips it and resuming uses the previous one.
     """
 
+    def __init__(self, settings: dict | None = None):
+        self.settings = settings  # the run's settings, stored with each checkpoint (a resume must match them)
+
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
+            if self.settings is not None:
+                (checkpoint / SETTINGS_FILE).write_text(json.dumps(self.settings, sort_keys=True, default=str))
             marker = checkpoint / COMPLETE_MARKER
             with open(marker, "w") as f:
                 f.write(str(state.global_step))

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from dpo_align.callbacks import (
+    SETTINGS_FILE,
     CheckpointMarker,
     GracefulInterrupt,
     MetricsFile,
@@ -33,7 +34,7 @@ from dpo_align.models import load_model, load_tokenizer, resolve_model
 from dpo_align.plots import plot_runs, read_metrics
 from dpo_align.provenance import git_commit, machine, model_revision, package_versions
 from dpo_align.templates import render_prompt, render_response
-from dpo_align.train_config import TrainConfig
+from dpo_align.train_config import TrainConfig, settings_diff
 
 RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl")
 # The statistics shown in summaries (TRL's log keys): DPO loss, rewards, margin, accuracy.
@@ -198,6 +199,15 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
         atomic_write_text(output / "config.yaml", config.to_yaml())
     state.wait_for_everyone()
     resume_from = latest_checkpoint(output) if resume else None
+    if resume_from is not None and (resume_from / SETTINGS_FILE).is_file():
+        # config.yaml can be edited; the checkpoint's own copy says what it was trained with
+        stored = json.loads((resume_from / SETTINGS_FILE).read_text())
+        changed = settings_diff(stored, config)
+        if changed:
+            detail = ", ".join(f"{k}: {stored.get(k)!r} in {resume_from.name}, {getattr(config, k)!r} now" for k in changed)
+            raise UserError(f"--resume: the settings differ from those {resume_from} was trained with ({detail}). A resumed run "
+                            f"continues exactly as it started: restore them in {output / 'config.yaml'}, or start a new run "
+                            "(--overwrite, or another --output-dir).")
     set_seed(config.seed)
 
     # Model path and tokenizer first: a wrong model name should fail before data work.
@@ -287,7 +297,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker(), interrupt],
+        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker(dataclasses.asdict(config)), interrupt],
     )
     trainer.setup_s = round(time.time() - setup_started, 1)  # tokenization and the reference pass (or its cache)
     for callback in (ProgressCallback, PrinterCallback):

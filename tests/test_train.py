@@ -493,3 +493,23 @@ def test_ctrl_c_while_the_outputs_are_written_finishes_them(tiny_gpt2, pairs_fil
     for name in ("manifest.json", "README.md", "adapter_model.safetensors", "config.yaml"):
         assert (out / name).is_file()
     assert not list(out.glob("checkpoint-*"))  # the cleanup after the manifest ran too
+
+
+def test_resume_refuses_an_edited_config_naming_the_key(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(train_module, "_write_outputs", killed)
+    with pytest.raises(SystemExit):
+        train(tiny_config(tiny_gpt2, pairs_file, out, max_steps=4, save_steps=2), progress=lambda m: None)
+    monkeypatch.undo()
+    config = out / "config.yaml"
+    original = config.read_text()
+    config.write_text(original.replace("learning_rate: 0.005", "learning_rate: 0.5"))
+    result = runner.invoke(app, ["train", "-o", str(out), "--resume"])
+    assert result.exit_code == 2 and "learning_rate: 0.005 in checkpoint-4, 0.5 now" in result.output, result.output
+    config.write_text(original)  # restored: the resume goes ahead
+    result = runner.invoke(app, ["train", "-o", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
