@@ -29,7 +29,7 @@ def locked(folder: Path, command: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115  (held open for the whole block)
     except OSError as err:
-        raise UserError(f"{folder}: cannot create its lock file {path} ({err.strerror}). Choose a writable location.") from None
+        raise UserError(f"{folder}: cannot write there (its lock file {path}: {err.strerror}). Choose a writable location.") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
