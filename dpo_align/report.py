@@ -169,9 +169,9 @@ def sweep_blocks(folder: Path, generations: int = 3, progress=print) -> list:
     if comparison is None and len(models) > 1:  # a folder written before sweeps wrote comparison.json
         from dpo_align import compare, paired
 
-        loaded = compare.load([str(folder)])
-        comparison = {metric: paired.as_json(c) for metric, c in compare.compare(loaded).items()}
-        comparison_png = compare.plot(compare.compare(loaded, replicates=2000, permutations=0))
+        changes = compare.compare(compare.load([str(folder)]))
+        comparison = {metric: paired.as_json(c) for metric, c in changes.items()}
+        comparison_png = compare.plot(changes)
     else:
         comparison_png = (folder / "comparison.png").read_bytes() if (folder / "comparison.png").is_file() else None
     if comparison:
