@@ -178,9 +178,17 @@ def sha256_file(path: Path) -> str:
 def data_files(path: Path) -> list[Path]:
     """The data files a path names: itself, or the supported files in a directory (sorted)."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+        every = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = [p for p in every if p.name.endswith(SUFFIXES)]
         if not files:
             raise UserError(f"{path}: directory holds no data files (looked for {', '.join(SUFFIXES)}).")
+        ignored = [str(p.relative_to(path)) for p in every if p not in files]
+        if ignored:  # a .csv or .txt of pairs would otherwise be left out without a word
+            import warnings
+
+            shown = ", ".join(ignored[:10]) + (f" and {len(ignored) - 10} more" if len(ignored) > 10 else "")
+            warnings.warn(f"{path}: ignoring {len(ignored)} file(s) that are not data files ({', '.join(SUFFIXES)}): {shown}",
+                          stacklevel=2)
         return files
     if not path.name.endswith(SUFFIXES):
         raise UserError(f"{path}: unsupported file type. Use one of {', '.join(SUFFIXES)}.")

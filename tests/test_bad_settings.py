@@ -156,3 +156,17 @@ def test_empty_responses_are_skipped_and_counted(tiny_gpt2, tmp_path):
                                  "-o", str(tmp_path / "out2")])
     assert result.exit_code == 2 and "truthfulqa: all 1 documents have an empty response" in result.output
     assert not (tmp_path / "out2" / "results.json").exists()
+
+
+def test_a_data_folder_warns_about_the_files_it_ignores(tmp_path, pairs_file):
+    from dpo_align.data import read_pairs
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "pairs.jsonl").write_text(pairs_file.read_text())
+    (folder / "more.csv").write_text("chosen,rejected\n")
+    (folder / "notes.txt").write_text("x")
+    (folder / ".hidden").write_text("x")
+    with pytest.warns(UserWarning, match=r"ignoring 2 file\(s\) that are not data files .*: more.csv, notes.txt$"):
+        pairs, _ = read_pairs([str(folder)])
+    assert len(pairs) == 48
