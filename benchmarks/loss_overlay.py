@@ -64,9 +64,9 @@ def main() -> None:
     from trl import DPOTrainer
 
     from dpo_align.data import read_pairs, to_dataset
+    from dpo_align.data_fitting import fit_to_length
     from dpo_align.fast_dpo import SharedPromptDPOTrainer
     from dpo_align.models import load_tokenizer, resolve_model
-    from dpo_align.train import fit_to_length
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)

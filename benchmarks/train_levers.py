@@ -40,7 +40,7 @@ from pathlib import Path
 def sample_pairs(data: str, tokenizer, n: int, max_length: int) -> list[dict]:
     """n pairs at evenly spaced quantiles of pair length: every length range is represented."""
     from dpo_align.data import read_pairs, to_dataset
-    from dpo_align.train import fit_to_length
+    from dpo_align.data_fitting import fit_to_length
 
     pairs, _ = read_pairs([data])
     pairs, _ = fit_to_length(pairs, tokenizer, "alpaca", max_length)

@@ -46,9 +46,9 @@ def write_sample(data: str, model: str, pairs: int, max_length: int, path: Path)
     import random
 
     from dpo_align.data import read_pairs
+    from dpo_align.data_fitting import fit_to_length
     from dpo_align.models import load_tokenizer, resolve_model
     from dpo_align.templates import render_prompt, render_response
-    from dpo_align.train import fit_to_length
 
     tokenizer = load_tokenizer(resolve_model(model))
     every, _ = read_pairs([data])

@@ -10,8 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-COMPLETE_MARKER = "dpo-align-checkpoint-complete"
-SETTINGS_FILE = "dpo-align-settings.json"
+from dpo_align.run_folder import COMPLETE_MARKER, SETTINGS_FILE
 
 
 class MetricsFile(TrainerCallback):
@@ -28,21 +27,6 @@ class MetricsFile(TrainerCallback):
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop rows logged after the checkpoint, so the file holds one history."""
-    if not path.exists():
-        return
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut by a crash
-            continue
-        if row.get("step", 0) <= last_step:
-            rows.append(line)
-    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
 
 
 class PairsProgress(TrainerCallback):
@@ -127,18 +111,3 @@ class CheckpointMarker(TrainerCallback):
                 f.write(str(state.global_step))
                 f.flush()
                 os.fsync(f.fileno())
-
-
-def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in output_dir.glob("checkpoint-*"):
-        suffix = path.name.removeprefix("checkpoint-")
-        if path.is_dir() and suffix.isdigit():
-            found.append((int(suffix), path))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint that was completely written, or None."""
-    complete = [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
-    return complete[-1] if complete else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from dpo_align.config_options import given_settings, with_settings
 from dpo_align.errors import UserError
 from dpo_align.models import DEFAULT_MODEL
 from dpo_align.templates import DEFAULT_TEMPLATE, TEMPLATES
@@ -29,6 +31,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
+WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 @app.callback()
@@ -49,6 +52,15 @@ def user_errors(fn):
             if _state["debug"]:
                 raise
             typer.secho(f"error: {err}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            # a full or read-only disk: every command writes into staging and moves its outputs
+            # into place only once all are written, so what exists is either finished or absent
+            if err.errno not in WRITE_ERRORS or _state["debug"]:
+                raise
+            typer.secho(f"error: cannot write {err.filename or 'the output'}: {err.strerror}. Nothing that looks finished "
+                        "was left behind; free some space (or choose a writable folder) and run the command again.",
+                        fg="red", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -154,6 +166,9 @@ def eval_command(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with a checkpoint to run.")]
     = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.pt) weights through torch's weights_only loader; safetensors only otherwise.")] = False,
+    dataset_revision: Annotated[list[str] | None, typer.Option("--dataset-revision", help=(
+        "Pin a scoring set read from the hub: NAME=REVISION (truthfulqa, winogrande or pku; a branch, tag or commit; "
+        "repeatable). The commit read is recorded in results.json either way."))] = None,
 ) -> None:
     """Score models with the dpo_ppl suite (lm-eval) and write a reference-style table.
 
@@ -164,7 +179,8 @@ def eval_command(
         dpo-align eval smollm2-135m-instruct --peft runs/dpo --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
     from dpo_align.eval_data import DATASETS
-    from dpo_align.evaluate import check_score_options, markdown_table, run_eval
+    from dpo_align.evaluate import check_score_options, run_eval
+    from dpo_align.tables import markdown_table
 
     check_score_options(batch_size=batch_size, device=device, dtype=dtype, limit=limit)
 
@@ -173,13 +189,20 @@ def eval_command(
             raise UserError(f"--dataset {name!r} is not one of: {', '.join(DATASETS)}.")
     if lm_eval_model not in ("dpo-hf", "hf"):
         raise UserError(f"--lm-eval-model {lm_eval_model!r} is not one of: dpo-hf, hf.")
+    revisions = {}
+    for item in dataset_revision or []:
+        name, _, revision = item.partition("=")
+        if name not in DATASETS or not revision:
+            raise UserError(f"--dataset-revision {item!r}: write NAME=REVISION with NAME one of {', '.join(DATASETS)}.")
+        revisions[name] = revision
     from dpo_align.folder_lock import locked
 
     with locked(output, "dpo-align eval"):
         runs = run_eval(
             models or [], adapters=peft or [], output=output, limit=limit, data_dir=data_dir, pku_path=pku_path,
             template=template, batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, datasets=dataset, lm_eval_model=lm_eval_model, progress=lambda m: typer.echo(m, err=True),
+            allow_pickle=allow_pickle, datasets=dataset, lm_eval_model=lm_eval_model, dataset_revisions=revisions or None,
+            progress=lambda m: typer.echo(m, err=True),
         )
     typer.echo(markdown_table(runs))
     typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
@@ -336,64 +359,12 @@ def report_command(
 
 # --------------------------------------------------------------------------- train
 
-# command-line parameter name -> TrainConfig field, where they differ
-_TRAIN_FIELD = {"lr": "learning_rate", "data_dir": "eval_suite_data_dir", "pku_path": "eval_suite_pku_path"}
-
-
-def _explicit(ctx: typer.Context, params: dict) -> dict:
-    """Only the options the user typed: they override --config and must agree on --resume."""
-    given = {}
-    for name, value in params.items():
-        source = ctx.get_parameter_source(name)
-        # compared by name: Typer ships its own copy of click's ParameterSource enum
-        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP") and value != []:
-            given[_TRAIN_FIELD.get(name, name)] = value
-    return given
-
-
-PairSampleOption = Annotated[str, typer.Option(help=(
-    "Which --max-pairs: the 'first' N in file order, or a 'random' sample drawn with --seed. hh-rlhf lists its subsets "
-    "one after another (harmless first), so the first N come from one subset."))]
-
-
 @app.command("train")
 @user_errors
+@with_settings()
 def train_command(
     ctx: typer.Context,
-    model: ModelOption = DEFAULT_MODEL,
-    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="Training pairs: files, directories or hub ids (repeatable). Default: Anthropic/hh-rlhf.")] = None,
-    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Where the adapter, checkpoints, curves and manifest go.")] = "runs/dpo",
-    max_pairs: Annotated[int | None, typer.Option(help="Train on N usable pairs only (see --pair-sample).")] = None,
-    pair_sample: PairSampleOption = "first",
-    eval_data: Annotated[list[str] | None, typer.Option("--eval-data", help="Held-out pairs for DPO loss, reward accuracy and margins during training.")] = None,
-    eval_max_pairs: Annotated[int | None, typer.Option(help="Use only the first N held-out pairs.")] = None,
-    eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-data every N optimizer steps (and at the end).")] = 50,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule with warmup).")] = 1e-5,
-    beta: Annotated[float, typer.Option(help="DPO beta: strength of the KL penalty to the reference (the base model).")] = 0.1,
-    loss_type: Annotated[str, typer.Option(help="TRL DPO loss: sigmoid (the paper's), ipo, hinge, ...")] = "sigmoid",
-    epochs: Annotated[float, typer.Option(help="Passes over the training pairs.")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps (overrides --epochs when > 0).")] = -1,
-    batch_size: Annotated[int, typer.Option(help="Pairs per device per forward pass.")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Forward passes per optimizer step.")] = 1,
-    max_length: Annotated[int, typer.Option(help="Max tokens of prompt + response; prompts are cut from the left first.")] = 512,
-    warmup_ratio: Annotated[float, typer.Option(help="Fraction of steps for linear warmup.")] = 0.1,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 32,
-    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA path.")] = 0.05,
-    lora_targets: Annotated[str, typer.Option(help="Modules to adapt: all-linear, or names such as q_proj,v_proj.")] = "all-linear",
-    template: TemplateOption = DEFAULT_TEMPLATE,
-    seed: Annotated[int, typer.Option(help="Seed for data order, dropout and LoRA init.")] = 42,
-    precision: Annotated[str, typer.Option(help="auto (bf16 where the hardware has it), bf16, fp16 or fp32.")] = "auto",
-    logging_steps: Annotated[int, typer.Option(help="Log train statistics every N steps.")] = 5,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
-    report_to: Annotated[str, typer.Option(help="none, tensorboard or wandb.")] = "none",
-    report_generations: Annotated[int, typer.Option(help="Default prompts answered by the base model and the adapter in report.html (0: none).")] = 3,
-    skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="Count and skip broken rows instead of stopping.")] = False,
-    data_dir: Annotated[str | None, typer.Option(help="Scoring-suite data (like ../shared/data), to count training prompts that also occur there.")] = None,
-    pku_path: Annotated[str | None, typer.Option(help="Scoring-suite PKU file(s), for the same overlap check.")] = None,
-    drop_eval_overlap: Annotated[bool, typer.Option("--drop-eval-overlap", help="Remove training pairs whose prompt occurs in the scoring suite.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with a checkpoint to run.")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.pt) weights through torch's weights_only loader; safetensors only otherwise.")] = False,
+    *,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of settings (e.g. a previous run's config.yaml); options given here override it.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --output-dir.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its latest complete checkpoint.")] = False,
@@ -407,26 +378,13 @@ def train_command(
 
         dpo-align train --data ../shared/data/splits/train-pool.jsonl.gz --max-steps 20 -o runs/try
     """
-    from dpo_align.train import Interrupted, train
-    from dpo_align.train_config import build_config, load_config_file
+    from dpo_align.train_config import resolve_settings
 
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other: choose one.")
-    params = {k: v for k, v in ctx.params.items() if k not in ("config", "overwrite", "resume", "ctx")}
-    given = _explicit(ctx, params)
-    file_settings = load_config_file(config) if config else {}
-    if resume:
-        saved_path = Path(given.get("output_dir", file_settings.get("output_dir", output_dir))) / "config.yaml"
-        if saved_path.is_file():
-            saved = load_config_file(saved_path)
-            changed = sorted(k for k, v in {**file_settings, **given}.items() if k != "output_dir" and saved.get(k) != v)
-            if changed:
-                raise UserError(
-                    f"--resume continues the run exactly as configured in {saved_path}; these options differ from it: "
-                    f"{', '.join('--' + c.replace('_', '-') for c in changed)}. Drop them, or start a new run with --overwrite."
-                )
-            file_settings = saved
-    settings = build_config(file_settings, given)
+    settings = resolve_settings(config, given_settings(ctx), resume=resume)  # every setting checked before a model loads
+    from dpo_align.train import Interrupted, train
+
     try:
         manifest = train(settings, resume=resume, overwrite=overwrite, progress=lambda m: typer.echo(m, err=True))
     except Interrupted as stop:
@@ -436,7 +394,7 @@ def train_command(
         typer.secho(f"Stopped. The latest complete checkpoint in {settings.output_dir} is intact; resume with:\n"
                     f"    dpo-align train --output-dir {settings.output_dir} --resume", fg="yellow", err=True)
         raise typer.Exit(130) from None
-    from dpo_align.train import SUMMARY_KEYS
+    from dpo_align.model_card import SUMMARY_KEYS
 
     if not manifest:  # a non-main process under `accelerate launch`: the main one reports
         return
@@ -480,27 +438,13 @@ def merge_command(
 
 @app.command("sweep")
 @user_errors
+@with_settings(exclude=("learning_rate", "output_dir"))
 def sweep_command(
     ctx: typer.Context,
+    *,
     lr: Annotated[str, typer.Option("--lr", help="Learning rates to train, comma-separated.")] = "5e-6,1e-5",
-    model: ModelOption = DEFAULT_MODEL,
-    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="Training pairs (repeatable). Default: Anthropic/hh-rlhf.")] = None,
-    eval_data: Annotated[list[str] | None, typer.Option("--eval-data", help="Held-out pairs evaluated during training.")] = None,
-    eval_max_pairs: Annotated[int | None, typer.Option(help="Use only the first N held-out pairs (each evaluation runs over all of them).")] = None,
-    eval_steps: Annotated[int, typer.Option(help="Evaluate on --eval-data every N optimizer steps (and at the end).")] = 50,
-    max_pairs: Annotated[int | None, typer.Option(help="Train on N usable pairs only (see --pair-sample).")] = None,
-    pair_sample: PairSampleOption = "first",
-    epochs: Annotated[float, typer.Option(help="Passes over the training pairs.")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Stop each run after N optimizer steps (overrides --epochs when > 0).")] = -1,
-    batch_size: Annotated[int, typer.Option(help="Training pairs per forward pass.")] = 4,
-    max_length: Annotated[int, typer.Option(help="Max tokens of prompt + response.")] = 512,
-    template: TemplateOption = DEFAULT_TEMPLATE,
-    seed: Annotated[int, typer.Option(help="Seed of every run.")] = 42,
-    precision: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
-    config: Annotated[Path | None, typer.Option("--config", help="YAML of any other `train` settings; options given here override it.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML of training settings; options given here override it.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Score only the first N documents of each dataset.")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="Offline suite data (like ../shared/data); also used for the overlap check.")] = None,
-    pku_path: Annotated[str | None, typer.Option(help="PKU file(s) or hh-rlhf transcripts for the suite, e.g. ../shared/data/splits/heldout.jsonl.gz.")] = None,
     eval_batch_size: Annotated[int, typer.Option(help="Requests per forward pass when scoring.")] = 16,
     preference_data: Annotated[list[str] | None, typer.Option("--preference-data", help=(
         "Held-out pairs on which to measure every model's preference accuracy (implicit DPO reward; length-normalised "
@@ -522,20 +466,25 @@ def sweep_command(
     """
     from dpo_align.evaluate import check_score_options
     from dpo_align.sweep import parse_lrs, sweep
-    from dpo_align.train_config import build_config, load_config_file
+    from dpo_align.train_config import resolve_settings
 
     check_score_options(batch_size=eval_batch_size, device="auto", dtype="float32", limit=eval_limit)  # before hours of training
     lrs = parse_lrs(lr)
-    skip = ("lr", "config", "eval_limit", "eval_batch_size", "runs_dir", "output", "ctx", "preference_data", "curve_docs", "bootstrap")
-    given = _explicit(ctx, {k: v for k, v in ctx.params.items() if k not in skip})
-    base = build_config(load_config_file(config) if config else {}, given)
+    base = resolve_settings(config, given_settings(ctx))
+    data_dir, pku_path = base.eval_suite_data_dir, base.eval_suite_pku_path  # the suite scored is the one checked for overlap
     from dpo_align.folder_lock import locked
+    from dpo_align.train import Interrupted
 
-    with locked(output, "dpo-align sweep"):
-        runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=eval_limit, data_dir=data_dir, pku_path=pku_path,
-                     batch_size=eval_batch_size, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
-                     progress=lambda m: typer.echo(m, err=True))
-    from dpo_align.evaluate import markdown_table
+    try:
+        with locked(output, "dpo-align sweep"):
+            runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=eval_limit, data_dir=data_dir, pku_path=pku_path,
+                         batch_size=eval_batch_size, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
+                         progress=lambda m: typer.echo(m, err=True))
+    except (Interrupted, KeyboardInterrupt):  # finished runs and scores are kept; the run cut short resumes from its checkpoint
+        typer.secho("Sweep interrupted. Run the same command again to continue: finished runs and scores are kept, and the "
+                    "run that was cut short resumes from its latest checkpoint.", fg="yellow", err=True)
+        raise typer.Exit(130) from None
+    from dpo_align.tables import markdown_table
 
     typer.echo(markdown_table(runs))
     typer.echo(f"Wrote {output}/: table.md, table.csv, table.png, results.json, comparison.json, curves/, manifests/, samples/"

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from dpo_align import paired
 from dpo_align.errors import UserError
-from dpo_align.evaluate import TABLE_NAMES, TASKS, _slug
+from dpo_align.evaluate import TASKS, _slug
 from dpo_align.plots import png_bytes
+from dpo_align.tables import TABLE_NAMES
 
 NAMES = {task: TABLE_NAMES[key] for key, task in TASKS.items()} | {"mean": "mean of the three"}
 DEFAULT_TEMPLATE = "alpaca"  # the tasks' default when metadata names none

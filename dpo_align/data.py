@@ -15,8 +15,8 @@ Rows that cannot be trained on are skipped and counted by reason; rows that are 
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
-import hashlib
 import json
 import lzma
 from collections import Counter
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_align.errors import UserError
+from dpo_align.files import sha256_file
 from dpo_align.templates import DEFAULT_TEMPLATE, render_prompt, render_response
 from dpo_align.transcripts import ASSISTANT, HUMAN, Turn, normalise_role, render_instruction, split_transcript
 
@@ -167,14 +168,6 @@ def _open_bytes(path: Path):
     return open(path, "rb")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_files(path: Path) -> list[Path]:
     """The data files a path names: itself, or the supported files in a directory (sorted)."""
     if path.is_dir():
@@ -241,13 +234,18 @@ def iter_records(path: Path) -> Iterator[tuple[str, object]]:
             yield where, BadRow(f"invalid JSON ({err.msg}, column {err.colno})")
 
 
-def _iter_hub(spec: str, split: str) -> Iterator[tuple[str, object]]:
-    """Rows of a hub dataset. ``spec`` is ``owner/name`` or ``owner/name:data_dir``."""
-    import datasets
+def _records_of(path: Path, info: SourceInfo) -> Iterator[tuple[str, object]]:
+    return iter_records(path)
 
-    repo, _, data_dir = spec.partition(":")
+
+def _iter_hub(spec: str, split: str, info: SourceInfo) -> Iterator[tuple[str, object]]:
+    """Rows of a hub dataset. ``spec`` is ``owner/name[:data_dir][@revision]``; the commit read goes into ``info``."""
+    from dpo_align.hub import load_split, split_revision
+
+    name, revision = split_revision(spec)
+    repo, _, data_dir = name.partition(":")
     try:
-        dataset = datasets.load_dataset(repo, data_dir=data_dir or None, split=split)
+        dataset, info.revision = load_split(repo, None, split, revision=revision, data_dir=data_dir or None)
     except Exception as err:
         raise UserError(
             f"Could not load {spec!r} (split {split!r}) from the Hugging Face hub: {err}\n"
@@ -274,14 +272,15 @@ def read_pairs(
     for source in sources:
         path = Path(source).expanduser()
         if path.exists():
-            streams = [(str(p), iter_records(p), p) for p in data_files(path)]
-        elif "/" in source and not source.startswith((".", "/", "~")) and not Path(source).suffix:
-            streams = [(source, _iter_hub(source, split), None)]
+            streams = [(str(p), functools.partial(_records_of, p), p) for p in data_files(path)]
+        elif "/" in source and not source.startswith((".", "/", "~")) and not Path(source.partition("@")[0]).suffix:
+            streams = [(source, functools.partial(_iter_hub, source, split), None)]
         else:
             raise UserError(f"{source}: no such file or directory (and it does not look like a hub id).")
 
-        for name, records, file_path in streams:
+        for name, open_records, file_path in streams:
             info = SourceInfo(name, sha256=sha256_file(file_path) if (file_path and hash_files) else None)
+            records = open_records(info)
             kept_before = len(pairs)
             for where, record in records:
                 info.rows += 1

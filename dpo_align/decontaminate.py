@@ -13,27 +13,83 @@ Two tests:
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
-from dpo_align.eval_data import DATASETS, load_docs
+from dpo_align.errors import UserError
+from dpo_align.eval_data import DATA_DIR_ENV, DATASETS, load_docs
 
 
 def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def suite_instructions(data_dir: str | None, pku_path: str | None) -> dict[str, set[str]]:
-    """Normalised instructions of every suite dataset that can be loaded offline."""
-    found = {}
+def suite_docs(data_dir: str | None, pku_path: str | None, *, include_hub: bool = False) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """({dataset: documents}, {dataset: why it was not checked}).
+
+    Sets given as files are always read, and a wrong --data-dir / --pku-path is an error naming
+    the file, never a silent "no overlap". Sets that would be scored from the hub are read from
+    the hub with ``include_hub`` (as the sweep does, which scores them); when the hub cannot be
+    reached they are listed as not checked, with the reason, instead of counting as clean."""
+    found, unchecked = {}, {}
     for name in DATASETS:
-        if name == "pku" and not pku_path:
+        local = bool(pku_path) if name == "pku" else bool(data_dir or os.environ.get(DATA_DIR_ENV))
+        if not local and not include_hub:
             continue
-        if name != "pku" and not data_dir:
+        if local:
+            found[name] = load_docs(name, data_dir=data_dir, pku_path=pku_path)
             continue
-        # a wrong --data-dir / --pku-path is an error naming the file, never a silent "no overlap"
-        docs = load_docs(name, data_dir=data_dir, pku_path=pku_path)
-        found[name] = {normalise(d["instruction"]) for d in docs}
-    return found
+        try:
+            found[name] = load_docs(name)
+        except UserError as err:
+            unchecked[name] = f"the hub set could not be read ({str(err).splitlines()[0][:160]})"
+    return found, unchecked
+
+
+def suite_instructions(data_dir: str | None, pku_path: str | None, *, include_hub: bool = False) -> dict[str, set[str]]:
+    """Normalised instructions of every suite dataset that can be loaded (see ``suite_docs``)."""
+    docs, _ = suite_docs(data_dir, pku_path, include_hub=include_hub)
+    return {name: {normalise(d["instruction"]) for d in rows} for name, rows in docs.items()}
+
+
+# PKU-Alignment/processed-hh-rlhf's test split is hh-rlhf's test split, reformatted (8,492 =
+# 8,552 minus 60 rows with duplicate responses); ../shared/data's train pool is carved from
+# hh-rlhf's test files too.
+HH_RLHF_TEST_NOTE = ("PKU-Alignment/processed-hh-rlhf's test split is hh-rlhf's test split, reformatted; ../shared/data's "
+                     "splits/train-pool is carved from hh-rlhf's test files too")
+
+
+def same_source_split(training: list[str], split: str, pku_path: str | None) -> str | None:
+    """The warning when the training data is hub hh-rlhf's test split and PKU is scored from the hub."""
+    from dpo_align.hub import split_revision
+
+    if pku_path and not split_revision(str(pku_path))[0].startswith("PKU-Alignment/processed-hh-rlhf"):
+        return None
+    hub_test = [s for s in training if split_revision(s)[0].split(":")[0] == "Anthropic/hh-rlhf" and split == "test"]
+    if not hub_test:
+        return None
+    return (f"the training data ({', '.join(hub_test)}, split test) and the PKU scoring set come from the same source split: "
+            f"{HH_RLHF_TEST_NOTE}. PKU then scores the training documents themselves. Train on hh-rlhf's train split, "
+            "or score PKU on held-out pairs (--pku-path ../shared/data/splits/heldout.jsonl.gz).")
+
+
+def same_source(training: list[str], split: str, pku_path: str | None) -> str | None:
+    """A plain warning when the PKU scoring set may be the training data's own source split, else None."""
+    from dpo_align.hub import split_revision
+
+    scoring_from_hub = not pku_path or split_revision(str(pku_path))[0].startswith("PKU-Alignment/processed-hh-rlhf")
+    if not scoring_from_hub:
+        return None
+    definite = same_source_split(training, split, pku_path)
+    if definite:
+        return definite
+    files = [s for s in training if Path(s).expanduser().exists()]
+    if files:
+        return (f"PKU is scored from the hub, and the training files ({', '.join(files)}) cannot be traced to a split from here: "
+                f"{HH_RLHF_TEST_NOTE}. If they come from hh-rlhf's test split, PKU scores the training documents themselves; "
+                "score PKU on held-out pairs instead (--pku-path ../shared/data/splits/heldout.jsonl.gz).")
+    return None
 
 
 def overlap(instructions: list[str], suite: dict[str, set[str]]) -> dict[str, list[int]]:
@@ -69,20 +125,21 @@ def ngram_overlap(training_texts: list[str], suite_docs: dict[str, list[str]], n
     return report
 
 
-def suite_documents(data_dir: str | None, pku_path: str | None) -> dict[str, list[str]]:
-    """Instruction + response of every suite document, for the datasets given (errors are not swallowed)."""
-    found = {}
-    for name in DATASETS:
-        if (name == "pku" and not pku_path) or (name != "pku" and not data_dir):
-            continue
-        found[name] = [d["instruction"] + "\n" + d["response"] for d in load_docs(name, data_dir=data_dir, pku_path=pku_path)]
-    return found
+def suite_documents(data_dir: str | None, pku_path: str | None, *, include_hub: bool = False) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Instruction + response of every suite document (see ``suite_docs``), and the sets not checked."""
+    docs, unchecked = suite_docs(data_dir, pku_path, include_hub=include_hub)
+    return {name: [d["instruction"] + "\n" + d["response"] for d in rows] for name, rows in docs.items()}, unchecked
 
 
-def markdown(report: dict[str, dict], exact: dict[str, int], training: str) -> str:
+def markdown(report: dict[str, dict], exact: dict[str, int], training: str, unchecked: dict[str, str] | None = None,
+             warning: str | None = None) -> str:
     lines = [f"Training data: {training}.", "",
              "| scoring set | documents | training prompt identical to its instruction | documents sharing a 13-gram with the training text | share |",
              "|---|---|---|---|---|"]
     for name, row in report.items():
         lines.append(f"| {name} | {row['documents']} | {exact.get(name, 0)} | {row['contaminated']} | {100 * row['fraction']:.2f}% |")
+    for name, why in (unchecked or {}).items():
+        lines.append(f"| {name} | not checked: {why} | | | |")
+    if warning:
+        lines += ["", f"**Warning:** {warning}"]
     return "\n".join(lines) + "\n"

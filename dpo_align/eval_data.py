@@ -32,15 +32,16 @@ WINOGRANDE_INSTRUCTION = (
 )
 
 
-def _hub_rows(name: str) -> list[dict]:
-    import datasets
+def _hub_rows(name: str, revision: str | None = None) -> list[dict]:
+    from dpo_align.hub import load_split
 
     path, config, split = HUB[name]
     try:
-        return list(datasets.load_dataset(path, config, split=split))
+        return list(load_split(path, config, split, revision=revision)[0])
     except Exception as err:
         raise UserError(
-            f"Could not load {path} ({config or 'default'}, {split}) from the Hugging Face hub: {err}\n"
+            f"Could not load {path} ({config or 'default'}, {split}{', revision ' + revision if revision else ''}) from the "
+            f"Hugging Face hub: {err}\n"
             f"Offline? Point data_dir (--data-dir, or env {DATA_DIR_ENV}) at a folder laid out like "
             "../shared/data (truthfulqa/TruthfulQA.csv, winogrande/dev.jsonl) and pku_path at the PKU file(s)."
         ) from None
@@ -57,7 +58,7 @@ def _local_file(data_dir: str, relative: str, name: str) -> Path:
     return path
 
 
-def truthfulqa_docs(data_dir: str | None = None) -> list[dict]:
+def truthfulqa_docs(data_dir: str | None = None, revision: str | None = None) -> list[dict]:
     """TruthfulQA generation/validation: instruction = Question, response = Best Answer."""
     if data_dir:
         path = _local_file(data_dir, "truthfulqa/TruthfulQA.csv", "truthfulqa")
@@ -76,11 +77,11 @@ def truthfulqa_docs(data_dir: str | None = None) -> list[dict]:
         if not rows:
             raise UserError(f"{path}: no rows after the header.")
     else:
-        rows = [(r["question"], r["best_answer"]) for r in _hub_rows("truthfulqa")]
+        rows = [(r["question"], r["best_answer"]) for r in _hub_rows("truthfulqa", revision)]
     return [{"id": i, "instruction": q.strip(), "response": a.strip()} for i, (q, a) in enumerate(rows)]
 
 
-def winogrande_docs(data_dir: str | None = None) -> list[dict]:
+def winogrande_docs(data_dir: str | None = None, revision: str | None = None) -> list[dict]:
     """WinoGrande xl/validation: the fill-in instruction; response = the correct option's text."""
     where = []
     if data_dir:
@@ -97,7 +98,7 @@ def winogrande_docs(data_dir: str | None = None) -> list[dict]:
         if not rows:
             raise UserError(f"{path}: no rows.")
     else:
-        rows = _hub_rows("winogrande")
+        rows = _hub_rows("winogrande", revision)
     docs = []
     for i, row in enumerate(rows):
         place = where[i] if where else f"winogrande row {i + 1}"
@@ -113,7 +114,7 @@ def winogrande_docs(data_dir: str | None = None) -> list[dict]:
     return docs
 
 
-def pku_docs(pku_path: str | list[str] | None = None) -> list[dict]:
+def pku_docs(pku_path: str | list[str] | None = None, revision: str | None = None) -> list[dict]:
     """PKU processed-hh-rlhf test: instruction = the rendered context, response = chosen.
 
     Rows whose chosen and rejected texts are identical are dropped (as are transcripts
@@ -124,14 +125,14 @@ def pku_docs(pku_path: str | list[str] | None = None) -> list[dict]:
         pairs, _ = read_pairs(sources, split="test", for_training=False, hash_files=False)  # a hub id: its test split
     else:
         pairs = []
-        for i, row in enumerate(_hub_rows("pku")):
+        for i, row in enumerate(_hub_rows("pku", revision)):
             result = parse_record(row, f"pku:{i}", for_training=False)
             if not isinstance(result, str):
                 pairs.append(result)
     return [{"id": i, "instruction": p.instruction, "response": p.chosen} for i, p in enumerate(pairs)]
 
 
-def preference_docs(path: str | list[str] | None = None, data_dir: str | None = None) -> list[dict]:
+def preference_docs(path: str | list[str] | None = None, data_dir: str | None = None, revision: str | None = None) -> list[dict]:
     """Held-out preference pairs as ``{"id", "instruction", "chosen", "rejected"}``.
 
     From ``path`` (hh-rlhf transcripts or processed PKU rows) if given; else offline from
@@ -148,7 +149,7 @@ def preference_docs(path: str | list[str] | None = None, data_dir: str | None = 
     if sources:
         pairs, _ = read_pairs(sources, split="test", for_training=False, hash_files=False)
     else:
-        pairs = [r for i, row in enumerate(_hub_rows("pku")) if not isinstance(r := parse_record(row, f"pku:{i}", for_training=False), str)]
+        pairs = [r for i, row in enumerate(_hub_rows("pku", revision)) if not isinstance(r := parse_record(row, f"pku:{i}", for_training=False), str)]
     return [{"id": i, "instruction": p.instruction, "chosen": p.chosen, "rejected": p.rejected} for i, p in enumerate(pairs)]
 
 
@@ -157,19 +158,20 @@ def preference_docs(path: str | list[str] | None = None, data_dir: str | None = 
 SKIPPED_EMPTY: dict[str, int] = {}
 
 
-def load_docs(name: str, *, data_dir: str | None = None, pku_path: str | list[str] | None = None) -> list[dict]:
+def load_docs(name: str, *, data_dir: str | None = None, pku_path: str | list[str] | None = None, revision: str | None = None) -> list[dict]:
     """Documents of one scoring dataset; ``data_dir`` falls back to env DPO_ALIGN_DATA_DIR.
 
     A document whose response is empty is skipped and counted (``SKIPPED_EMPTY``): scoring it would score only
-    the template's separator. Document ids stay the row numbers of the source.
+    the template's separator. Document ids stay the row numbers of the source. ``revision`` pins the hub
+    dataset (branch, tag or commit) when the set is read from the hub; the commit read is in ``hub.COMMITS``.
     """
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
     if name == "truthfulqa":
-        docs = truthfulqa_docs(data_dir)
+        docs = truthfulqa_docs(data_dir, revision)
     elif name == "winogrande":
-        docs = winogrande_docs(data_dir)
+        docs = winogrande_docs(data_dir, revision)
     elif name == "pku":
-        docs = pku_docs(pku_path)
+        docs = pku_docs(pku_path, revision)
     else:
         raise UserError(f"Unknown scoring dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     kept = [d for d in docs if d["response"]]

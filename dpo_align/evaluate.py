@@ -12,9 +12,7 @@ prints. This module only picks the models, runs them one after another, and writ
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import pickle
 import re
@@ -24,15 +22,21 @@ from importlib.resources import files
 from pathlib import Path
 
 from dpo_align.errors import UserError
-from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text, write_jsonl
-from dpo_align.models import BUILTIN_MODELS, adapter_base, check_weights_safe, resolve_model
-from dpo_align.plots import png_bytes
+from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_files, write_jsonl
+from dpo_align.models import (
+    BUILTIN_MODELS,
+    adapter_base,
+    check_adapter_folder,
+    check_local_checkpoint,
+    check_model_source,
+    check_weights_safe,
+    resolve_model,
+)
 from dpo_align.provenance import git_commit, machine, model_revision, package_versions
+from dpo_align.tables import METRICS, bar_chart_png, csv_table, markdown_table
 
 SUITE = "dpo_ppl_suite"
 TASKS = {"truthfulqa": "dpo_ppl_truthfulqa", "winogrande": "dpo_ppl_winogrande", "pku": "dpo_ppl_pku"}
-TABLE_NAMES = {"truthfulqa": "TruthfulQA", "winogrande": "WinoGrande", "pku": "PKU (hh-rlhf held-out)"}
-METRICS = ("ce", "ppl", "bpb")
 
 
 @dataclass(frozen=True)
@@ -55,24 +59,33 @@ def model_specs(models: list[str], adapters: list[str], progress=print) -> list[
         path = Path(name).expanduser()
         base = adapter_base(path) if path.is_dir() else None
         if base:
-            specs.append(ModelSpec(f"{path.name} (LoRA)", resolve_model(base, progress), str(path)))
+            check_adapter_folder(path)
+            specs.append(ModelSpec(f"{path.name} (LoRA)", _base(base, progress), str(path)))
         else:
             label = name if (name in BUILTIN_MODELS or not path.exists()) else path.name
-            specs.append(ModelSpec(label, resolve_model(name, progress)))
+            specs.append(ModelSpec(label, _base(name, progress)))
     for adapter in adapters:
         path = Path(adapter).expanduser()
-        if not (path / "adapter_config.json").is_file():
-            raise UserError(f"--peft {adapter}: no adapter_config.json there. Pass the directory `dpo-align train` wrote.")
+        check_adapter_folder(path)
         base = adapter_base(path) or (specs[0].pretrained if specs else None)
         if base is None:
             raise UserError(f"--peft {adapter}: the adapter names no base model; pass the base as MODEL.")
-        specs.append(ModelSpec(f"{path.name} (LoRA)", resolve_model(base, progress), str(path)))
+        specs.append(ModelSpec(f"{path.name} (LoRA)", _base(base, progress), str(path)))
     if not specs:
         raise UserError("Nothing to score: pass at least one MODEL or --peft ADAPTER.")
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):  # keep columns and folders distinct
         specs = [ModelSpec(f"{s.label} [{i + 1}]", s.pretrained, s.peft) for i, s in enumerate(specs)]
     return specs
+
+
+def _base(name: str, progress) -> str:
+    """A model to score, checked before anything loads: a missing folder, config or tokenizer is named."""
+    if name in BUILTIN_MODELS:
+        return resolve_model(name, progress)
+    path = check_model_source(name)
+    check_local_checkpoint(path)
+    return path
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,8 @@ class ScoreOptions:
     lm_eval_model: str = "dpo-hf"
     # {task: [doc indices]} to score only those documents (benchmarks); None scores all (or --limit)
     samples: dict | None = None
+    # hub sets pinned to a branch, tag or commit: {"winogrande": "SHA", ...}; the commits read are recorded
+    dataset_revisions: dict | None = None
 
     def settings(self) -> dict:
         """For results files: the options plus where and with what they ran."""
@@ -122,6 +137,8 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
         metadata["data_dir"] = options.data_dir
     if options.pku_path:
         metadata["pku_path"] = options.pku_path
+    if options.dataset_revisions:
+        metadata["dataset_revisions"] = dict(options.dataset_revisions)
     manager = TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata)
     try:
         return lm_eval.simple_evaluate(
@@ -199,65 +216,17 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "model"
 
 
-def markdown_table(runs: list[dict], metric: str = "ce") -> str:
-    labels = [r["label"] for r in runs]
-    header = ["dataset", *labels] + [f"Δ {lab} vs {labels[0]}" for lab in labels[1:]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in [*TASKS, "mean"]:
-        cells = [r["table"].get(key, {}).get(metric) for r in runs]
-        if all(c is None for c in cells):
-            continue
-        name = TABLE_NAMES.get(key, "mean of the three")
-        row = [name] + [(f"{c[0]:.3f} ± {c[1]:.3f}" if c[1] is not None else f"{c[0]:.3f} ± n/a") if c else "" for c in cells]
-        base = cells[0]
-        row += [f"{100 * (c[0] - base[0]) / base[0]:+.2f}%" if (c and base) else "" for c in cells[1:]]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(runs: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["model", "dataset", "metric", "value", "stderr", "documents"])
-    for run in runs:
-        for key, row in run["table"].items():
-            for metric in METRICS:
-                value, stderr = row[metric]
-                writer.writerow([run["label"], key, metric, f"{value:.6f}", "" if stderr is None else f"{stderr:.6f}", row.get("n", "")])
-    return buffer.getvalue()
-
-
-def bar_chart_png(runs: list[dict], metric: str = "ce") -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    keys = [k for k in [*TASKS, "mean"] if any(k in r["table"] for r in runs)]
-    width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 4))
-    for i, run in enumerate(runs):
-        values = [run["table"].get(k, {}).get(metric, [np.nan, 0])[0] for k in keys]
-        errors = [run["table"].get(k, {}).get(metric, [np.nan, 0])[1] or 0.0 for k in keys]  # no stderr (one document): no bar
-        ax.bar(np.arange(len(keys)) + i * width, values, width, yerr=errors, capsize=3, label=run["label"])
-    ax.set_xticks(np.arange(len(keys)) + width * (len(runs) - 1) / 2)
-    ax.set_xticklabels([TABLE_NAMES.get(k, "mean") for k in keys])
-    ax.set_ylabel(f"{metric} (nats per response token, lower is better)" if metric == "ce" else metric)
-    ax.set_title("Templated response-only cross-entropy (± 1 stderr)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return png_bytes(fig)
-
-
 def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
-    for run in runs:
-        for task, rows in run.pop("documents", {}).items():
-            write_jsonl(output / "samples" / _slug(run["label"]) / f"{task}.jsonl", rows)
-    atomic_write_json(output / "results.json", {"settings": settings, "models": runs})
-    atomic_write_text(output / "table.md", markdown_table(runs))
-    atomic_write_text(output / "table.csv", csv_table(runs))
-    atomic_write_bytes(output / "table.png", bar_chart_png(runs))
+    """results.json, the tables and per-document samples, staged and moved into ``output``
+    together (results.json last): a write error leaves none of them behind."""
+    with staged_files(output, last="results.json") as staging:
+        for run in runs:
+            for task, rows in run.pop("documents", {}).items():
+                write_jsonl(staging / "samples" / _slug(run["label"]) / f"{task}.jsonl", rows)
+        atomic_write_json(staging / "results.json", {"settings": settings, "models": runs})
+        atomic_write_text(staging / "table.md", markdown_table(runs))
+        atomic_write_text(staging / "table.csv", csv_table(runs))
+        atomic_write_bytes(staging / "table.png", bar_chart_png(runs))
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -308,6 +277,7 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict:
     for key, row in table.items():  # documents left out for an empty response, per dataset
         if key in SKIPPED_EMPTY:
             row["skipped_empty_responses"] = SKIPPED_EMPTY[key]
+    from dpo_align.hub import COMMITS
     merged = {key: row["boundary_merge"][0] for key, row in table.items() if row.get("boundary_merge", [0])[0]}
     if merged:
         import warnings
@@ -317,6 +287,7 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict:
                       + ": those characters are not scored (see lm_eval_tasks/README.md, boundary_merge).", stacklevel=2)
     return {
         "label": spec.label, "pretrained": spec.pretrained, "peft": spec.peft, "revision": revision,
+        "hub_datasets": dict(COMMITS),  # commit read of every set loaded from the hub (None: unknown)
         "seconds": round(time.perf_counter() - start, 2), "table": table,
         "versions": {task: results.get("versions", {}).get(task) for task in TASKS.values() if task in results.get("versions", {})},
         "documents": per_document(results),
@@ -337,6 +308,10 @@ def run_eval(
     specs = model_specs(models, adapters, progress)
     tasks = (SUITE,) if not datasets else tuple(TASKS[d] for d in datasets)
     options = ScoreOptions(tasks=tasks, **options)
+    for spec in specs:  # every model's weights checked before the first is scored
+        for path in (spec.pretrained, spec.peft):
+            if path:
+                check_weights_safe(path, options.allow_pickle)
     runs = []
     for i, spec in enumerate(specs, start=1):
         progress(f"[{i}/{len(specs)}] scoring {spec.label}: {spec.pretrained}" + (f" + adapter {spec.peft}" if spec.peft else ""))

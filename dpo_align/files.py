@@ -1,7 +1,8 @@
-"""Writing result files so that an interruption never leaves one half-written."""
+"""Files: written so that an interruption or a full disk never leaves one half-written, and hashed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -61,3 +62,34 @@ def atomic_directory(target: str | Path):
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staged_files(folder: str | Path, *, last: str = "manifest.json"):
+    """Write a set of files into ``folder/.staging-*``, then move them into ``folder`` only if
+    the block succeeds (``last`` moved last: it is the one that says the set is complete).
+
+    Unlike :func:`atomic_directory` this keeps what ``folder`` already holds (a run's
+    checkpoints); renames within one filesystem need no free space, so a full disk fails
+    inside the block, where nothing has been moved yet."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        yield staging
+        items = sorted(staging.iterdir(), key=lambda p: p.name == last)
+        for item in items:
+            target = folder / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

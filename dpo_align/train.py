@@ -1,44 +1,41 @@
 """``dpo-align train``: DPO with a LoRA adapter, through TRL's DPOTrainer and PEFT.
 
-Read top to bottom: prepare the output folder, read and render the pairs, check them
-against the scoring suite, fit them to ``max_length``, build the trainer, train (resuming
-if asked), then write the adapter, curves, model card and the run manifest, in that
-order: ``manifest.json`` is written last and says the run is complete.
+Read top to bottom: check the output folder, read and render the pairs, check them against
+the scoring suite, fit them to ``max_length``, build the trainer, and only then create the
+run folder (a run that fails while setting up leaves nothing behind); train (resuming if
+asked), then write the adapter, curves, model card and the run manifest, in that order:
+``manifest.json`` is written last and says the run is complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_align.callbacks import (
-    SETTINGS_FILE,
-    CheckpointMarker,
-    GracefulInterrupt,
-    MetricsFile,
-    PairsProgress,
-    checkpoints,
-    latest_checkpoint,
-    truncate_metrics,
-)
-from dpo_align.data import Pair, read_pairs, to_dataset
-from dpo_align.decontaminate import overlap, suite_instructions
-from dpo_align.errors import TrainingDiverged, UserError
-from dpo_align.files import atomic_write_json, atomic_write_text
+from dpo_align.callbacks import CheckpointMarker, GracefulInterrupt, MetricsFile, PairsProgress
+from dpo_align.data import LoadReport, read_pairs, to_dataset
+from dpo_align.data_fitting import fit_to_length, take_pairs
+from dpo_align.decontaminate import overlap, same_source_split, suite_instructions
+from dpo_align.errors import TrainingDiverged
+from dpo_align.files import atomic_write_json, atomic_write_text, staged_files
 from dpo_align.folder_lock import locked
+from dpo_align.model_card import model_card
 from dpo_align.models import load_model, load_tokenizer, resolve_model
 from dpo_align.plots import plot_runs, read_metrics
 from dpo_align.provenance import git_commit, machine, model_revision, package_versions
-from dpo_align.templates import render_prompt, render_response
-from dpo_align.train_config import TrainConfig, settings_diff
-
-RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl")
-# The statistics shown in summaries (TRL's log keys): DPO loss, rewards, margin, accuracy.
-SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+from dpo_align.run_folder import (
+    check_checkpoint_settings,
+    check_output_dir,
+    is_final,
+    latest_checkpoint,
+    make_output_dir,
+    prune_checkpoints,
+    rewind_to,
+)
+from dpo_align.train_config import TrainConfig
 
 
 class Interrupted(Exception):
@@ -48,76 +45,6 @@ class Interrupted(Exception):
         self.checkpoint, self.output_dir = checkpoint, output_dir
         where = f"a checkpoint is in {checkpoint}" if checkpoint else "no checkpoint was reached yet"
         super().__init__(f"Training interrupted; {where}. Resume with:\n    dpo-align train --output-dir {output_dir} --resume")
-
-
-# --------------------------------------------------------------------------- output folder
-
-
-def prepare_output_dir(output: Path, *, overwrite: bool, resume: bool) -> None:
-    if resume:
-        if not (output / "config.yaml").is_file():
-            raise UserError(f"--resume: {output} holds no run to resume (no config.yaml). Start it without --resume.")
-        return
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output-dir {output} is a file. Choose a directory.")
-    if output.is_dir() and any(output.iterdir()):
-        is_run = any((output / name).exists() for name in RUN_FILES) or bool(checkpoints(output))
-        if not overwrite:
-            raise UserError(
-                f"--output-dir {output} is not empty. Pass --overwrite to replace the run there, --resume to continue it, "
-                "or choose another directory."
-            )
-        if not is_run:
-            raise UserError(f"--overwrite: {output} does not look like a dpo-align run folder, so it is left alone. Choose another directory.")
-        shutil.rmtree(output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"--output-dir {output}: cannot write there ({err.strerror}). Choose a writable directory with free space.") from None
-
-
-# --------------------------------------------------------------------------- data
-
-
-def fit_to_length(pairs: list[Pair], tokenizer, template: str, max_length: int) -> tuple[list[Pair], Counter]:
-    """Shorten prompts from the left (oldest dialogue first) so prompt + response fits.
-
-    The template around the instruction is kept whole. A prompt may keep at most what the
-    longer response leaves free, and never less than half of ``max_length``; responses
-    still too long are cut at the end by TRL's collator. Both are counted.
-    """
-    stats = Counter()
-    if not pairs:
-        return pairs, stats
-
-    def lengths(texts):
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-    prompts = [render_prompt(p.instruction, template, tokenizer) for p in pairs]
-    prompt_len = lengths(prompts)
-    response_len = [max(a, b) + 1 for a, b in zip(  # + 1 for the EOS token TRL appends
-        lengths([render_response(p.chosen, template) for p in pairs]),
-        lengths([render_response(p.rejected, template) for p in pairs]), strict=True)]
-    fitted = []
-    for pair, n_prompt, n_response in zip(pairs, prompt_len, response_len, strict=True):
-        if n_prompt + n_response <= max_length:
-            fitted.append(pair)
-            continue
-        budget = max(max_length - n_response, max_length // 2)
-        if n_prompt > budget:
-            ids = tokenizer(pair.instruction, add_special_tokens=False)["input_ids"]
-            overhead = n_prompt - len(ids)
-            keep = max(budget - overhead, 1)
-            pair = dataclasses.replace(pair, instruction=tokenizer.decode(ids[-keep:]).lstrip())
-            stats["prompt truncated from the left"] += 1
-            n_prompt = len(tokenizer(render_prompt(pair.instruction, template, tokenizer), add_special_tokens=False)["input_ids"])
-        if n_prompt + n_response > max_length:
-            stats["response truncated at the end"] += 1
-        fitted.append(pair)
-    return fitted, stats
 
 
 def resolve_precision(precision: str) -> str:
@@ -142,16 +69,6 @@ def frozen_linears_to(model, dtype) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             module.to(dtype)
-
-
-def take_pairs(pairs: list, n: int, how: str, seed: int) -> list:
-    """The first ``n`` pairs, or ``n`` drawn uniformly without replacement (kept in file order)."""
-    if how == "first" or n >= len(pairs):
-        return pairs[:n]
-    import random
-
-    keep = sorted(random.Random(seed).sample(range(len(pairs)), n))
-    return [pairs[i] for i in keep]
 
 
 # --------------------------------------------------------------------------- the run
@@ -192,22 +109,11 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
     main = state.is_main_process
     if not main:
         progress = _silent
-    if resume and (output / "manifest.json").is_file():
-        raise UserError(f"--resume: the run in {output} already finished. Use --overwrite to train it again, or another --output-dir.")
     if main:
-        prepare_output_dir(output, overwrite=overwrite, resume=resume)
-        atomic_write_text(output / "config.yaml", config.to_yaml())
-    state.wait_for_everyone()
+        check_output_dir(output, overwrite=overwrite, resume=resume)  # nothing is written before the trainer is built
     resume_from = latest_checkpoint(output) if resume else None
-    if resume_from is not None and (resume_from / SETTINGS_FILE).is_file():
-        # config.yaml can be edited; the checkpoint's own copy says what it was trained with
-        stored = json.loads((resume_from / SETTINGS_FILE).read_text())
-        changed = settings_diff(stored, config)
-        if changed:
-            detail = ", ".join(f"{k}: {stored.get(k)!r} in {resume_from.name}, {getattr(config, k)!r} now" for k in changed)
-            raise UserError(f"--resume: the settings differ from those {resume_from} was trained with ({detail}). A resumed run "
-                            f"continues exactly as it started: restore them in {output / 'config.yaml'}, or start a new run "
-                            "(--overwrite, or another --output-dir).")
+    if resume_from is not None:
+        check_checkpoint_settings(resume_from, config, output)
     set_seed(config.seed)
 
     # Model path and tokenizer first: a wrong model name should fail before data work.
@@ -219,6 +125,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
     progress(f"Read {report.rows_read} rows, kept {report.rows_kept} pairs"
              + (f" (skipped: {', '.join(f'{k}: {v}' for k, v in report.skipped.most_common())})" if report.skipped else ""))
 
+    warning = same_source_split(config.data, config.split, config.eval_suite_pku_path)
+    if warning:
+        progress(f"Warning: {warning}")
     suite = suite_instructions(config.eval_suite_data_dir, config.eval_suite_pku_path)
     found = overlap([p.instruction for p in pairs], suite)
     contamination = {name: len(idx) for name, idx in found.items()}
@@ -303,20 +212,20 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
 
-    if resume and main:
-        step = int(resume_from.name.removeprefix("checkpoint-")) if resume_from else 0
-        for newer_step, path in checkpoints(output):  # incomplete checkpoints newer than the resume point
-            if newer_step > step:
-                shutil.rmtree(path, ignore_errors=True)
-        truncate_metrics(output / "metrics.jsonl", step)
-        progress(f"Resuming from {resume_from}" if resume_from else "No complete checkpoint yet: starting from the beginning.")
+    # Set up without error: only now is the run folder made (a replaced run removed) and the settings written.
+    if main:
+        make_output_dir(output, overwrite=overwrite and not resume)
+        atomic_write_text(output / "config.yaml", config.to_yaml())
+        if resume:
+            rewind_to(output, resume_from)
+            progress(f"Resuming from {resume_from}" if resume_from else "No complete checkpoint yet: starting from the beginning.")
     state.wait_for_everyone()
 
     # Ctrl-C is handled until the manifest is written: during training it stops at the next
     # step with a checkpoint; once training is done, the outputs are finished first.
     interrupt.install()
     try:
-        if resume_from is not None and _is_final(resume_from):
+        if resume_from is not None and is_final(resume_from):
             # Killed after the last step was saved but before the outputs were written: the
             # Trainer would run one step too many from here, so take the final adapter as is.
             result = _restore_final(trainer, resume_from)
@@ -327,17 +236,13 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
                 raise TrainingDiverged(err.step, err.what, err.value, str(output)) from None
         if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:
             raise Interrupted(latest_checkpoint(output), output)
-        return _write_outputs(config, trainer, tokenizer, result, output=output, main=main, started=started, model_path=model_path,
-                              report=report, eval_report=eval_report, truncation=truncation, contamination=contamination,
-                              precision=precision, use_cuda=use_cuda, resume_from=resume_from, train_size=len(train_dataset),
-                              progress=progress)
+        run = RunResult(model_path=model_path, data=report, eval_data=eval_report, train_size=len(train_dataset),
+                        truncation=truncation, contamination=contamination, precision=precision,
+                        device="cuda" if use_cuda else "cpu", resumed_from=resume_from,
+                        train_runtime_s=round(result.metrics.get("train_runtime", 0.0), 1), started=started)
+        return _write_outputs(config, trainer, tokenizer, run, output=output, main=main, progress=progress)
     finally:
         interrupt.uninstall()
-
-
-def _is_final(checkpoint: Path) -> bool:
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state["global_step"] >= state["max_steps"] > 0
 
 
 def _restore_final(trainer, checkpoint: Path):
@@ -351,56 +256,69 @@ def _restore_final(trainer, checkpoint: Path):
     return TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": 0.0})
 
 
-def _write_outputs(config, trainer, tokenizer, result, *, output, main, started, model_path, report, eval_report, truncation,
-                   contamination, precision, use_cuda, resume_from, train_size, progress=print) -> dict:
-    # ---- outputs: adapter and tokenizer, curves, model card, manifest (last)
-    trainer.save_model(str(output))  # the Trainer writes from the main process only
-    if not main:
-        return {}
-    tokenizer.save_pretrained(str(output))
-    (output / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
-    rows = read_metrics(output / "metrics.jsonl")
-    plots = plot_runs({output.name: rows}, output / "plots")
-    final_train = next((r for r in reversed(rows) if "loss" in r), {})
-    final_eval = next((r for r in reversed(rows) if "eval_loss" in r), {})
-    manifest = {
-        "status": "complete",
-        "command": "dpo-align train --config config.yaml",
-        "model": {"name": config.model, "path": model_path, "revision": model_revision(model_path)},
-        "adapter": model_revision(str(output)),
-        "data": report.as_dict(),
-        "eval_data": eval_report.as_dict() if eval_report else None,
-        "pairs_trained_on": train_size,
-        "length_fitting": dict(truncation),
-        "eval_suite_overlap": contamination,
-        "dropped_eval_overlap": config.drop_eval_overlap,
-        "seed": config.seed,
-        "precision": precision,
-        "device": "cuda" if use_cuda else "cpu",
-        "machine": machine(),
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "global_steps": trainer.state.global_step,
-        "resumed_from": str(resume_from) if resume_from else None,
-        "trainer_setup_s": trainer.setup_s,
-        "reference_logps": trainer.ref_logps_report,
-        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
-        "wall_time_s": round(time.time() - started, 1),
-        "final_train": final_train,
-        "final_eval": final_eval,
-        "plots": [str(p.relative_to(output)) for p in plots],
-    }
-    atomic_write_text(output / "README.md", model_card(config, manifest))
-    atomic_write_json(output / "manifest.json", manifest)
-    # The finished adapter is saved; optimizer state is only for resuming. With keep_checkpoints
-    # each checkpoint keeps its adapter and trainer_state.json (a learning curve scores them).
-    for _, path in checkpoints(output):
-        if not config.keep_checkpoints:
-            shutil.rmtree(path, ignore_errors=True)
-            continue
-        for item in path.iterdir():
-            if not (item.name.startswith("adapter_") or item.name in ("trainer_state.json", "README.md")):
-                shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+@dataclass
+class RunResult:
+    """What a finished training run reports, beside the trainer's own state."""
+
+    model_path: str
+    data: LoadReport
+    eval_data: LoadReport | None
+    train_size: int
+    truncation: Counter
+    contamination: dict[str, int]
+    precision: str
+    device: str
+    resumed_from: Path | None
+    train_runtime_s: float
+    started: float
+
+
+def _write_outputs(config: TrainConfig, trainer, tokenizer, run: RunResult, *, output: Path, main: bool, progress=print) -> dict:
+    """Adapter and tokenizer, curves, model card, then the manifest (last: it says the run is complete).
+
+    The final files are written into a staging folder inside the run and moved into place
+    only when all were written: a full disk leaves the checkpoints (so --resume works) and
+    nothing that looks like a finished adapter."""
+    with staged_files(output) as staging:
+        trainer.save_model(str(staging))  # the Trainer writes from the main process only
+        if not main:
+            return {}
+        tokenizer.save_pretrained(str(staging))
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
+        rows = read_metrics(output / "metrics.jsonl")
+        plots = plot_runs({output.name: rows}, staging / "plots")
+        final_train = next((r for r in reversed(rows) if "loss" in r), {})
+        final_eval = next((r for r in reversed(rows) if "eval_loss" in r), {})
+        manifest = {
+            "status": "complete",
+            "command": "dpo-align train --config config.yaml",
+            "model": {"name": config.model, "path": run.model_path, "revision": model_revision(run.model_path)},
+            "adapter": {**model_revision(str(staging)), "path": str(output.resolve())},
+            "data": run.data.as_dict(),
+            "eval_data": run.eval_data.as_dict() if run.eval_data else None,
+            "pairs_trained_on": run.train_size,
+            "length_fitting": dict(run.truncation),
+            "eval_suite_overlap": run.contamination,
+            "dropped_eval_overlap": config.drop_eval_overlap,
+            "seed": config.seed,
+            "precision": run.precision,
+            "device": run.device,
+            "machine": machine(),
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "global_steps": trainer.state.global_step,
+            "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+            "trainer_setup_s": trainer.setup_s,
+            "reference_logps": trainer.ref_logps_report,
+            "train_runtime_s": run.train_runtime_s,
+            "wall_time_s": round(time.time() - run.started, 1),
+            "final_train": final_train,
+            "final_eval": final_eval,
+            "plots": [str(p.relative_to(staging)) for p in plots],
+        }
+        atomic_write_text(staging / "README.md", model_card(config, manifest))
+        atomic_write_json(staging / "manifest.json", manifest)  # moved into place last
+    prune_checkpoints(output, keep_adapters=config.keep_checkpoints)
     write_report_safely(output, progress, generations=config.report_generations)
     return manifest
 
@@ -417,53 +335,3 @@ def write_report_safely(folder: Path, progress, generations: int = 3) -> None:
 
 def _silent(message: str) -> None:
     pass
-
-
-def model_card(config: TrainConfig, manifest: dict) -> str:
-    """A Hugging Face style model card for the adapter."""
-    settings = dataclasses.asdict(config)
-    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
-    stats = {**{f"train {k}": v for k, v in manifest["final_train"].items() if k in SUMMARY_KEYS},
-             **{k.replace("eval_", "held-out "): v for k, v in manifest["final_eval"].items() if k.removeprefix("eval_") in SUMMARY_KEYS}}
-    stat_rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in stats.items())
-    base = manifest["model"]["name"]
-    return f"""---
-base_model: {base}
-library_name: peft
-tags: [dpo, lora, trl, dpo-align]
----
-
-# DPO LoRA adapter for {base}
-
-Trained with `dpo-align train` (TRL `DPOTrainer`, PEFT LoRA) on {manifest['pairs_trained_on']} preference pairs
-from {', '.join(config.data)}, rendered with the `{config.template}` template. {manifest['global_steps']} optimizer steps,
-{manifest['train_runtime_s']} s on {manifest['device']} ({manifest['precision']}).
-
-## Use
-
-```bash
-dpo-align eval {base} --peft {config.output_dir}
-lm_eval --model hf --model_args pretrained={manifest['model']['path']},peft={config.output_dir} \\
-  --include_path lm_eval_tasks --tasks dpo_ppl_suite
-dpo-align merge {config.output_dir} --output merged/   # a standalone checkpoint
-```
-
-## Final statistics
-
-| statistic | value |
-|---|---|
-{stat_rows}
-
-Curves: {', '.join(f'`{p}`' for p in manifest['plots'])}.
-
-## Training settings
-
-| setting | value |
-|---|---|
-{rows}
-
-Repeat this run with `dpo-align train --config {config.output_dir}/config.yaml --overwrite`.
-Data files, their sha256 and skip counts, package versions and the git commit are in `manifest.json`.
-"""
-
-

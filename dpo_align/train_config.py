@@ -28,57 +28,80 @@ PAIR_SAMPLES = ("first", "random")
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
+def setting(default, help: str, *flags: str, factory=None, parse=None):
+    """A TrainConfig field with its command-line help: the one place a setting is described.
+
+    ``flags`` are the option names where they are not ``--field-name``; ``parse`` turns the
+    command-line text into the value when Typer has no type for it (``int | float``); a
+    ``factory`` (for lists) replaces ``default``."""
+    metadata = {"help": help, "flags": flags, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def whole_or_fraction(text: str) -> int | float:
+    """``100`` -> 100 steps, ``0.1`` -> a tenth of the run (transformers' convention)."""
+    value = float(text)
+    return int(value) if value.is_integer() and value >= 1 else value
+
+
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = DEFAULT_MODEL
-    data: list[str] = field(default_factory=lambda: [DEFAULT_DATASET])
-    split: str = "train"
-    max_pairs: int | None = None
-    # which max_pairs: "first" N in file order, or a "random" sample (seeded by `seed`). hh-rlhf
-    # files are concatenated subsets (harmless first), so the first N are one subset only.
-    pair_sample: str = "first"
-    skip_bad_rows: bool = False
-    template: str = DEFAULT_TEMPLATE
-    output_dir: str = "runs/dpo"
+    model: str = setting(DEFAULT_MODEL, f"Hub id, local checkpoint directory, or the built-in {DEFAULT_MODEL!r}.", "--model", "-m")
+    data: list[str] = setting(None, "Training pairs: files, directories or hub ids (repeatable). Default: Anthropic/hh-rlhf.",
+                              "--data", "-d", factory=lambda: [DEFAULT_DATASET])
+    split: str = setting("train", "Split to read for hub datasets.")
+    max_pairs: int | None = setting(None, "Train on N usable pairs only (see --pair-sample).")
+    # hh-rlhf files are concatenated subsets (harmless first), so the first N are one subset only.
+    pair_sample: str = setting("first", "Which --max-pairs: the 'first' N in file order, or a 'random' sample drawn with --seed. "
+                               "hh-rlhf lists its subsets one after another (harmless first), so the first N come from one subset.")
+    skip_bad_rows: bool = setting(False, "Count and skip broken rows instead of stopping at the first.")
+    template: str = setting(DEFAULT_TEMPLATE, f"Prompt template: {', '.join(TEMPLATES)}. alpaca is what the reference SFT model "
+                            "was trained with.")
+    output_dir: str = setting("runs/dpo", "Where the adapter, checkpoints, curves and manifest go.", "--output-dir", "-o")
     # held-out evaluation during training
-    eval_data: list[str] = field(default_factory=list)
-    eval_max_pairs: int | None = None
-    eval_steps: int = 50
+    eval_data: list[str] = setting(None, "Held-out pairs for DPO loss, reward accuracy and margins during training (repeatable).",
+                                   factory=list)
+    eval_max_pairs: int | None = setting(None, "Use only the first N held-out pairs (each evaluation runs over all of them).")
+    eval_steps: int = setting(50, "Evaluate on --eval-data every N optimizer steps (and at the end).")
     # DPO (Rafailov et al. 2023: sigmoid loss, beta 0.1)
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
+    beta: float = setting(0.1, "DPO beta: strength of the KL penalty to the reference (the base model).")
+    loss_type: str = setting("sigmoid", "TRL DPO loss: sigmoid (the paper's), ipo, hinge, ... (TRL's list).")
     # optimisation (the reference experiment: 1 epoch, lr 1e-5, cosine with warmup)
-    learning_rate: float = 1e-5
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 512
-    seed: int = 42
-    precision: str = "auto"
+    learning_rate: float = setting(1e-5, "Peak learning rate (cosine schedule with warmup).", "--lr")
+    lr_scheduler: str = setting("cosine", "Learning-rate schedule (a transformers scheduler name).")
+    warmup_ratio: float = setting(0.1, "Fraction of steps for linear warmup.")
+    epochs: float = setting(1.0, "Passes over the training pairs.")
+    max_steps: int = setting(-1, "Stop after N optimizer steps (overrides --epochs when > 0).")
+    batch_size: int = setting(4, "Pairs per device per forward pass.")
+    grad_accum: int = setting(1, "Forward passes per optimizer step.")
+    max_length: int = setting(512, "Max tokens of prompt + response; prompts are cut from the left first.")
+    seed: int = setting(42, "Seed for data order, --pair-sample random, dropout and LoRA init.")
+    precision: str = setting("auto", "auto (bf16 where the hardware has it), bf16, fp16 or fp32.")
     # LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str = "all-linear"
+    lora_r: int = setting(16, "LoRA rank.")
+    lora_alpha: int = setting(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA path.")
+    lora_targets: str = setting("all-linear", "Modules to adapt: all-linear, or names such as q_proj,v_proj.")
     # bookkeeping
-    logging_steps: int = 5
-    save_steps: int | float = 100  # a float in (0, 1) is a fraction of the run's steps (transformers' convention)
-    save_total_limit: int | None = 2
-    # after training, keep every checkpoint's adapter (for a learning curve); optimizer state is
-    # always dropped once the run has finished, since it only serves --resume
-    keep_checkpoints: bool = False
-    report_to: str = "none"
-    report_generations: int = 3  # default prompts answered by the base model and the adapter in report.html
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    logging_steps: int = setting(5, "Log train statistics every N steps.")
+    save_steps: int | float = setting(100, "Checkpoint every N steps, or a fraction of the run's steps in (0, 1).",
+                                      parse=whole_or_fraction)
+    save_total_limit: int | None = setting(2, "Checkpoints kept while training (the newest); none given keeps all.")
+    # optimizer state is always dropped once the run has finished, since it only serves --resume
+    keep_checkpoints: bool = setting(False, "After training, keep every checkpoint's adapter (for a learning curve).")
+    report_to: str = setting("none", "none, tensorboard or wandb.")
+    report_generations: int = setting(3, "Default prompts answered by the base model and the adapter in report.html (0: none).")
+    trust_remote_code: bool = setting(False, "Allow code shipped with a checkpoint to run.")
+    allow_pickle: bool = setting(False, "Load pickle (.bin/.pt) weights through torch's weights_only loader; safetensors only otherwise.")
     # decontamination against the scoring suite
-    eval_suite_data_dir: str | None = None
-    eval_suite_pku_path: str | None = None
-    drop_eval_overlap: bool = False
+    eval_suite_data_dir: str | None = setting(None, "Scoring-suite data (like ../shared/data), to count training prompts that also "
+                                              "occur there (and, in a sweep, to score).", "--data-dir")
+    eval_suite_pku_path: str | None = setting(None, "Scoring-suite PKU file(s), e.g. ../shared/data/splits/heldout.jsonl.gz, for the "
+                                              "same overlap check (and, in a sweep, to score).", "--pku-path")
+    drop_eval_overlap: bool = setting(False, "Remove training pairs whose prompt occurs in the scoring suite.")
 
     def check_types(self) -> None:
         """Each setting has its field's type (a YAML value such as `learning_rate: fast` names its key)."""
@@ -107,8 +130,7 @@ class TrainConfig:
         self.check_types()
         finite = [k for k in ("learning_rate", "beta", "warmup_ratio", "epochs", "lora_dropout") if not math.isfinite(getattr(self, k))]
         if finite:
-            options = {"learning_rate": "--lr"}
-            raise UserError(f"Invalid training option: {', '.join(options.get(k, '--' + k.replace('_', '-')) for k in finite)} must be a finite number "
+            raise UserError(f"Invalid training option: {', '.join(option_name(k) for k in finite)} must be a finite number "
                             f"(got {', '.join(repr(getattr(self, k)) for k in finite)}).")
         checks = [
             (self.loss_type in LOSS_TYPES, f"--loss-type {self.loss_type!r} is not one of TRL's: {', '.join(LOSS_TYPES)}"),
@@ -179,6 +201,34 @@ def build_config(file_settings: dict, cli_settings: dict) -> TrainConfig:
         return TrainConfig(**{**file_settings, **cli_settings}).validate()
     except TypeError as err:
         raise UserError(f"Invalid training settings: {err}.") from None
+
+
+def resolve_settings(config_file: str | Path | None, given: dict, *, resume: bool = False) -> TrainConfig:
+    """The settings of a run: defaults < ``--config`` file < options given on the command line.
+
+    The resume policy lives here, so every command that continues a run obeys it: ``resume``
+    takes the run's own config.yaml, and an option given now that differs from it is refused,
+    naming it (a resumed run continues exactly as it started)."""
+    file_settings = load_config_file(config_file) if config_file else {}
+    if resume:
+        output_dir = given.get("output_dir", file_settings.get("output_dir", TrainConfig.output_dir))
+        saved_path = Path(output_dir) / "config.yaml"
+        if saved_path.is_file():
+            saved = load_config_file(saved_path)
+            changed = sorted(k for k, v in {**file_settings, **given}.items() if k != "output_dir" and saved.get(k) != v)
+            if changed:
+                raise UserError(
+                    f"--resume continues the run exactly as configured in {saved_path}; these options differ from it: "
+                    f"{', '.join(option_name(c) for c in changed)}. Drop them, or start a new run with --overwrite."
+                )
+            file_settings = saved
+    return build_config(file_settings, given)
+
+
+def option_name(key: str) -> str:
+    """The command-line option of a setting (``learning_rate`` -> ``--lr``)."""
+    flags = next((f.metadata.get("flags") for f in dataclasses.fields(TrainConfig) if f.name == key), None)
+    return flags[0] if flags else "--" + key.replace("_", "-")
 
 
 # Settings that do not change what a run computes, so a resume may differ in them.

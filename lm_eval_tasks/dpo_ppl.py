@@ -146,6 +146,8 @@ def _dataset(name: str, metadata: dict) -> dict:
         name,
         data_dir=metadata.get("data_dir"),  # load_docs falls back to env DPO_ALIGN_DATA_DIR
         pku_path=metadata.get("pku_path"),
+        # a hub set pinned to a branch, tag or commit: --metadata '{"dataset_revisions": {"winogrande": "SHA"}}'
+        revision=(metadata.get("dataset_revisions") or {}).get(name),
     )
     for doc in docs:
         doc["context"] = render_prompt(doc["instruction"], template, tokenizer)

@@ -30,5 +30,31 @@ def test_a_wrong_data_dir_is_an_error_not_a_silent_zero(tmp_path, tiny_data):
         suite_instructions(str(tmp_path / "nowhere"), None)
     with pytest.raises(UserError, match="TruthfulQA.csv"):
         suite_documents(str(tmp_path / "nowhere"), None)
-    docs = suite_documents(str(tiny_data), str(tiny_data / "pku.jsonl.gz"))
+    docs, unchecked = suite_documents(str(tiny_data), str(tiny_data / "pku.jsonl.gz"))
+    assert unchecked == {}
     assert {k: len(v) for k, v in docs.items()} == {"truthfulqa": 3, "winogrande": 2, "pku": 2}
+
+
+def test_sets_scored_from_the_hub_are_checked_or_named_as_unchecked(monkeypatch):
+    from dpo_align.decontaminate import suite_docs
+
+    monkeypatch.delenv("DPO_ALIGN_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    docs, unchecked = suite_docs(None, None, include_hub=False)
+    assert docs == {} and unchecked == {}  # train's check: only the sets given as files
+    docs, unchecked = suite_docs(None, None, include_hub=True)  # the sweep's: the hub cannot be reached here
+    assert docs == {} and set(unchecked) == {"truthfulqa", "winogrande", "pku"}
+    assert all("could not be read" in why for why in unchecked.values())
+
+
+def test_training_on_hh_rlhf_test_and_scoring_hub_pku_is_called_the_same_source(tmp_path):
+    from dpo_align.decontaminate import same_source
+
+    said = same_source(["Anthropic/hh-rlhf"], "test", None)
+    assert "same source split" in said and "--pku-path" in said
+    assert same_source(["Anthropic/hh-rlhf"], "train", None) is None  # hh-rlhf train is not PKU's test split
+    assert same_source(["Anthropic/hh-rlhf"], "test", str(tmp_path / "heldout.jsonl")) is None  # PKU scored on a file
+    assert "same source split" in same_source(["Anthropic/hh-rlhf@main"], "test", "PKU-Alignment/processed-hh-rlhf")
+    pool = tmp_path / "train-pool.jsonl.gz"
+    pool.write_bytes(b"")
+    assert "cannot be traced" in same_source([str(pool)], "train", None)  # files: said plainly that it cannot tell

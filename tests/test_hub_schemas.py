@@ -83,3 +83,38 @@ def test_pku_rows_as_training_data(tmp_path):
 def test_a_hub_id_as_pku_path_reads_the_test_split(local_hub):
     docs = load_docs("pku", pku_path="PKU-Alignment/processed-hh-rlhf")
     assert local_hub == [("PKU-Alignment/processed-hh-rlhf", None, "test")] and len(docs) == 1
+
+
+def test_hub_revisions_are_passed_on_and_the_commit_read_recorded(tmp_path, monkeypatch):
+    """owner/name@REVISION reaches load_dataset, and the commit read lands in the report and hub.COMMITS."""
+    from dpo_align import hub
+
+    real = datasets.load_dataset
+    seen = []
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def load_dataset(path, name=None, split=None, data_dir=None, **kwargs):
+        seen.append((path, kwargs.get("revision")))
+        rows = HUB[(path, name, split)]
+        file = tmp_path / f"{len(seen)}.jsonl"
+        file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dataset = real("json", data_files=str(file), split="train")
+        dataset.info.download_checksums = {f"hf://datasets/{path}@{commit}/data/test.parquet": {}}  # as datasets names hub files
+        return dataset
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.delenv("DPO_ALIGN_DATA_DIR", raising=False)
+    pairs, report = read_pairs(["Anthropic/hh-rlhf@v1.0"], split="train")
+    assert seen[-1] == ("Anthropic/hh-rlhf", "v1.0") and report.sources[0].revision == commit
+    load_docs("winogrande", revision="abc123")
+    assert seen[-1] == ("allenai/winogrande", "abc123")
+    assert hub.COMMITS["allenai/winogrande/winogrande_xl[validation]"] == commit
+    load_docs("pku")  # unpinned: the main branch, and still the commit read
+    assert seen[-1] == ("PKU-Alignment/processed-hh-rlhf", None) and hub.COMMITS["PKU-Alignment/processed-hh-rlhf[test]"] == commit
+
+
+def test_an_empty_revision_is_an_error():
+    from dpo_align.errors import UserError
+
+    with pytest.raises(UserError, match="nothing after '@'"):
+        read_pairs(["Anthropic/hh-rlhf@"])

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from dpo_align import train as train_module
 from dpo_align.cli import app
 from dpo_align.data import Pair
+from dpo_align.data_fitting import fit_to_length
 from dpo_align.templates import render_prompt
-from dpo_align.train import Interrupted, fit_to_length, train
+from dpo_align.train import Interrupted, train
 from dpo_align.train_config import TrainConfig
 
 from .conftest import SHARED_DATA, needs_shared_data
@@ -129,7 +130,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tiny
 def test_resume_skips_a_checkpoint_that_was_cut_while_being_written(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from dpo_align.callbacks import COMPLETE_MARKER, latest_checkpoint
+    from dpo_align.run_folder import COMPLETE_MARKER, latest_checkpoint
 
     settings = dict(max_steps=8, save_steps=2, lr_scheduler="constant", learning_rate=5e-2, lora_dropout=0.0)
     whole = tmp_path / "whole"
@@ -432,7 +433,7 @@ def test_a_short_run_on_a_large_pool_computes_the_reference_per_step_with_the_sa
 
 
 def test_pair_sample_random_draws_across_the_file_and_is_seeded(tiny_gpt2, pairs_file, tmp_path):
-    from dpo_align.train import take_pairs
+    from dpo_align.data_fitting import take_pairs
 
     pairs = list(range(100))
     first, drawn = take_pairs(pairs, 10, "first", 0), take_pairs(pairs, 10, "random", 0)

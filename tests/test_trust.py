@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dpo_align import data
-from dpo_align.callbacks import COMPLETE_MARKER, latest_checkpoint
 from dpo_align.cli import app
 from dpo_align.errors import UserError
+from dpo_align.run_folder import COMPLETE_MARKER, latest_checkpoint
 
 from .conftest import make_tiny_model
 
@@ -109,7 +109,7 @@ def test_remote_code_needs_trust_remote_code(tmp_path):
 
 
 def test_results_record_the_exact_weights(tiny_gpt2, pairs_file, tmp_path):  # noqa: F811
-    from dpo_align.data import sha256_file
+    from dpo_align.files import sha256_file
 
     result = runner.invoke(app, ["eval", str(tiny_gpt2), "--pku-path", str(pairs_file), "--dataset", "pku", "--limit", "4",
                                  "-o", str(tmp_path / "e")])

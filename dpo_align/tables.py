@@ -1,0 +1,67 @@
+"""Result tables of scored models: Markdown (the reference's shape), CSV and a bar chart PNG.
+
+``runs`` are the models of ``results.json``: each a label and a table of dataset -> metric
+-> [value, stderr]; the first is the baseline of the Δ columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from dpo_align.plots import png_bytes
+
+# dataset keys in the reference table's order, and how they are shown
+TABLE_NAMES = {"truthfulqa": "TruthfulQA", "winogrande": "WinoGrande", "pku": "PKU (hh-rlhf held-out)"}
+METRICS = ("ce", "ppl", "bpb")
+
+
+def markdown_table(runs: list[dict], metric: str = "ce") -> str:
+    labels = [r["label"] for r in runs]
+    header = ["dataset", *labels] + [f"Δ {lab} vs {labels[0]}" for lab in labels[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in [*TABLE_NAMES, "mean"]:
+        cells = [r["table"].get(key, {}).get(metric) for r in runs]
+        if all(c is None for c in cells):
+            continue
+        name = TABLE_NAMES.get(key, "mean of the three")
+        row = [name] + [(f"{c[0]:.3f} ± {c[1]:.3f}" if c[1] is not None else f"{c[0]:.3f} ± n/a") if c else "" for c in cells]
+        base = cells[0]
+        row += [f"{100 * (c[0] - base[0]) / base[0]:+.2f}%" if (c and base) else "" for c in cells[1:]]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(runs: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["model", "dataset", "metric", "value", "stderr", "documents"])
+    for run in runs:
+        for key, row in run["table"].items():
+            for metric in METRICS:
+                value, stderr = row[metric]
+                writer.writerow([run["label"], key, metric, f"{value:.6f}", "" if stderr is None else f"{stderr:.6f}", row.get("n", "")])
+    return buffer.getvalue()
+
+
+def bar_chart_png(runs: list[dict], metric: str = "ce") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = [k for k in [*TABLE_NAMES, "mean"] if any(k in r["table"] for r in runs)]
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 4))
+    for i, run in enumerate(runs):
+        values = [run["table"].get(k, {}).get(metric, [np.nan, 0])[0] for k in keys]
+        errors = [run["table"].get(k, {}).get(metric, [np.nan, 0])[1] or 0.0 for k in keys]  # no stderr (one document): no bar
+        ax.bar(np.arange(len(keys)) + i * width, values, width, yerr=errors, capsize=3, label=run["label"])
+    ax.set_xticks(np.arange(len(keys)) + width * (len(runs) - 1) / 2)
+    ax.set_xticklabels([TABLE_NAMES.get(k, "mean") for k in keys])
+    ax.set_ylabel(f"{metric} (nats per response token, lower is better)" if metric == "ce" else metric)
+    ax.set_title("Templated response-only cross-entropy (± 1 stderr)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return png_bytes(fig)
