@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import typer
 
 from dpo_align.config_options import given_settings, with_settings
 from dpo_align.errors import UserError
+from dpo_align.files import WRITE_ERRNOS
 from dpo_align.models import DEFAULT_MODEL
 from dpo_align.templates import DEFAULT_TEMPLATE, TEMPLATES
 
@@ -31,7 +31,6 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
-WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 @app.callback()
@@ -56,7 +55,7 @@ def user_errors(fn):
         except OSError as err:
             # a full or read-only disk: every command writes into staging and moves its outputs
             # into place only once all are written, so what exists is either finished or absent
-            if err.errno not in WRITE_ERRORS or _state["debug"]:
+            if err.errno not in WRITE_ERRNOS or _state["debug"]:
                 raise
             typer.secho(f"error: cannot write {err.filename or 'the output'}: {err.strerror}. Nothing that looks finished "
                         "was left behind; free some space (or choose a writable folder) and run the command again.",

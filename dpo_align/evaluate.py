@@ -59,7 +59,7 @@ def model_specs(models: list[str], adapters: list[str], progress=print) -> list[
         path = Path(name).expanduser()
         base = adapter_base(path) if path.is_dir() else None
         if base:
-            check_adapter_folder(path)
+            check_adapter_folder(path, "MODEL")
             specs.append(ModelSpec(f"{path.name} (LoRA)", _base(base, progress), str(path)))
         else:
             label = name if (name in BUILTIN_MODELS or not path.exists()) else path.name

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -46,6 +48,31 @@ def write_jsonl(path: str | Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
+# errno values of a disk that cannot take the write: full, read-only, over quota
+WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
+@contextmanager
+def named_write_errors(path: str | Path):
+    """Turn a full or read-only disk met inside the block into ``OSError(errno, strerror, path)``.
+
+    Writers in Rust (safetensors, tokenizers) report it as their own exception carrying only
+    "os error 28"; Python's own carry the errno but sometimes no file name. Either way the
+    command can then say which path could not be written."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS and not err.filename:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+    except Exception as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found and int(found.group(1)) in WRITE_ERRNOS:
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from err
+        raise
+
+
 @contextmanager
 def atomic_directory(target: str | Path):
     """Build a folder beside ``target`` and rename it into place only if the block succeeds,
@@ -55,7 +82,8 @@ def atomic_directory(target: str | Path):
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     staging.chmod(0o755)
     try:
-        yield staging
+        with named_write_errors(target):
+            yield staging
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -76,7 +104,8 @@ def staged_files(folder: str | Path, *, last: str = "manifest.json"):
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
     try:
-        yield staging
+        with named_write_errors(folder):
+            yield staging
         items = sorted(staging.iterdir(), key=lambda p: p.name == last)
         for item in items:
             target = folder / item.name

@@ -25,7 +25,7 @@ def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bo
 
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise UserError(f"--output {output} is not empty. Pass --overwrite or choose another folder.")
-    check_adapter_folder(adapter)
+    check_adapter_folder(adapter, "adapter")
     check_weights_safe(str(adapter), allow_pickle)
     base = base or adapter_base(adapter)
     if not base:
@@ -42,11 +42,7 @@ def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bo
     tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
 
-    try:
-        with atomic_directory(output) as staging:
-            merged.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-    except OSError as err:
-        raise UserError(f"--output {output}: cannot write the merged checkpoint there ({err.strerror}: {err.filename or output}). "
-                        "Nothing was left behind; choose a writable folder with free space.") from None
+    with atomic_directory(output) as staging:  # a full disk: named, and nothing left behind
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     return output

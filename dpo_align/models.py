@@ -252,16 +252,16 @@ def check_local_checkpoint(path: str, *, role: str = "model") -> None:
                         "the folder (tokenizer.save_pretrained(FOLDER)), or copy the base model's tokenizer files.")
 
 
-def check_adapter_folder(path: str | Path) -> None:
-    """A --peft folder: adapter_config.json and its weights."""
+def check_adapter_folder(path: str | Path, what: str = "--peft") -> None:
+    """An adapter folder (``what`` names where it was given): adapter_config.json and its weights."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        raise UserError(f"--peft {directory}: no such folder." if not directory.exists() else f"--peft {directory}: a file, not an adapter folder.")
+        raise UserError(f"{what} {directory}: no such folder." if not directory.exists() else f"{what} {directory}: a file, not an adapter folder.")
     if not (directory / "adapter_config.json").is_file():
-        raise UserError(f"--peft {directory}: no adapter_config.json there. Pass the folder `dpo-align train` wrote.")
+        raise UserError(f"{what} {directory}: no adapter_config.json there. Pass the folder `dpo-align train` wrote.")
     weights = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if (directory / n).is_file()]
     if not weights:
-        raise UserError(f"--peft {directory}: adapter_config.json is there but no adapter weights (adapter_model.safetensors). "
+        raise UserError(f"{what} {directory}: adapter_config.json is there but no adapter weights (adapter_model.safetensors). "
                         "The run may not have finished: resume it with `dpo-align train --output-dir "
                         f"{directory} --resume`, or pass a finished run's folder.")
 

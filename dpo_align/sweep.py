@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def parse_lrs(text: str) -> list[float]:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UserError(f"--lr {text!r}: expected comma-separated numbers such as 5e-6,1e-5,1e-4.") from None
-    if not values or any(v <= 0 for v in values):
-        raise UserError(f"--lr {text!r}: give at least one positive learning rate.")
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        raise UserError(f"--lr {text!r}: give positive, finite learning rates (such as 5e-6,1e-5,1e-4).")
     if len(set(values)) != len(values):
         raise UserError(f"--lr {text!r}: a learning rate is listed twice.")
     return values
@@ -83,12 +84,18 @@ def sweep(
     runs_dir.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
 
+    # every run's settings and folder checked before the first one trains
+    configs = {}
+    for lr in lrs:
+        run_dir = runs_dir / run_name(lr)
+        configs[lr] = dataclasses.replace(base, learning_rate=lr, output_dir=str(run_dir)).validate()
+        check_resumable(run_dir, configs[lr], how_to_fix="give the sweep another --runs-dir, or delete that folder to train it again.")
+
     # 1. train, one adapter per learning rate (finished runs are kept, started ones resumed)
     adapters, failed = {}, {}
     for i, lr in enumerate(lrs, start=1):
         run_dir = runs_dir / run_name(lr)
-        config = dataclasses.replace(base, learning_rate=lr, output_dir=str(run_dir))
-        check_resumable(run_dir, config, how_to_fix="give the sweep another --runs-dir, or delete that folder to train it again.")
+        config = configs[lr]
         if (run_dir / "manifest.json").is_file():
             progress(f"[train {i}/{len(lrs)}] {run_name(lr)}: already finished, kept.")
         else:

@@ -19,8 +19,8 @@ from dpo_align.callbacks import CheckpointMarker, GracefulInterrupt, MetricsFile
 from dpo_align.data import LoadReport, read_pairs, to_dataset
 from dpo_align.data_fitting import fit_to_length, take_pairs
 from dpo_align.decontaminate import overlap, same_source_split, suite_instructions
-from dpo_align.errors import TrainingDiverged
-from dpo_align.files import atomic_write_json, atomic_write_text, staged_files
+from dpo_align.errors import TrainingDiverged, UserError
+from dpo_align.files import atomic_write_json, atomic_write_text, named_write_errors, staged_files
 from dpo_align.folder_lock import locked
 from dpo_align.model_card import model_card
 from dpo_align.models import load_model, load_tokenizer, resolve_model
@@ -35,6 +35,7 @@ from dpo_align.run_folder import (
     prune_checkpoints,
     rewind_to,
 )
+from dpo_align.templates import render_prompt, render_response
 from dpo_align.train_config import TrainConfig
 
 
@@ -45,6 +46,38 @@ class Interrupted(Exception):
         self.checkpoint, self.output_dir = checkpoint, output_dir
         where = f"a checkpoint is in {checkpoint}" if checkpoint else "no checkpoint was reached yet"
         super().__init__(f"Training interrupted; {where}. Resume with:\n    dpo-align train --output-dir {output_dir} --resume")
+
+
+def check_fits_template(config: TrainConfig, tokenizer) -> None:
+    """--max-length must leave room for a response after the template's own tokens."""
+    overhead = len(tokenizer(render_prompt("", config.template, tokenizer) + render_response("", config.template),
+                             add_special_tokens=False)["input_ids"])
+    if config.max_length < overhead + 8:
+        raise UserError(f"--max-length {config.max_length} leaves no room for the text: the {config.template} template alone takes "
+                        f"{overhead} tokens of this tokenizer. Give at least {overhead + 8} (the default is 512).")
+
+
+def check_lora_targets(config: TrainConfig, model_path: str) -> None:
+    """Named --lora-targets must exist in the model; checked on an empty (meta) copy built from its config."""
+    if config.lora_targets == "all-linear":
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wanted = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+    try:
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    except Exception:  # an unusual architecture: PEFT will still check when it wraps the model
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                     if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
+    names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
+    missing = [t for t in wanted if t not in names]
+    if missing or not wanted:
+        raise UserError(f"--lora-targets {config.lora_targets!r}: {', '.join(missing) or 'no names'} not found in {config.model}. "
+                        f"Its linear layers are: {', '.join(linear)} (or give all-linear).")
 
 
 def resolve_precision(precision: str) -> str:
@@ -120,6 +153,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
     with state.main_process_first():  # the built-in model is converted once, by the main process
         model_path = resolve_model(config.model, progress=progress)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
+    check_fits_template(config, tokenizer)
+    check_lora_targets(config, model_path)  # from the model's config, before its weights load
 
     pairs, report = read_pairs(config.data, split=config.split, skip_bad_rows=config.skip_bad_rows)
     progress(f"Read {report.rows_read} rows, kept {report.rows_kept} pairs"
@@ -231,7 +266,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
             result = _restore_final(trainer, resume_from)
         else:
             try:
-                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                with named_write_errors(output):  # a checkpoint that does not fit on the disk names the run folder
+                    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             except TrainingDiverged as err:
                 raise TrainingDiverged(err.step, err.what, err.value, str(output)) from None
         if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:

@@ -1,0 +1,360 @@
+"""Bad inputs and faults against every command, as real command lines in a fresh process.
+
+Each case runs the real entry point in its own process (forked from a server that has
+imported torch and the rest once: tests/cli_forkserver.py) and asserts the exit code, that no Python traceback is printed, that the message names
+the file, line or option (a regular expression), and that nothing that looks finished is left
+in the output folder. Outcomes are classified as clean / traceback / silent (exit 0) / unclear
+(a wrong code or a message that names nothing) / left-behind; ``results/reliability.md`` is
+written from these outcomes when the run asks for it:
+
+    DPO_ALIGN_RELIABILITY_MD=results/reliability.md python -m pytest tests/test_bad_inputs.py
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+# what a finished output looks like: none of these may be left by a failed command
+FINISHED = ("manifest.json", "results.json", "adapter_model.safetensors", "model.safetensors", "table.md",
+            "compare.md", "report.html")
+
+
+@dataclass
+class Case:
+    name: str
+    command: str  # the dpo-align sub-command, for the report
+    args: list  # strings; "{x}" fields are filled from the workspace
+    message: str  # a regular expression the output must match
+    code: int = 2
+    output: str | None = "{out}"  # the folder that must hold nothing finished ("" for none)
+    prepare: str | None = None  # name of a workspace method that sets the case up
+    extra_env: dict = field(default_factory=dict)
+
+
+def _cases() -> list[Case]:
+    c = Case
+    train = ["train", "--model", "{model}", "--data", "{pairs}", "-o", "{out}", "--max-steps", "2", "--report-generations", "0"]
+    sweep = ["sweep", "--model", "{model}", "--data", "{pairs}", "--runs-dir", "{ws}/sweep-runs", "-o", "{out}"]
+    evaluate = ["eval", "{model}", "--data-dir", "{data}", "--pku-path", "{data}/pku.jsonl.gz", "--limit", "1", "-o", "{out}"]
+    return [
+        # ---- data inspect
+        c("missing file", "data inspect", ["data", "inspect", "{ws}/missing.jsonl", "--model", "{model}"], r"missing\.jsonl: no such file", output=""),
+        c("empty file", "data inspect", ["data", "inspect", "{ws}/empty.jsonl", "--model", "{model}"], r"empty\.jsonl: the file is empty", output=""),
+        c("broken JSON line", "data inspect", ["data", "inspect", "{ws}/broken.jsonl", "--model", "{model}"], r"broken\.jsonl:2: invalid JSON", output=""),
+        c("row without rejected", "data inspect", ["data", "inspect", "{ws}/norejected.jsonl", "--model", "{model}"], r"norejected\.jsonl:1:.*rejected", output=""),
+        c("unsupported file type", "data inspect", ["data", "inspect", "{ws}/pairs.txt", "--model", "{model}"], r"pairs\.txt", output=""),
+        c("unknown template", "data inspect", ["data", "inspect", "{pairs}", "--template", "nosuch"], r"--template", output=""),
+        c("example index past the end", "data inspect", ["data", "inspect", "{pairs}", "--model", "{model}", "--example", "999"], r"--example", output=""),
+        # ---- train: settings, checked before any model loads
+        c("lr inf", "train", [*train, "--lr", "inf"], r"--lr must be a finite number"),
+        c("lr nan", "train", [*train, "--lr", "nan"], r"--lr must be a finite number"),
+        c("lr negative", "train", [*train, "--lr", "-1e-5"], r"--lr must be positive"),
+        c("beta inf", "train", [*train, "--beta", "inf"], r"--beta must be a finite number"),
+        c("unknown loss type", "train", [*train, "--loss-type", "unknown"], r"--loss-type 'unknown' is not one of"),
+        c("logging steps 0", "train", [*train, "--logging-steps", "0"], r"--logging-steps must be at least 1"),
+        c("eval steps 0", "train", [*train, "--eval-steps", "0"], r"--eval-steps must be at least 1"),
+        c("save steps 0", "train", [*train, "--save-steps", "0"], r"--save-steps must be"),
+        c("save steps not a number", "train", [*train, "--save-steps", "often"], r"--save-steps"),
+        c("batch size 0", "train", [*train, "--batch-size", "0"], r"--batch-size"),
+        c("max length 8", "train", [*train, "--max-length", "8"], r"--max-length"),
+        c("max length shorter than the template", "train", [*train, "--max-length", "16"], r"--max-length 16.*template"),
+        c("lora r 0", "train", [*train, "--lora-r", "0"], r"--lora-r"),
+        c("lora dropout 1.5", "train", [*train, "--lora-dropout", "1.5"], r"--lora-dropout"),
+        c("lora targets that do not exist", "train", [*train, "--lora-targets", "nosuchmodule"], r"--lora-targets.*nosuchmodule"),
+        c("warmup ratio 1", "train", [*train, "--warmup-ratio", "1"], r"--warmup-ratio"),
+        c("max pairs 0", "train", [*train, "--max-pairs", "0"], r"--max-pairs"),
+        c("unknown pair sample", "train", [*train, "--pair-sample", "shuffled"], r"--pair-sample"),
+        c("unknown precision", "train", [*train, "--precision", "fp8"], r"--precision"),
+        c("unknown report-to", "train", [*train, "--report-to", "nosuch"], r"--report-to"),
+        c("unknown template (train)", "train", [*train, "--template", "nosuch"], r"--template"),
+        c("no epochs and no steps", "train", ["train", "--model", "{model}", "--data", "{pairs}", "-o", "{out}", "--epochs", "0"], r"--epochs"),
+        c("YAML: learning_rate: fast", "train", ["train", "--config", "{ws}/fast.yaml", "-o", "{out}"], r"learning_rate: expected float"),
+        c("YAML: lora_r: [1,2]", "train", ["train", "--config", "{ws}/lora.yaml", "-o", "{out}"], r"lora_r: expected int"),
+        c("YAML: max_steps: \"1\"", "train", ["train", "--config", "{ws}/steps.yaml", "-o", "{out}"], r"max_steps: expected int"),
+        c("YAML: unknown key", "train", ["train", "--config", "{ws}/unknown.yaml", "-o", "{out}"], r"unknown\.yaml: unknown setting\(s\) learnin_rate"),
+        c("YAML: not a mapping", "train", ["train", "--config", "{ws}/list.yaml", "-o", "{out}"], r"list\.yaml: expected a mapping"),
+        c("YAML: invalid", "train", ["train", "--config", "{ws}/invalid.yaml", "-o", "{out}"], r"invalid\.yaml: not valid YAML"),
+        c("YAML: missing file", "train", ["train", "--config", "{ws}/nofile.yaml", "-o", "{out}"], r"nofile\.yaml: no such file"),
+        # ---- train: folders, models and data
+        c("resume and overwrite", "train", [*train, "--resume", "--overwrite"], r"--overwrite and --resume"),
+        c("resume with nothing to resume", "train", [*train, "--resume"], r"holds no run to resume"),
+        c("output dir is a file", "train", ["train", "--model", "{model}", "--data", "{pairs}", "-o", "{ws}/afile"], r"afile is a file", output=""),
+        c("output dir not empty", "train", ["train", "--model", "{model}", "--data", "{pairs}", "-o", "{ws}/notempty"], r"notempty is not empty", output=""),
+        c("overwrite a folder that is not a run", "train", ["train", "--model", "{model}", "--data", "{pairs}", "-o", "{ws}/notempty", "--overwrite"],
+          r"does not look like a dpo-align run folder", output=""),
+        c("model folder missing", "train", ["train", "--model", "{ws}/nomodel", "--data", "{pairs}", "-o", "{out}"], r"nomodel: no such model folder"),
+        c("model folder without config.json", "train", ["train", "--model", "{ws}/noconfig", "--data", "{pairs}", "-o", "{out}"], r"noconfig: no config\.json"),
+        c("truncated model.safetensors", "train", [*train[:2], "{ws}/truncated", *train[3:]], r"truncated/model\.safetensors: truncated or corrupt"),
+        c("garbage model.safetensors", "train", [*train[:2], "{ws}/garbage", *train[3:]], r"garbage/model\.safetensors: truncated or corrupt"),
+        c("pickle-only model", "train", [*train[:2], "{ws}/pickled", *train[3:]], r"pickled holds weights only as pickle"),
+        c("data file missing", "train", ["train", "--model", "{model}", "--data", "{ws}/missing.jsonl", "-o", "{out}"], r"missing\.jsonl: no such file"),
+        c("data with a broken line", "train", ["train", "--model", "{model}", "--data", "{ws}/broken.jsonl", "-o", "{out}"], r"broken\.jsonl:2"),
+        c("eval data missing", "train", [*train, "--eval-data", "{ws}/missing-eval.jsonl"], r"missing-eval\.jsonl: no such file"),
+        c("decontamination data dir missing", "train", [*train, "--data-dir", "{ws}/nodata"], r"nodata/truthfulqa/TruthfulQA\.csv"),
+        c("a failed set-up leaves the folder reusable", "train", [*train[:2], "{ws}/truncated", *train[3:-4], "-o", "{ws}/failed-run"],
+          r"truncated or corrupt", output="{ws}/failed-run"),
+        # ---- eval
+        c("eval device foo", "eval", [*evaluate, "--device", "foo"], r"--device 'foo'"),
+        c("eval device cuda without CUDA", "eval", [*evaluate, "--device", "cuda"], r"--device cuda: this machine has no CUDA"),
+        c("eval batch size 0", "eval", [*evaluate, "--batch-size", "0"], r"--batch-size 0"),
+        c("eval dtype float8", "eval", [*evaluate, "--dtype", "float8"], r"--dtype 'float8'"),
+        c("eval limit 0", "eval", [*evaluate[:-4], "--limit", "0", "-o", "{out}"], r"--limit 0"),
+        c("eval limit -1", "eval", [*evaluate[:-4], "--limit", "-1", "-o", "{out}"], r"--limit -1"),
+        c("eval unknown dataset", "eval", [*evaluate, "--dataset", "mmlu"], r"--dataset 'mmlu'"),
+        c("eval unknown lm-eval model", "eval", [*evaluate, "--lm-eval-model", "vllm"], r"--lm-eval-model 'vllm'"),
+        c("eval bad dataset revision", "eval", [*evaluate, "--dataset-revision", "mmlu=abc"], r"--dataset-revision 'mmlu=abc'"),
+        c("eval nothing to score", "eval", ["eval", "-o", "{out}"], r"Nothing to score"),
+        c("eval model folder missing", "eval", ["eval", "{ws}/nomodel", "-o", "{out}"], r"nomodel: no such model folder"),
+        c("eval model without tokenizer", "eval", ["eval", "{ws}/notokenizer", "-o", "{out}"], r"notokenizer: no tokenizer there"),
+        c("eval model without config.json", "eval", ["eval", "{ws}/noconfig", "-o", "{out}"], r"noconfig: no config\.json"),
+        c("eval truncated model.safetensors", "eval", ["eval", "{ws}/truncated", "-o", "{out}"], r"truncated/model\.safetensors: truncated or corrupt"),
+        c("eval pickle-only model", "eval", ["eval", "{ws}/pickled", "-o", "{out}"], r"pickled holds weights only as pickle"),
+        c("eval --peft folder missing", "eval", ["eval", "{model}", "--peft", "{ws}/noadapter", "-o", "{out}"], r"--peft .*noadapter: no such folder"),
+        c("eval --peft without adapter_config.json", "eval", ["eval", "{model}", "--peft", "{ws}/noconfig", "-o", "{out}"], r"noconfig: no adapter_config\.json"),
+        c("eval --peft without weights", "eval", ["eval", "{model}", "--peft", "{ws}/adapter-noweights", "-o", "{out}"],
+          r"adapter-noweights: adapter_config\.json is there but no adapter weights"),
+        c("eval --peft truncated weights", "eval", ["eval", "{model}", "--peft", "{ws}/adapter-truncated", "-o", "{out}"],
+          r"adapter-truncated/adapter_model\.safetensors: truncated or corrupt"),
+        c("eval TruthfulQA without Best Answer", "eval", ["eval", "{model}", "--data-dir", "{ws}/nobest", "--dataset", "truthfulqa", "-o", "{out}"],
+          r"TruthfulQA\.csv:1: the header has no 'Best Answer'"),
+        c("eval empty TruthfulQA.csv", "eval", ["eval", "{model}", "--data-dir", "{ws}/emptycsv", "--dataset", "truthfulqa", "-o", "{out}"],
+          r"TruthfulQA\.csv:1: the header has no"),
+        c("eval WinoGrande row without option2", "eval", ["eval", "{model}", "--data-dir", "{ws}/nooption2", "--dataset", "winogrande", "-o", "{out}"],
+          r"dev\.jsonl:2.*option2"),
+        c("eval data dir missing", "eval", ["eval", "{model}", "--data-dir", "{ws}/nodata", "--dataset", "truthfulqa", "-o", "{out}"],
+          r"nodata/truthfulqa/TruthfulQA\.csv"),
+        c("eval all responses empty", "eval", ["eval", "{model}", "--data-dir", "{ws}/emptyanswers", "--dataset", "truthfulqa", "-o", "{out}"],
+          r"truthfulqa: all 2 documents have an empty response"),
+        # ---- merge
+        c("merge adapter missing", "merge", ["merge", "{ws}/noadapter", "-o", "{out}"], r"noadapter: no such folder"),
+        c("merge without adapter_config.json", "merge", ["merge", "{ws}/noconfig", "-o", "{out}"], r"noconfig: no adapter_config\.json"),
+        c("merge adapter without weights", "merge", ["merge", "{ws}/adapter-noweights", "-o", "{out}"], r"adapter-noweights: adapter_config\.json is there"),
+        c("merge truncated adapter", "merge", ["merge", "{ws}/adapter-truncated", "-o", "{out}"], r"adapter_model\.safetensors: truncated or corrupt"),
+        c("merge base missing", "merge", ["merge", "{ws}/adapter", "--base", "{ws}/nomodel", "-o", "{out}"], r"nomodel: no such model folder"),
+        c("merge truncated base", "merge", ["merge", "{ws}/adapter", "--base", "{ws}/truncated", "-o", "{out}"], r"truncated/model\.safetensors: truncated or corrupt"),
+        c("merge into a non-empty folder", "merge", ["merge", "{ws}/adapter", "-o", "{ws}/notempty"], r"notempty is not empty", output=""),
+        # ---- models prepare
+        c("prepare unknown name", "models prepare", ["models", "prepare", "no-such-model"], r"'no-such-model' is neither a built-in model", output=""),
+        c("prepare missing folder", "models prepare", ["models", "prepare", "{ws}/nomodel"], r"nomodel: no such model folder", output=""),
+        c("prepare a file", "models prepare", ["models", "prepare", "{ws}/afile"], r"afile: a file, not a model folder", output=""),
+        # ---- sweep (checked before any training)
+        c("sweep lr not a number", "sweep", [*sweep, "--lr", "fast"], r"--lr"),
+        c("sweep lr inf", "sweep", [*sweep, "--lr", "1e-5,inf"], r"--lr"),
+        c("sweep eval limit 0", "sweep", [*sweep, "--eval-limit", "0"], r"--limit 0"),
+        c("sweep eval batch size 0", "sweep", [*sweep, "--eval-batch-size", "0"],
+          r"--batch-size 0"),
+        c("sweep save steps 0", "sweep", [*sweep, "--save-steps", "0"], r"--save-steps"),
+        c("sweep unknown loss type", "sweep", [*sweep, "--loss-type", "nope"],
+          r"--loss-type 'nope'"),
+        # ---- compare, report, generate
+        c("compare a missing folder", "compare", ["compare", "{ws}/noresults", "{ws}/noresults2"], r"noresults", output=""),
+        c("compare too few draws", "compare", ["compare", "{ws}/noresults", "{ws}/noresults2", "--bootstrap", "10"], r"--bootstrap", output=""),
+        c("report a missing folder", "report", ["report", "{ws}/norun"], r"norun: no such folder", output=""),
+        c("report negative generations", "report", ["report", "{ws}/notempty", "--generations", "-1"], r"--generations", output=""),
+        c("generate unknown format", "generate", ["generate", "{model}", "--prompt", "hi", "--format", "xml"], r"--format 'xml'", output=""),
+        c("generate prompt and prompts", "generate", ["generate", "{model}", "--prompt", "hi", "--prompts", "{ws}/p.txt"], r"--prompt or --prompts", output=""),
+        c("generate adapter without config", "generate", ["generate", "{model}", "--peft", "{ws}/noconfig", "--prompt", "hi"], r"noconfig: no adapter_config", output=""),
+        c("generate prompts file missing", "generate", ["generate", "{model}", "--prompts", "{ws}/nop.txt"], r"nop\.txt", output=""),
+        c("generate negative temperature", "generate", ["generate", "{model}", "--prompt", "hi", "--temperature", "-1"], r"--temperature", output=""),
+        # ---- a diverging run is not a success
+        c("training diverges (lr 1e30)", "train", [*train[:-4], "--max-steps", "4", "--lr", "1e30", "--logging-steps", "1", "--precision", "fp32",
+                                                  "--max-length", "96", "--report-generations", "0"], r"Training diverged at step \d+"),
+    ]
+
+
+CASES = _cases()
+OUTCOMES: list[dict] = []
+
+
+class Workspace:
+    """Files the cases point at, made once per test session."""
+
+    def __init__(self, root: Path, model: Path, pairs: Path, data: Path):
+        self.root, self.model, self.pairs, self.data = root, model, pairs, data
+        (root / "empty.jsonl").write_text("")
+        good = pairs.read_text().splitlines()[0]
+        (root / "broken.jsonl").write_text(good + "\n{not json\n")
+        (root / "norejected.jsonl").write_text(json.dumps({"chosen": json.loads(good)["chosen"]}) + "\n")
+        (root / "pairs.txt").write_text(good + "\n")
+        (root / "fast.yaml").write_text("learning_rate: fast\n")
+        (root / "lora.yaml").write_text("lora_r: [1, 2]\n")
+        (root / "steps.yaml").write_text('max_steps: "1"\n')
+        (root / "unknown.yaml").write_text("learnin_rate: 1e-5\n")
+        (root / "list.yaml").write_text("- 1\n- 2\n")
+        (root / "invalid.yaml").write_text("a: [1,\n")
+        (root / "afile").write_text("x")
+        (root / "notempty").mkdir()
+        (root / "notempty" / "notes.txt").write_text("mine")
+        (root / "p.txt").write_text("hi\n")
+        (root / "noconfig").mkdir()
+        (root / "noconfig" / "model.safetensors").write_bytes(b"")
+        for name, damage in (("truncated", "truncate"), ("garbage", "garbage"), ("notokenizer", "tokenizer"), ("pickled", "pickle")):
+            folder = root / name
+            shutil.copytree(model, folder)
+            weights = folder / "model.safetensors"
+            if damage == "truncate":
+                weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+            elif damage == "garbage":
+                weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\x00" * 64)
+            elif damage == "tokenizer":
+                for item in folder.iterdir():
+                    if item.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+                        item.unlink()
+            else:
+                weights.unlink()
+                (folder / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+        self._adapter()
+        self._scoring_data()
+
+    def _adapter(self) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(self.model), LoraConfig(r=2, target_modules=["c_attn"]))
+        model.save_pretrained(self.root / "adapter")
+        for name in ("adapter-noweights", "adapter-truncated"):
+            shutil.copytree(self.root / "adapter", self.root / name)
+        (self.root / "adapter-noweights" / "adapter_model.safetensors").unlink()
+        weights = self.root / "adapter-truncated" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+
+    def _scoring_data(self) -> None:
+        for name, header, rows in (("nobest", ["Type", "Question"], [["A", "Why?"]]), ("emptycsv", None, []),
+                                   ("emptyanswers", ["Question", "Best Answer"], [["Why?", ""], ["How?", "  "]])):
+            (self.root / name / "truthfulqa").mkdir(parents=True)
+            with open(self.root / name / "truthfulqa" / "TruthfulQA.csv", "w", newline="") as f:
+                if header:
+                    csv.writer(f).writerows([header, *rows])
+        (self.root / "nooption2" / "winogrande").mkdir(parents=True)
+        rows = [{"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "1"}, {"sentence": "A _ b.", "option1": "x", "answer": "1"}]
+        (self.root / "nooption2" / "winogrande" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def fill(self, text: str, out: Path) -> str:
+        return text.format(ws=self.root, model=self.model, pairs=self.pairs, data=self.data, out=out)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_gpt2, pairs_file, tiny_data) -> Workspace:
+    return Workspace(tmp_path_factory.mktemp("bad-inputs"), tiny_gpt2, pairs_file, tiny_data)
+
+
+class ForkServer:
+    """tests/cli_forkserver.py: each command line in its own forked process, without paying the imports each time."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_forkserver.py"))], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.count = 0
+
+    def run(self, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+        self.count += 1
+        out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
+        self.process.stdin.write(json.dumps({"args": args, "env": env or {}, "stdout": str(out), "stderr": str(err)}) + "\n")
+        self.process.stdin.flush()
+        reply = self.process.stdout.readline()
+        if not reply:
+            raise RuntimeError("the fork server died")
+        return subprocess.CompletedProcess(args, json.loads(reply)["code"], out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    server = ForkServer(tmp_path_factory.mktemp("cli-output"))
+    yield server
+    server.close()
+
+
+def outcome(case: Case, result: subprocess.CompletedProcess, leftovers: list[str]) -> str:
+    text = result.stdout + result.stderr
+    if "Traceback (most recent call last)" in text:
+        return "traceback"
+    if result.returncode == 0:
+        return "silent"
+    if result.returncode != case.code or not re.search(case.message, text, re.S):
+        return "unclear"
+    if leftovers:
+        return "left behind"
+    return "clean"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, workspace: Workspace, cli: ForkServer, tmp_path):
+    out = tmp_path / "out"
+    args = [workspace.fill(a, out) for a in case.args]
+    started = time.perf_counter()
+    result = cli.run(args, case.extra_env)
+    folder = Path(workspace.fill(case.output, out)) if case.output else None
+    leftovers = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name in FINISHED) if folder and folder.is_dir() else []
+    verdict = outcome(case, result, leftovers)
+    text = (result.stdout + result.stderr).strip()
+    last = text.splitlines()[-1] if text else ""
+    OUTCOMES.append({"case": case.name, "command": case.command, "exit": result.returncode, "outcome": verdict,
+                     "message": last.replace(str(workspace.root), "WS").replace(str(out), "OUT")[:220],
+                     "seconds": round(time.perf_counter() - started, 1)})
+    assert verdict == "clean", f"{verdict}: exit {result.returncode}, leftovers {leftovers}\n{text[-3000:]}"
+    if case.name == "a failed set-up leaves the folder reusable":
+        assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+
+
+def test_the_matrix_is_large_enough():
+    assert len(CASES) >= 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reliability_report():
+    yield
+    target = os.environ.get("DPO_ALIGN_RELIABILITY_MD")
+    if target and OUTCOMES:
+        Path(target).write_text(render(OUTCOMES))
+
+
+def render(outcomes: list[dict]) -> str:
+    import platform
+    from collections import Counter
+
+    counts = Counter(o["outcome"] for o in outcomes)
+    lines = ["# Reliability: bad inputs and faults against every command", "",
+             "Generated by `tests/test_bad_inputs.py` from its own outcomes (do not edit by hand):", "",
+             "    DPO_ALIGN_RELIABILITY_MD=results/reliability.md python -m pytest tests/test_bad_inputs.py", "",
+             f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, Python {platform.python_version()}. Each case is a real "
+             "`dpo-align` command line in a fresh process (HF_HUB_OFFLINE=1). A case is *clean* when it exits with the "
+             "expected code (2), prints no traceback, names the file, line or option, and leaves nothing that looks finished "
+             f"({', '.join(FINISHED)}) in its output folder.", "",
+             "| outcome | cases |", "|---|---|"]
+    for name in ("clean", "traceback", "silent", "unclear", "left behind"):
+        lines.append(f"| {name} | {counts.get(name, 0)} |")
+    lines += ["", f"{len(outcomes)} cases in all.", "", "| command | case | exit | outcome | last line printed |", "|---|---|---|---|---|"]
+    for o in outcomes:
+        lines.append(f"| {o['command']} | {o['case']} | {o['exit']} | {o['outcome']} | `{o['message'].replace('|', '/')}` |")
+    return "\n".join(lines) + "\n"
+
+
+def test_the_fork_server_answers_as_the_installed_command_does(cli, tmp_path):
+    """Same exit code and message as a plain `python -m dpo_align.cli` process; an uncaught
+    exception (--debug re-raises) is seen as a traceback, so the classification can fail."""
+    args = ["train", "--lr", "inf", "-o", str(tmp_path / "x")]
+    plain = subprocess.run([sys.executable, "-m", "dpo_align.cli", *args], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}, timeout=300)
+    forked = cli.run(args)
+    assert (forked.returncode, forked.stderr.strip()) == (plain.returncode, plain.stderr.strip()) and plain.returncode == 2
+    debug = cli.run(["--debug", *args])
+    assert outcome(CASES[0], debug, []) == "traceback" and debug.returncode == 1

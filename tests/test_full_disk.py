@@ -1,0 +1,137 @@
+"""A full disk: every command exits 2 naming the path, and leaves nothing that looks finished.
+
+Where the test runs as root (CI does) the output goes to a real tmpfs too small for it; elsewhere
+the write error (ENOSPC) is injected at the point where the outputs are written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dpo_align.cli import app
+
+runner = CliRunner()
+FINISHED = ("manifest.json", "results.json", "table.md", "adapter_model.safetensors", "model.safetensors")
+
+
+def _can_mount() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and Path("/proc/filesystems").read_text().find("tmpfs") >= 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs of the given size (KiB); skipped where mounting is not allowed."""
+    mounted = []
+
+    def make(kib: int) -> Path:
+        folder = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    if not _can_mount():
+        pytest.skip("mounting a tmpfs needs root (CI runs as root); the injected-error tests below cover this case")
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def finished_left(folder: Path) -> list[str]:
+    """Finished-looking files; a checkpoint's adapter is what --resume needs, and no finished run."""
+    if not folder.exists():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.name in FINISHED and not any(part.startswith("checkpoint-") for part in p.relative_to(folder).parts))
+
+
+def _assert_clean(result, folder: Path) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "No space left on device" in result.output, result.output
+    assert str(folder) in result.output, result.output  # the path is named
+    assert finished_left(folder) == []
+    assert not [p for p in folder.rglob(".staging-*")] if folder.exists() else True
+
+
+def test_eval_on_a_full_disk(small_disk, tiny_gpt2, tiny_data):
+    disk = small_disk(24)
+    out = disk / "eval"
+    result = runner.invoke(app, ["eval", str(tiny_gpt2), "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
+                                 "--batch-size", "4", "-o", str(out)])
+    _assert_clean(result, disk)
+
+
+def test_merge_on_a_full_disk(small_disk, tiny_gpt2, tmp_path):
+    adapter = _adapter(tiny_gpt2, tmp_path)
+    disk = small_disk(32)
+    result = runner.invoke(app, ["merge", str(adapter), "-o", str(disk / "merged")])
+    _assert_clean(result, disk)
+    assert not (disk / "merged").exists()
+
+
+def test_train_on_a_full_disk(small_disk, tiny_gpt2, pairs_file):
+    disk = small_disk(48)
+    out = disk / "run"
+    result = runner.invoke(app, ["train", "--model", str(tiny_gpt2), "--data", str(pairs_file), "-o", str(out), "--max-steps", "2",
+                                 "--max-length", "96", "--precision", "fp32", "--report-generations", "0"])
+    _assert_clean(result, disk)
+
+
+# --------------------------------------------------------------------------- injected, anywhere
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[0]) if args else None)
+
+
+def test_eval_write_error_injected(monkeypatch, tiny_gpt2, tiny_data, tmp_path):
+    import dpo_align.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "atomic_write_bytes", _enospc)  # table.png: the last file written
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", str(tiny_gpt2), "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
+                                 "--batch-size", "4", "-o", str(out)])
+    _assert_clean(result, out)
+    assert not out.exists() or not any(out.iterdir())  # results.json, table.md and samples/ were staged, so none is left
+
+
+def test_train_write_error_injected(monkeypatch, tiny_gpt2, pairs_file, tmp_path):
+    import dpo_align.train as train_module
+
+    monkeypatch.setattr(train_module, "atomic_write_json", _enospc)  # the manifest: the last file of the run
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--model", str(tiny_gpt2), "--data", str(pairs_file), "-o", str(out), "--max-steps", "2",
+                                 "--max-length", "96", "--precision", "fp32", "--report-generations", "0"])
+    _assert_clean(result, out)
+    assert (out / "config.yaml").is_file() and list(out.glob("checkpoint-*"))  # what --resume needs stays
+
+
+def test_models_prepare_write_error_injected(monkeypatch, tmp_path):
+    import dpo_align.models as models
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "find_gguf", lambda *args: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "convert_gguf", _enospc)
+    result = runner.invoke(app, ["models", "prepare"])
+    assert result.exit_code == 2 and "No space left on device" in result.output and "Traceback" not in result.output, result.output
+    assert finished_left(tmp_path / "cache") == []
+
+
+def _adapter(model_dir: Path, tmp_path: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["c_attn"]))
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
