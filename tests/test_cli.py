@@ -74,5 +74,6 @@ def test_tasks_path_points_at_the_installed_tasks_and_the_wheel_ships_them(tmp_p
                    check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("dpo_align-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("dpo_ppl_suite.yaml", "dpo_ppl_truthfulqa.yaml", "dpo_pref_heldout.yaml", "dpo_ppl.py", "dpo_pref.py", "README.md"):
+    for name in ("dpo_ppl_suite.yaml", "dpo_ppl_truthfulqa.yaml", "_dpo_ppl_template_yaml", "dpo_pref_heldout.yaml", "dpo_ppl.py", "dpo_pref.py",
+                 "README.md"):
         assert f"dpo_align/lm_eval_tasks/{name}" in names

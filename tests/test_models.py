@@ -13,7 +13,15 @@ from .conftest import make_tiny_model
 
 def test_hub_ids_and_directories_pass_through(tmp_path):
     assert models.resolve_model("gpt2") == "gpt2"
+    (tmp_path / "config.json").write_text("{}")
     assert models.resolve_model(str(tmp_path)) == str(tmp_path)
+
+
+def test_a_local_folder_that_is_not_a_checkpoint_is_named(tmp_path):
+    with pytest.raises(UserError, match="nowhere: no such model folder"):
+        models.resolve_model(str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="no config.json there"):
+        models.resolve_model(str(tmp_path))
 
 
 def test_missing_wheel_prints_the_install_command(monkeypatch):

@@ -178,7 +178,7 @@ def test_output_dir_in_use_and_bad_input(tiny_gpt2, pairs_file, tmp_path):
     result = runner.invoke(app, ["train", "--model", str(tiny_gpt2), "--data", str(tmp_path / "none.jsonl"), "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "none.jsonl" in result.output
     result = runner.invoke(app, ["train", "--model", str(tmp_path / "no-model"), "--data", str(pairs_file), "-o", str(tmp_path / "y")])
-    assert result.exit_code == 2 and "local" in result.output
+    assert result.exit_code == 2 and "no-model: no such model folder" in result.output
     result = runner.invoke(app, [*base, "-o", str(tmp_path / "z"), "--lr", "-1"])
     assert result.exit_code == 2 and "--lr" in result.output
     result = runner.invoke(app, [*base, "-o", str(tmp_path / "w"), "--resume"])
@@ -483,7 +483,8 @@ def test_ctrl_c_while_the_outputs_are_written_finishes_them(tiny_gpt2, pairs_fil
     sent = []
 
     def plot_then_ctrl_c(*args, **kwargs):
-        assert (out / "adapter_model.safetensors").is_file() and not (out / "manifest.json").exists()  # inside the window
+        # inside the window: the adapter is saved (staged, moved in with the manifest) and the manifest not yet written
+        assert list(out.glob(".staging-*/adapter_model.safetensors")) and not (out / "manifest.json").exists()
         os.kill(os.getpid(), signal.SIGINT)
         sent.append(True)
         return real_plot_runs(*args, **kwargs)
@@ -493,7 +494,7 @@ def test_ctrl_c_while_the_outputs_are_written_finishes_them(tiny_gpt2, pairs_fil
     assert sent and manifest["status"] == "complete" and manifest["global_steps"] == 2
     for name in ("manifest.json", "README.md", "adapter_model.safetensors", "config.yaml"):
         assert (out / name).is_file()
-    assert not list(out.glob("checkpoint-*"))  # the cleanup after the manifest ran too
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".staging-*"))  # the cleanup after the manifest ran too
 
 
 def test_resume_refuses_an_edited_config_naming_the_key(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
