@@ -309,9 +309,11 @@ def generate_command(
         raise UserError(f"--format {output_format!r} is not one of: md, json.")
     if prompt and prompts:
         raise UserError("Give --prompt or --prompts, not both.")
+    from dpo_align.models import check_adapter_folder, check_weights_safe
+
     for adapter in peft or []:
-        if not (Path(adapter).expanduser() / "adapter_config.json").is_file():
-            raise UserError(f"--peft {adapter}: no adapter_config.json there. Pass the directory `dpo-align train` wrote.")
+        check_adapter_folder(adapter)
+        check_weights_safe(adapter, allow_pickle)
     sampling = gen.Sampling(max_new_tokens, temperature, top_p, seed).validate()
     texts = list(prompt) if prompt else gen.read_prompts(prompts) if prompts else list(gen.DEFAULT_PROMPTS)
     path = resolve_model(model, progress=lambda m: typer.echo(m, err=True))

@@ -306,9 +306,13 @@ def test_bad_input(case: Case, workspace: Workspace, cli: ForkServer, tmp_path):
     leftovers = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name in FINISHED) if folder and folder.is_dir() else []
     verdict = outcome(case, result, leftovers)
     text = (result.stdout + result.stderr).strip()
-    last = text.splitlines()[-1] if text else ""
+    lines = text.splitlines()
+    # the line that says what went wrong (the message searched for), else the last one
+    shown = next((line for line in lines if re.search(case.message, line)), lines[-1] if lines else "")
+    for path, name in ((workspace.root, "WS"), (out, "OUT"), (workspace.model, "MODEL"), (workspace.pairs, "PAIRS")):
+        shown = shown.replace(str(path), name)
     OUTCOMES.append({"case": case.name, "command": case.command, "exit": result.returncode, "outcome": verdict,
-                     "message": last.replace(str(workspace.root), "WS").replace(str(out), "OUT")[:220],
+                     "message": shown.strip("│ ")[:220],
                      "seconds": round(time.perf_counter() - started, 1)})
     assert verdict == "clean", f"{verdict}: exit {result.returncode}, leftovers {leftovers}\n{text[-3000:]}"
     if case.name == "a failed set-up leaves the folder reusable":
@@ -342,7 +346,7 @@ def render(outcomes: list[dict]) -> str:
              "| outcome | cases |", "|---|---|"]
     for name in ("clean", "traceback", "silent", "unclear", "left behind"):
         lines.append(f"| {name} | {counts.get(name, 0)} |")
-    lines += ["", f"{len(outcomes)} cases in all.", "", "| command | case | exit | outcome | last line printed |", "|---|---|---|---|---|"]
+    lines += ["", f"{len(outcomes)} cases in all.", "", "| command | case | exit | outcome | the line naming the problem |", "|---|---|---|---|---|"]
     for o in outcomes:
         lines.append(f"| {o['command']} | {o['case']} | {o['exit']} | {o['outcome']} | `{o['message'].replace('|', '/')}` |")
     return "\n".join(lines) + "\n"
