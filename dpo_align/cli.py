@@ -301,16 +301,12 @@ def generate_command(
     from dpo_align import generate as gen
     from dpo_align.evaluate import resolve_device
     from dpo_align.files import atomic_write_text
-    from dpo_align.models import resolve_model
-    from dpo_align.templates import check_template
+    from dpo_align.models import check_adapter_folder, check_weights_safe, resolve_model
 
-    check_template(template)
     if output_format not in ("md", "json"):
         raise UserError(f"--format {output_format!r} is not one of: md, json.")
     if prompt and prompts:
         raise UserError("Give --prompt or --prompts, not both.")
-    from dpo_align.models import check_adapter_folder, check_weights_safe
-
     for adapter in peft or []:
         check_adapter_folder(adapter)
         check_weights_safe(adapter, allow_pickle)
