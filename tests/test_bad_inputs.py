@@ -362,3 +362,16 @@ def test_the_fork_server_answers_as_the_installed_command_does(cli, tmp_path):
     assert (forked.returncode, forked.stderr.strip()) == (plain.returncode, plain.stderr.strip()) and plain.returncode == 2
     debug = cli.run(["--debug", *args])
     assert outcome(CASES[0], debug, []) == "traceback" and debug.returncode == 1
+
+
+def test_lm_eval_itself_ends_with_the_same_message(workspace, tmp_path):
+    """Malformed scoring data through plain `lm_eval`: its last line is the message naming file:line and column."""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={workspace.model}", "--include_path",
+         str(repo / "lm_eval_tasks"), "--tasks", "dpo_ppl_truthfulqa", "--metadata", json.dumps({"data_dir": str(workspace.root / "nobest")}),
+         "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    last = (result.stdout + result.stderr).strip().splitlines()[-1]
+    assert result.returncode != 0 and re.search(r"nobest/truthfulqa/TruthfulQA\.csv:1: the header has no 'Best Answer' column", last), last
+    assert not list((tmp_path / "out").rglob("results_*.json")) if (tmp_path / "out").exists() else True
