@@ -32,7 +32,7 @@ from dpo_align import compare, learning_curve, paired
 from dpo_align.compare import Scored
 from dpo_align.errors import TrainingDiverged, UserError
 from dpo_align.evaluate import ModelSpec, ScoreOptions, _slug, quiet_lm_eval, score_spec, write_outputs
-from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_files
 from dpo_align.models import resolve_model
 from dpo_align.plots import plot_runs, read_metrics
 from dpo_align.preference import markdown as preference_markdown
@@ -145,34 +145,36 @@ def sweep(
     # 6. tables, curves, manifests
     settings = {"command": "dpo-align sweep", "learning_rates": lrs, "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
                 "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
-    write_outputs(output, [dict(r) for r in runs], settings)
-    table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "", markdown_table(runs, "ce")]
-    if changes:
-        table += [f"## Change against the baseline: paired over documents ({replicates:,} bootstrap replicates and permutations)", "",
-                  paired.markdown(changes["ce"], metric="ce", names=compare.NAMES)]
-    table += ["## Bits per byte (lower is better)", "", markdown_table(runs, "bpb")]
-    if changes:
-        table += [paired.markdown(changes["bpb"], metric="bpb", names=compare.NAMES)]
-    if failed:
-        table += ["## Failed runs (not scored)", ""] + [f"* {name}: {reason}" for name, reason in failed.items()] + [""]
-    atomic_write_text(output / "table.md", "\n".join(table))
-    if changes:
-        atomic_write_json(output / "comparison.json", {metric: paired.as_json(c) for metric, c in changes.items()})
-        atomic_write_bytes(output / "comparison.png", compare.plot(changes))
-    if preference is not None:
-        atomic_write_json(output / "preference.json", preference)
-        atomic_write_text(output / "preference.md", preference_markdown(preference["table"], beta=base.beta))
-    if curve is not None:
-        atomic_write_json(output / "learning-curve.json", curve)
-        atomic_write_text(output / "learning-curve.md", learning_curve.markdown(curve["points"], curve["total_steps"]))
-        atomic_write_bytes(output / "learning-curve.png",
-                           learning_curve.plot(curve["points"], curve["total_steps"],
-                                               f"{curve['run']}: ce on {curve_docs} fixed documents per dataset"))
-    plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, output / "curves")
-    manifests = output / "manifests"
-    manifests.mkdir(exist_ok=True)
-    for name, path in adapters.items():
-        shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
+    # all written aside and moved into place together, results.json last: a full disk leaves no half set
+    with staged_files(output, last="results.json") as stage:
+        write_outputs(stage, [dict(r) for r in runs], settings)
+        table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "", markdown_table(runs, "ce")]
+        if changes:
+            table += [f"## Change against the baseline: paired over documents ({replicates:,} bootstrap replicates and permutations)", "",
+                      paired.markdown(changes["ce"], metric="ce", names=compare.NAMES)]
+        table += ["## Bits per byte (lower is better)", "", markdown_table(runs, "bpb")]
+        if changes:
+            table += [paired.markdown(changes["bpb"], metric="bpb", names=compare.NAMES)]
+        if failed:
+            table += ["## Failed runs (not scored)", ""] + [f"* {name}: {reason}" for name, reason in failed.items()] + [""]
+        atomic_write_text(stage / "table.md", "\n".join(table))
+        if changes:
+            atomic_write_json(stage / "comparison.json", {metric: paired.as_json(c) for metric, c in changes.items()})
+            atomic_write_bytes(stage / "comparison.png", compare.plot(changes))
+        if preference is not None:
+            atomic_write_json(stage / "preference.json", preference)
+            atomic_write_text(stage / "preference.md", preference_markdown(preference["table"], beta=base.beta))
+        if curve is not None:
+            atomic_write_json(stage / "learning-curve.json", curve)
+            atomic_write_text(stage / "learning-curve.md", learning_curve.markdown(curve["points"], curve["total_steps"]))
+            atomic_write_bytes(stage / "learning-curve.png",
+                               learning_curve.plot(curve["points"], curve["total_steps"],
+                                                   f"{curve['run']}: ce on {curve_docs} fixed documents per dataset"))
+        plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, stage / "curves")
+        manifests = stage / "manifests"
+        manifests.mkdir(exist_ok=True)
+        for name, path in adapters.items():
+            shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
     write_report_safely(output, progress, generations=base.report_generations)
     if failed:
         raise UserError(f"{len(failed)} of {len(lrs)} runs failed ({', '.join(failed)}); the others are scored in {output}/. "

@@ -135,3 +135,17 @@ def _adapter(model_dir: Path, tmp_path: Path) -> Path:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["c_attn"]))
     model.save_pretrained(tmp_path / "adapter")
     return tmp_path / "adapter"
+
+
+def test_sweep_write_error_injected(monkeypatch, tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    """The sweep's tables, comparison and manifests are staged with results.json: a write error leaves none of them."""
+    import dpo_align.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "atomic_write_bytes", _enospc)  # comparison.png, written after results.json is staged
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["sweep", "--lr", "1e-3", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--max-steps", "2",
+                                 "--max-length", "96", "--precision", "fp32", "--data-dir", str(tiny_data),
+                                 "--pku-path", str(tiny_data / "pku.jsonl.gz"), "--eval-limit", "2", "--bootstrap", "100",
+                                 "--report-generations", "0", "--runs-dir", str(tmp_path / "runs"), "-o", str(out)])
+    _assert_clean(result, out)
+    assert list((out / "scores").glob("*.json"))  # the scores are kept: a re-run after freeing space reuses them
