@@ -27,10 +27,9 @@ from dpo_align.models import (
     BUILTIN_MODELS,
     adapter_base,
     check_adapter_folder,
-    check_local_checkpoint,
-    check_model_source,
+    check_tokenizer_files,
     check_weights_safe,
-    resolve_model,
+    locate_model,
 )
 from dpo_align.provenance import git_commit, machine, model_revision, package_versions
 from dpo_align.tables import METRICS, bar_chart_png, csv_table, markdown_table
@@ -81,10 +80,8 @@ def model_specs(models: list[str], adapters: list[str], progress=print) -> list[
 
 def _base(name: str, progress) -> str:
     """A model to score, checked before anything loads: a missing folder, config or tokenizer is named."""
-    if name in BUILTIN_MODELS:
-        return resolve_model(name, progress)
-    path = check_model_source(name)
-    check_local_checkpoint(path)
+    path = locate_model(name, progress)
+    check_tokenizer_files(path)
     return path
 
 

@@ -6,16 +6,7 @@ from pathlib import Path
 
 from dpo_align.errors import UserError
 from dpo_align.files import atomic_directory
-from dpo_align.models import (
-    BUILTIN_MODELS,
-    adapter_base,
-    check_adapter_folder,
-    check_model_source,
-    check_weights_safe,
-    load_model,
-    load_tokenizer,
-    resolve_model,
-)
+from dpo_align.models import adapter_base, check_adapter_folder, check_weights_safe, load_model, load_tokenizer, locate_model
 
 
 def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bool = False,
@@ -30,7 +21,7 @@ def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bo
     base = base or adapter_base(adapter)
     if not base:
         raise UserError(f"{adapter / 'adapter_config.json'} names no base model (base_model_name_or_path); pass --base.")
-    base_path = resolve_model(base, progress=progress) if base in BUILTIN_MODELS else check_model_source(base)
+    base_path = locate_model(base, progress=progress)
     model = load_model(base_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, dtype=torch.float32)
     try:
         model = PeftModel.from_pretrained(model, str(adapter))

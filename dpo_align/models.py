@@ -116,6 +116,14 @@ def resolve_model(name: str, progress=print) -> str:
     return name
 
 
+def locate_model(name: str, progress=print) -> str:
+    """A model checked before anything loads: the built-in one prepared, any other through
+    ``check_model_source`` (a local folder with config.json, or a hub id that can be fetched)."""
+    if name in BUILTIN_MODELS:
+        return str(prepare_builtin(name, progress=progress))
+    return check_model_source(name)
+
+
 def check_model_source(name: str) -> str:
     """A model that is not built in, checked before anything loads: a local checkpoint folder (with its
     config.json), or a hub id that is cached (or downloadable when online). Returns what to pass on."""
@@ -239,15 +247,10 @@ def check_safetensors_intact(path: Path) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
-def check_local_checkpoint(path: str, *, role: str = "model") -> None:
-    """A local model folder to score: it exists, has config.json, weights and a tokenizer."""
+def check_tokenizer_files(path: str) -> None:
+    """A model folder to score holds a tokenizer (config.json is ``check_model_source``'s check)."""
     directory = Path(path).expanduser()
-    if not directory.exists():
-        return
-    if not (directory / "config.json").is_file():
-        raise UserError(f"{directory}: no config.json there, so it is not a transformers {role} folder. "
-                        "Pass the folder that holds config.json and the weights.")
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{directory}: no tokenizer there (none of {', '.join(TOKENIZER_FILES)}). Save the tokenizer into "
                         "the folder (tokenizer.save_pretrained(FOLDER)), or copy the base model's tokenizer files.")
 
