@@ -47,10 +47,19 @@ def suite_docs(data_dir: str | None, pku_path: str | None, *, include_hub: bool 
     return found, unchecked
 
 
-def suite_instructions(data_dir: str | None, pku_path: str | None, *, include_hub: bool = False) -> dict[str, set[str]]:
-    """Normalised instructions of every suite dataset that can be loaded (see ``suite_docs``)."""
-    docs, _ = suite_docs(data_dir, pku_path, include_hub=include_hub)
+def instruction_sets(docs: dict[str, list[dict]]) -> dict[str, set[str]]:
+    """{dataset: normalised instructions}, what ``overlap`` compares training prompts with."""
     return {name: {normalise(d["instruction"]) for d in rows} for name, rows in docs.items()}
+
+
+def document_texts(docs: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """{dataset: instruction + response of each document}, what ``ngram_overlap`` searches."""
+    return {name: [d["instruction"] + "\n" + d["response"] for d in rows] for name, rows in docs.items()}
+
+
+def suite_instructions(data_dir: str | None, pku_path: str | None) -> dict[str, set[str]]:
+    """Normalised instructions of the suite sets given as files (train's check before every run)."""
+    return instruction_sets(suite_docs(data_dir, pku_path)[0])
 
 
 # PKU-Alignment/processed-hh-rlhf's test split is hh-rlhf's test split, reformatted (8,492 =
@@ -60,11 +69,18 @@ HH_RLHF_TEST_NOTE = ("PKU-Alignment/processed-hh-rlhf's test split is hh-rlhf's 
                      "splits/train-pool is carved from hh-rlhf's test files too")
 
 
+def _pku_from_hub(pku_path: str | None) -> bool:
+    """PKU is scored from the hub: no --pku-path (the default), or a hub id of the PKU dataset."""
+    from dpo_align.hub import split_revision
+
+    return not pku_path or split_revision(str(pku_path))[0].startswith("PKU-Alignment/processed-hh-rlhf")
+
+
 def same_source_split(training: list[str], split: str, pku_path: str | None) -> str | None:
     """The warning when the training data is hub hh-rlhf's test split and PKU is scored from the hub."""
     from dpo_align.hub import split_revision
 
-    if pku_path and not split_revision(str(pku_path))[0].startswith("PKU-Alignment/processed-hh-rlhf"):
+    if not _pku_from_hub(pku_path):
         return None
     hub_test = [s for s in training if split_revision(s)[0].split(":")[0] == "Anthropic/hh-rlhf" and split == "test"]
     if not hub_test:
@@ -76,10 +92,7 @@ def same_source_split(training: list[str], split: str, pku_path: str | None) -> 
 
 def same_source(training: list[str], split: str, pku_path: str | None) -> str | None:
     """A plain warning when the PKU scoring set may be the training data's own source split, else None."""
-    from dpo_align.hub import split_revision
-
-    scoring_from_hub = not pku_path or split_revision(str(pku_path))[0].startswith("PKU-Alignment/processed-hh-rlhf")
-    if not scoring_from_hub:
+    if not _pku_from_hub(pku_path):
         return None
     definite = same_source_split(training, split, pku_path)
     if definite:
@@ -123,12 +136,6 @@ def ngram_overlap(training_texts: list[str], suite_docs: dict[str, list[str]], n
         report[name] = {"documents": len(docs), "contaminated": len(hits), "fraction": len(hits) / max(len(docs), 1),
                         "examples": [docs[i][:200] for i in hits[:3]]}
     return report
-
-
-def suite_documents(data_dir: str | None, pku_path: str | None, *, include_hub: bool = False) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Instruction + response of every suite document (see ``suite_docs``), and the sets not checked."""
-    docs, unchecked = suite_docs(data_dir, pku_path, include_hub=include_hub)
-    return {name: [d["instruction"] + "\n" + d["response"] for d in rows] for name, rows in docs.items()}, unchecked
 
 
 def markdown(report: dict[str, dict], exact: dict[str, int], training: str, unchecked: dict[str, str] | None = None,

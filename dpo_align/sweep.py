@@ -240,10 +240,8 @@ def _decontamination(base: TrainConfig, data_dir: str | None, pku_path: str | No
     texts = [t for p in pairs for t in (p.instruction, p.chosen, p.rejected)]
     # the sets the sweep scores, wherever they come from: files, or the hub when reachable
     docs, unchecked = decontaminate.suite_docs(data_dir, pku_path, include_hub=True)
-    suite = {name: [d["instruction"] + "\n" + d["response"] for d in rows] for name, rows in docs.items()}
-    instructions = {name: {decontaminate.normalise(d["instruction"]) for d in rows} for name, rows in docs.items()}
-    exact = {name: len(idx) for name, idx in decontaminate.overlap([p.instruction for p in pairs], instructions).items()}
-    report = decontaminate.ngram_overlap(texts, suite)
+    exact = {name: len(idx) for name, idx in decontaminate.overlap([p.instruction for p in pairs], decontaminate.instruction_sets(docs)).items()}
+    report = decontaminate.ngram_overlap(texts, decontaminate.document_texts(docs))
     warning = decontaminate.same_source(base.data, base.split, pku_path)
     training = f"{len(pairs)} pairs from {', '.join(base.data)}" + (f" ({base.pair_sample} {base.max_pairs})" if base.max_pairs else "")
     atomic_write_json(output / "decontamination.json", {"training": training, "exact_prompts": exact, "ngram": report, "n": decontaminate.N,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_align.decontaminate import ngram_overlap, suite_documents, suite_instructions
+from dpo_align.decontaminate import document_texts, ngram_overlap, suite_docs, suite_instructions
 from dpo_align.errors import UserError
 
 LONG = "the quick brown fox jumps over the lazy dog while the farmer sleeps in the warm afternoon sun"
@@ -29,15 +29,14 @@ def test_a_wrong_data_dir_is_an_error_not_a_silent_zero(tmp_path, tiny_data):
     with pytest.raises(UserError, match="TruthfulQA.csv"):
         suite_instructions(str(tmp_path / "nowhere"), None)
     with pytest.raises(UserError, match="TruthfulQA.csv"):
-        suite_documents(str(tmp_path / "nowhere"), None)
-    docs, unchecked = suite_documents(str(tiny_data), str(tiny_data / "pku.jsonl.gz"))
+        suite_docs(str(tmp_path / "nowhere"), None)
+    found, unchecked = suite_docs(str(tiny_data), str(tiny_data / "pku.jsonl.gz"))
+    docs = document_texts(found)
     assert unchecked == {}
     assert {k: len(v) for k, v in docs.items()} == {"truthfulqa": 3, "winogrande": 2, "pku": 2}
 
 
 def test_sets_scored_from_the_hub_are_checked_or_named_as_unchecked(monkeypatch):
-    from dpo_align.decontaminate import suite_docs
-
     monkeypatch.delenv("DPO_ALIGN_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     docs, unchecked = suite_docs(None, None, include_hub=False)
