@@ -15,7 +15,6 @@ Rows that cannot be trained on are skipped and counted by reason; rows that are 
 from __future__ import annotations
 
 import bz2
-import functools
 import gzip
 import json
 import lzma
@@ -234,10 +233,6 @@ def iter_records(path: Path) -> Iterator[tuple[str, object]]:
             yield where, BadRow(f"invalid JSON ({err.msg}, column {err.colno})")
 
 
-def _records_of(path: Path, info: SourceInfo) -> Iterator[tuple[str, object]]:
-    return iter_records(path)
-
-
 def _iter_hub(spec: str, split: str, info: SourceInfo) -> Iterator[tuple[str, object]]:
     """Rows of a hub dataset. ``spec`` is ``owner/name[:data_dir][@revision]``; the commit read goes into ``info``."""
     from dpo_align.hub import load_split, split_revision
@@ -271,16 +266,16 @@ def read_pairs(
     pairs: list[Pair] = []
     for source in sources:
         path = Path(source).expanduser()
+        # (what is read, its rows): the rows are generated lazily; a hub source records the commit it read in its info
         if path.exists():
-            streams = [(str(p), functools.partial(_records_of, p), p) for p in data_files(path)]
+            streams = [(SourceInfo(str(p), sha256=sha256_file(p) if hash_files else None), iter_records(p)) for p in data_files(path)]
         elif "/" in source and not source.startswith((".", "/", "~")) and not Path(source.partition("@")[0]).suffix:
-            streams = [(source, functools.partial(_iter_hub, source, split), None)]
+            info = SourceInfo(source)
+            streams = [(info, _iter_hub(source, split, info))]
         else:
             raise UserError(f"{source}: no such file or directory (and it does not look like a hub id).")
 
-        for name, open_records, file_path in streams:
-            info = SourceInfo(name, sha256=sha256_file(file_path) if (file_path and hash_files) else None)
-            records = open_records(info)
+        for info, records in streams:
             kept_before = len(pairs)
             for where, record in records:
                 info.rows += 1
@@ -302,10 +297,10 @@ def read_pairs(
                     pairs.append(result)
             report.sources.append(info)
             if info.rows == 0:
-                raise UserError(f"{name}: the file is empty (no rows).")
+                raise UserError(f"{info.name}: the file is empty (no rows).")
             if len(pairs) == kept_before:
                 reasons = ", ".join(f"{k}: {v}" for k, v in report.skipped.most_common()) or "none"
-                raise UserError(f"{name}: no usable preference pair in {info.rows} rows (skipped: {reasons}).")
+                raise UserError(f"{info.name}: no usable preference pair in {info.rows} rows (skipped: {reasons}).")
     report.rows_kept = len(pairs)
     return pairs, report
 
