@@ -15,14 +15,13 @@ from typing import Annotated
 
 import typer
 
-from dpo_align.train_config import TrainConfig
+from dpo_align.train_config import TrainConfig, option_flags
 
 
 def _option(f: dataclasses.Field, kind) -> tuple[object, object]:
     """(annotation, default) of the Typer option for one field."""
-    flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
     extra = {"parser": f.metadata["parse"]} if f.metadata.get("parse") else {}
-    info = typer.Option(*flags, help=f.metadata.get("help", ""), **extra)
+    info = typer.Option(*option_flags(f), help=f.metadata.get("help", ""), **extra)
     if f.default_factory is not dataclasses.MISSING:  # lists: None means "not given"
         return Annotated[list[str] | None, info], None
     if extra:
@@ -54,11 +53,10 @@ def with_settings(*, exclude: tuple[str, ...] = ()):
         def wrapper(**kwargs):
             return fn(**{k: v for k, v in kwargs.items() if k in own_names})
 
-        # the command's own parameters first (ctx, arguments), then the settings, then its trailing options
-        head = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-        tail = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.parameters.values()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        head = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in head]
+        # the command's own parameters first (ctx, arguments), then the settings, then its keyword-only options
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        head = [p.replace(kind=keyword) for p in own.parameters.values() if p.kind is not keyword]
+        tail = [p for p in own.parameters.values() if p.kind is keyword]
         params = head + generated + tail
         wrapper.__signature__ = inspect.Signature(params)
         wrapper.__annotations__ = {p.name: p.annotation for p in params}

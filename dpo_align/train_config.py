@@ -225,10 +225,14 @@ def resolve_settings(config_file: str | Path | None, given: dict, *, resume: boo
     return build_config(file_settings, given)
 
 
+def option_flags(f: dataclasses.Field) -> tuple[str, ...]:
+    """The command-line names of a setting: its own flags, else ``--field-name``."""
+    return f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
+
+
 def option_name(key: str) -> str:
     """The command-line option of a setting (``learning_rate`` -> ``--lr``)."""
-    flags = next((f.metadata.get("flags") for f in dataclasses.fields(TrainConfig) if f.name == key), None)
-    return flags[0] if flags else "--" + key.replace("_", "-")
+    return option_flags(next(f for f in dataclasses.fields(TrainConfig) if f.name == key))[0]
 
 
 # Settings that do not change what a run computes, so a resume may differ in them.
