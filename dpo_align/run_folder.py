@@ -9,6 +9,7 @@ built), ``metrics.jsonl``, ``checkpoint-N/`` folders (each complete once it hold
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -43,8 +44,8 @@ def is_run(output: Path) -> bool:
 def check_output_dir(output: Path, *, overwrite: bool, resume: bool) -> None:
     """Refuse a folder the run may not write into; changes nothing on disk.
 
-    A folder holding only an empty ``metrics.jsonl`` or nothing at all is free: that is what
-    a run that failed during set-up leaves, and it may be reused without --overwrite."""
+    An empty folder is free: a run that failed during set-up leaves its folder uncreated or
+    empty (nothing is written before the trainer is built), so it is reused without --overwrite."""
     if resume:
         if (output / "manifest.json").is_file():
             raise UserError(f"--resume: the run in {output} already finished. Use --overwrite to train it again, or another --output-dir.")
@@ -53,7 +54,7 @@ def check_output_dir(output: Path, *, overwrite: bool, resume: bool) -> None:
         return
     if output.exists() and not output.is_dir():
         raise UserError(f"--output-dir {output} is a file. Choose a directory.")
-    if output.is_dir() and not is_empty_run(output):
+    if output.is_dir() and any(output.iterdir()):
         if not overwrite:
             raise UserError(
                 f"--output-dir {output} is not empty. Pass --overwrite to replace the run there, --resume to continue it, "
@@ -62,25 +63,13 @@ def check_output_dir(output: Path, *, overwrite: bool, resume: bool) -> None:
         if not is_run(output):
             raise UserError(f"--overwrite: {output} does not look like a dpo-align run folder, so it is left alone. Choose another directory.")
     parent = next((p for p in [output, *output.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not _writable(parent):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):  # checked now, before hours of set-up
         raise UserError(f"--output-dir {output}: cannot write there ({parent} is not a writable folder). Choose a writable directory.")
-
-
-def is_empty_run(output: Path) -> bool:
-    """Nothing there, or only what a run that failed before its first step leaves."""
-    items = list(output.iterdir())
-    return all(item.name == "metrics.jsonl" and item.stat().st_size == 0 for item in items)
-
-
-def _writable(folder: Path) -> bool:
-    import os
-
-    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def make_output_dir(output: Path, *, overwrite: bool) -> None:
     """Clear a replaced run (only now that the new one has been set up) and create the folder."""
-    if output.is_dir() and overwrite and not is_empty_run(output):
+    if output.is_dir() and overwrite and any(output.iterdir()):
         shutil.rmtree(output)
     try:
         output.mkdir(parents=True, exist_ok=True)
