@@ -46,6 +46,10 @@ def _cases() -> list[Case]:
     c = Case
     train = ["train", "--model", "{model}", "--data", "{pairs}", "-o", "{out}", "--max-steps", "2", "--report-generations", "0"]
     sweep = ["sweep", "--model", "{model}", "--data", "{pairs}", "--runs-dir", "{ws}/sweep-runs", "-o", "{out}"]
+
+    def scored_on(folder: str, dataset: str) -> list[str]:  # eval of the tiny model on one set from a broken data folder
+        return ["eval", "{model}", "--data-dir", f"{{ws}}/{folder}", "--dataset", dataset, "-o", "{out}"]
+
     evaluate = ["eval", "{model}", "--data-dir", "{data}", "--pku-path", "{data}/pku.jsonl.gz", "--limit", "1", "-o", "{out}"]
     return [
         # ---- data inspect
@@ -126,15 +130,15 @@ def _cases() -> list[Case]:
           r"adapter-noweights: adapter_config\.json is there but no adapter weights"),
         c("eval --peft truncated weights", "eval", ["eval", "{model}", "--peft", "{ws}/adapter-truncated", "-o", "{out}"],
           r"adapter-truncated/adapter_model\.safetensors: truncated or corrupt"),
-        c("eval TruthfulQA without Best Answer", "eval", ["eval", "{model}", "--data-dir", "{ws}/nobest", "--dataset", "truthfulqa", "-o", "{out}"],
+        c("eval TruthfulQA without Best Answer", "eval", scored_on("nobest", "truthfulqa"),
           r"TruthfulQA\.csv:1: the header has no 'Best Answer'"),
-        c("eval empty TruthfulQA.csv", "eval", ["eval", "{model}", "--data-dir", "{ws}/emptycsv", "--dataset", "truthfulqa", "-o", "{out}"],
+        c("eval empty TruthfulQA.csv", "eval", scored_on("emptycsv", "truthfulqa"),
           r"TruthfulQA\.csv:1: the header has no"),
-        c("eval WinoGrande row without option2", "eval", ["eval", "{model}", "--data-dir", "{ws}/nooption2", "--dataset", "winogrande", "-o", "{out}"],
+        c("eval WinoGrande row without option2", "eval", scored_on("nooption2", "winogrande"),
           r"dev\.jsonl:2.*option2"),
-        c("eval data dir missing", "eval", ["eval", "{model}", "--data-dir", "{ws}/nodata", "--dataset", "truthfulqa", "-o", "{out}"],
+        c("eval data dir missing", "eval", scored_on("nodata", "truthfulqa"),
           r"nodata/truthfulqa/TruthfulQA\.csv"),
-        c("eval all responses empty", "eval", ["eval", "{model}", "--data-dir", "{ws}/emptyanswers", "--dataset", "truthfulqa", "-o", "{out}"],
+        c("eval all responses empty", "eval", scored_on("emptyanswers", "truthfulqa"),
           r"truthfulqa: all 2 documents have an empty response"),
         # ---- merge
         c("merge adapter missing", "merge", ["merge", "{ws}/noadapter", "-o", "{out}"], r"noadapter: no such folder"),
