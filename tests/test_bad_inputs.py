@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from .test_compare import noisy_adapter
+
 # what a finished output looks like: none of these may be left by a failed command
 FINISHED = ("manifest.json", "results.json", "adapter_model.safetensors", "model.safetensors", "table.md",
             "compare.md", "report.html")
@@ -222,13 +224,7 @@ class Workspace:
         self._scoring_data()
 
     def _adapter(self) -> None:
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(self.model), LoraConfig(r=2, target_modules=["c_attn"]))
-        model.save_pretrained(self.root / "adapter")
+        noisy_adapter(self.model, self.root / "adapter")
         for name in ("adapter-noweights", "adapter-truncated"):
             shutil.copytree(self.root / "adapter", self.root / name)
         (self.root / "adapter-noweights" / "adapter_model.safetensors").unlink()

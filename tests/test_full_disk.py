@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 from dpo_align.cli import app
 
+from .test_compare import noisy_adapter
+
 runner = CliRunner()
 FINISHED = ("manifest.json", "results.json", "table.md", "adapter_model.safetensors", "model.safetensors")
 
@@ -71,7 +73,7 @@ def test_eval_on_a_full_disk(small_disk, tiny_gpt2, tiny_data):
 
 
 def test_merge_on_a_full_disk(small_disk, tiny_gpt2, tmp_path):
-    adapter = _adapter(tiny_gpt2, tmp_path)
+    adapter = noisy_adapter(tiny_gpt2, tmp_path / "adapter")
     disk = small_disk(32)
     result = runner.invoke(app, ["merge", str(adapter), "-o", str(disk / "merged")])
     _assert_clean(result, disk)
@@ -124,17 +126,6 @@ def test_models_prepare_write_error_injected(monkeypatch, tmp_path):
     result = runner.invoke(app, ["models", "prepare"])
     assert result.exit_code == 2 and "No space left on device" in result.output and "Traceback" not in result.output, result.output
     assert finished_left(tmp_path / "cache") == []
-
-
-def _adapter(model_dir: Path, tmp_path: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["c_attn"]))
-    model.save_pretrained(tmp_path / "adapter")
-    return tmp_path / "adapter"
 
 
 def test_sweep_write_error_injected(monkeypatch, tiny_gpt2, pairs_file, tiny_data, tmp_path):
