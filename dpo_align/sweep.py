@@ -85,17 +85,14 @@ def sweep(
     output.mkdir(parents=True, exist_ok=True)
 
     # every run's settings and folder checked before the first one trains
-    configs = {}
-    for lr in lrs:
-        run_dir = runs_dir / run_name(lr)
-        configs[lr] = dataclasses.replace(base, learning_rate=lr, output_dir=str(run_dir)).validate()
-        check_resumable(run_dir, configs[lr], how_to_fix="give the sweep another --runs-dir, or delete that folder to train it again.")
+    configs = {lr: dataclasses.replace(base, learning_rate=lr, output_dir=str(runs_dir / run_name(lr))).validate() for lr in lrs}
+    for config in configs.values():
+        check_resumable(Path(config.output_dir), config, how_to_fix="give the sweep another --runs-dir, or delete that folder to train it again.")
 
     # 1. train, one adapter per learning rate (finished runs are kept, started ones resumed)
     adapters, failed = {}, {}
-    for i, lr in enumerate(lrs, start=1):
-        run_dir = runs_dir / run_name(lr)
-        config = configs[lr]
+    for i, (lr, config) in enumerate(configs.items(), start=1):
+        run_dir = Path(config.output_dir)
         if (run_dir / "manifest.json").is_file():
             progress(f"[train {i}/{len(lrs)}] {run_name(lr)}: already finished, kept.")
         else:
