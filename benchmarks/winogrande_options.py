@@ -76,7 +76,6 @@ def main() -> None:
 
     from peft import PeftModel
 
-    torch.manual_seed(0)
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     docs = load_docs("winogrande", data_dir=args.data_dir)[: args.limit]
