@@ -43,8 +43,8 @@ def pick_documents(model_path: str, per_dataset: int, data_dir: str | None, pku_
     """{task: [doc indices]} at evenly spaced quantiles of context + continuation tokens."""
     from transformers import AutoTokenizer
 
-    from dpo_align.eval_data import load_docs
-    from dpo_align.templates import render_prompt, render_response
+    from dpo_align.data.suite_docs import load_docs
+    from dpo_align.data.templates import render_prompt, render_response
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     picked = {}
@@ -59,8 +59,8 @@ def pick_documents(model_path: str, per_dataset: int, data_dir: str | None, pku_
 
 
 def child(args) -> None:
-    from dpo_align.evaluate import ModelSpec, ScoreOptions, per_document, score, summarize
-    from dpo_align.models import resolve_model
+    from dpo_align.core.models import resolve_model
+    from dpo_align.score.evaluate import ModelSpec, ScoreOptions, per_document, score, summarize
 
     config = CONFIGS[args.child]
     samples = json.loads(Path(args.samples).read_text())
@@ -96,7 +96,7 @@ def main() -> None:
 
     import torch
 
-    from dpo_align.models import resolve_model
+    from dpo_align.core.models import resolve_model
 
     path = resolve_model(args.model)
     runs = {}

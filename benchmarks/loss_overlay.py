@@ -30,8 +30,8 @@ def run(trainer_class, model_path: str, dataset, tokenizer, steps: int, output: 
     from peft import LoraConfig
     from trl import DPOConfig
 
-    from dpo_align.models import load_model
-    from dpo_align.train import frozen_linears_to
+    from dpo_align.core.models import load_model
+    from dpo_align.train.run import frozen_linears_to
 
     args = DPOConfig(output_dir=str(output), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-5, warmup_steps=0.1,
                      lr_scheduler_type="cosine", report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True,
@@ -63,10 +63,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
     from trl import DPOTrainer
 
-    from dpo_align.data import read_pairs, to_dataset
-    from dpo_align.data_fitting import fit_to_length
-    from dpo_align.fast_dpo import SharedPromptDPOTrainer
-    from dpo_align.models import load_tokenizer, resolve_model
+    from dpo_align.core.models import load_tokenizer, resolve_model
+    from dpo_align.data.fitting import fit_to_length
+    from dpo_align.data.pairs import read_pairs, to_dataset
+    from dpo_align.train.fast_dpo import SharedPromptDPOTrainer
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)

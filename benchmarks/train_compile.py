@@ -27,9 +27,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_levers import build_policy, sample_pairs
 
-    from dpo_align.models import load_tokenizer, resolve_model
-    from dpo_align.pair_batch import SharedPromptCollator, pair_length
-    from dpo_align.pair_logps import model_inputs, pair_sums
+    from dpo_align.core.models import load_tokenizer, resolve_model
+    from dpo_align.core.pair_batch import SharedPromptCollator, pair_length
+    from dpo_align.core.pair_logps import model_inputs, pair_sums
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)

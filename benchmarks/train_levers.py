@@ -39,8 +39,8 @@ from pathlib import Path
 
 def sample_pairs(data: str, tokenizer, n: int, max_length: int) -> list[dict]:
     """n pairs at evenly spaced quantiles of pair length: every length range is represented."""
-    from dpo_align.data import read_pairs, to_dataset
-    from dpo_align.data_fitting import fit_to_length
+    from dpo_align.data.fitting import fit_to_length
+    from dpo_align.data.pairs import read_pairs, to_dataset
 
     pairs, _ = read_pairs([data])
     pairs, _ = fit_to_length(pairs, tokenizer, "alpaca", max_length)
@@ -52,7 +52,7 @@ def sample_pairs(data: str, tokenizer, n: int, max_length: int) -> list[dict]:
         tokenized.append({"prompt_ids": prompt,
                           "chosen_ids": tokenizer(row["prompt"] + row["chosen"], add_special_tokens=False)["input_ids"][len(prompt):] + eos,
                           "rejected_ids": tokenizer(row["prompt"] + row["rejected"], add_special_tokens=False)["input_ids"][len(prompt):] + eos})
-    from dpo_align.pair_batch import pair_length
+    from dpo_align.core.pair_batch import pair_length
 
     tokenized.sort(key=lambda ex: pair_length(ex, max_length))
     step = (len(tokenized) - 1) / (n - 1)
@@ -64,9 +64,9 @@ def build_policy(path: str, bf16_weights: bool):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from dpo_align.models import load_model
-    from dpo_align.pair_logps import add_pair_logps
-    from dpo_align.train import frozen_linears_to
+    from dpo_align.core.models import load_model
+    from dpo_align.core.pair_logps import add_pair_logps
+    from dpo_align.train.run import frozen_linears_to
 
     model = load_model(path, dtype=torch.float32)
     if bf16_weights:
@@ -91,9 +91,9 @@ def main() -> None:
     from peft.helpers import disable_input_dtype_casting
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from dpo_align.models import load_tokenizer, resolve_model
-    from dpo_align.pair_batch import SharedPromptCollator, pair_length
-    from dpo_align.pair_logps import model_inputs, pair_sums
+    from dpo_align.core.models import load_tokenizer, resolve_model
+    from dpo_align.core.pair_batch import SharedPromptCollator, pair_length
+    from dpo_align.core.pair_logps import model_inputs, pair_sums
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)

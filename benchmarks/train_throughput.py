@@ -11,7 +11,7 @@ one after another, so its peak resident memory is its own:
 * ``stock_best``: the same with its best flags, ``precompute_ref_log_probs=True`` and
   gradient checkpointing off, and ``max_length`` 512 like dpo-align's (equal work: stock's
   default 1024 keeps more of the longest responses);
-* ``dpo_align_cold``: ``dpo_align.train.train`` with its defaults and an empty reference cache;
+* ``dpo_align_cold``: ``dpo_align.train.run.train`` with its defaults and an empty reference cache;
 * ``dpo_align_warm``: the same run again, reusing the cached reference log-probs (what every
   later run of a sweep, a resume or a re-run gets).
 
@@ -45,10 +45,10 @@ def write_sample(data: str, model: str, pairs: int, max_length: int, path: Path)
     """Pairs at evenly spaced length quantiles, as plain prompt/chosen/rejected rows (already fitted)."""
     import random
 
-    from dpo_align.data import read_pairs
-    from dpo_align.data_fitting import fit_to_length
-    from dpo_align.models import load_tokenizer, resolve_model
-    from dpo_align.templates import render_prompt, render_response
+    from dpo_align.core.models import load_tokenizer, resolve_model
+    from dpo_align.data.fitting import fit_to_length
+    from dpo_align.data.pairs import read_pairs
+    from dpo_align.data.templates import render_prompt, render_response
 
     tokenizer = load_tokenizer(resolve_model(model))
     every, _ = read_pairs([data])
@@ -99,8 +99,8 @@ def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_align.data import read_pairs, to_dataset
-    from dpo_align.models import load_model, load_tokenizer, resolve_model
+    from dpo_align.core.models import load_model, load_tokenizer, resolve_model
+    from dpo_align.data.pairs import read_pairs, to_dataset
 
     path = resolve_model(model)
     tokenizer = load_tokenizer(path)
@@ -122,8 +122,8 @@ def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags:
 
 
 def run_dpo_align(sample: Path, model: str, steps: int, batch_size: int, output: Path) -> dict:
-    from dpo_align.train import train
-    from dpo_align.train_config import TrainConfig
+    from dpo_align.train.config import TrainConfig
+    from dpo_align.train.run import train
 
     config = TrainConfig(model=model, data=[str(sample)], max_steps=steps, batch_size=batch_size, output_dir=str(output),
                          logging_steps=1, save_steps=10_000).validate()
@@ -164,7 +164,7 @@ def main() -> None:
 
     import torch
 
-    from dpo_align.models import load_model, resolve_model
+    from dpo_align.core.models import load_model, resolve_model
 
     pairs = args.steps * args.batch_size
     n_params = sum(p.numel() for p in load_model(resolve_model(args.model), dtype=torch.float32).parameters())

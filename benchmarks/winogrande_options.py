@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dpo_align.eval_data import load_docs
-from dpo_align.models import load_model, load_tokenizer, resolve_model
-from dpo_align.templates import render_prompt, render_response
+from dpo_align.core.models import load_model, load_tokenizer, resolve_model
+from dpo_align.data.suite_docs import load_docs
+from dpo_align.data.templates import render_prompt, render_response
 
 OPTIONS = re.compile(r"\nOption 1: (.*)\nOption 2: (.*)$")
 

@@ -9,11 +9,11 @@ from typing import Annotated
 
 import typer
 
-from dpo_align.config_options import given_settings, with_settings
-from dpo_align.errors import UserError
-from dpo_align.files import WRITE_ERRNOS
-from dpo_align.models import DEFAULT_MODEL
-from dpo_align.templates import DEFAULT_TEMPLATE, TEMPLATES
+from dpo_align.core.errors import UserError
+from dpo_align.core.files import WRITE_ERRNOS
+from dpo_align.core.models import DEFAULT_MODEL
+from dpo_align.data.templates import DEFAULT_TEMPLATE, TEMPLATES
+from dpo_align.options import given_settings, with_settings
 
 app = typer.Typer(
     help=(
@@ -95,7 +95,7 @@ def models_prepare(
     force: Annotated[bool, typer.Option("--force", help="Rebuild the cached checkpoint even if it is intact.")] = False,
 ) -> None:
     """Make a model loadable offline and print the path to pass to other tools (e.g. lm_eval)."""
-    from dpo_align.models import BUILTIN_MODELS, check_model_source, prepare_builtin
+    from dpo_align.core.models import BUILTIN_MODELS, check_model_source, prepare_builtin
 
     def progress(message: str) -> None:
         typer.echo(message, err=True)
@@ -121,7 +121,7 @@ def data_inspect(
     example: Annotated[int, typer.Option(help="Index of the kept pair to print rendered.")] = 0,
 ) -> None:
     """Count rows, skips and token lengths, and print one pair exactly as the model sees it."""
-    from dpo_align.data_inspect import inspect_data
+    from dpo_align.data.inspect import inspect_data
 
     inspect_data(paths, model=model, template=template, split=split, skip_bad_rows=skip_bad_rows, example=example)
 
@@ -177,9 +177,9 @@ def eval_command(
 
         dpo-align eval smollm2-135m-instruct --peft runs/dpo --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
-    from dpo_align.eval_data import DATASETS
-    from dpo_align.evaluate import check_score_options, run_eval
-    from dpo_align.tables import markdown_table
+    from dpo_align.data.suite_docs import DATASETS
+    from dpo_align.report.tables import markdown_table
+    from dpo_align.score.evaluate import check_score_options, run_eval
 
     check_score_options(batch_size=batch_size, device=device, dtype=dtype, limit=limit)
 
@@ -194,7 +194,7 @@ def eval_command(
         if name not in DATASETS or not revision:
             raise UserError(f"--dataset-revision {item!r}: write NAME=REVISION with NAME one of {', '.join(DATASETS)}.")
         revisions[name] = revision
-    from dpo_align.folder_lock import locked
+    from dpo_align.core.folder_lock import locked
 
     with locked(output, "dpo-align eval"):
         runs = run_eval(
@@ -218,7 +218,7 @@ def tasks_path_command() -> None:
 
         lm_eval --model hf --model_args pretrained=MODEL --include_path "$(dpo-align tasks-path)" --tasks dpo_ppl_suite
     """
-    from dpo_align.evaluate import include_path
+    from dpo_align.score.evaluate import include_path
 
     typer.echo(include_path())
 
@@ -247,8 +247,8 @@ def compare_command(
 
         dpo-align compare runs/eval-base runs/eval-dpo -o runs/compare
     """
-    from dpo_align import compare
-    from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from dpo_align.report import compare
 
     if bootstrap < 100 or permutations < 100:
         raise UserError("--bootstrap and --permutations need at least 100 draws each.")
@@ -257,7 +257,7 @@ def compare_command(
     text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations)
     typer.echo(text)
     if output is not None:
-        from dpo_align import paired
+        from dpo_align.report import paired
 
         atomic_write_text(output / "compare.md", text)
         atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
@@ -298,10 +298,10 @@ def generate_command(
     """
     import json as json_module
 
-    from dpo_align import generate as gen
-    from dpo_align.evaluate import resolve_device
-    from dpo_align.files import atomic_write_text
-    from dpo_align.models import check_adapter_folder, check_weights_safe, resolve_model
+    from dpo_align.core.files import atomic_write_text
+    from dpo_align.core.models import check_adapter_folder, check_weights_safe, resolve_model
+    from dpo_align.score import generate as gen
+    from dpo_align.score.evaluate import resolve_device
 
     if output_format not in ("md", "json"):
         raise UserError(f"--format {output_format!r} is not one of: md, json.")
@@ -344,7 +344,7 @@ def report_command(
     held-out preference accuracies, the learning curve, training curves and generations.
     `train` and `sweep` write it at the end; run this to rebuild it.
     """
-    from dpo_align.report import write_report
+    from dpo_align.report.html import write_report
 
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder.")
@@ -375,12 +375,12 @@ def train_command(
 
         dpo-align train --data ../shared/data/splits/train-pool.jsonl.gz --max-steps 20 -o runs/try
     """
-    from dpo_align.train_config import resolve_settings
+    from dpo_align.train.config import resolve_settings
 
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other: choose one.")
     settings = resolve_settings(config, given_settings(ctx), resume=resume)  # every setting checked before a model loads
-    from dpo_align.train import Interrupted, train
+    from dpo_align.train.run import Interrupted, train
 
     try:
         manifest = train(settings, resume=resume, overwrite=overwrite, progress=lambda m: typer.echo(m, err=True))
@@ -391,7 +391,7 @@ def train_command(
         typer.secho(f"Stopped. The latest complete checkpoint in {settings.output_dir} is intact; resume with:\n"
                     f"    dpo-align train --output-dir {settings.output_dir} --resume", fg="yellow", err=True)
         raise typer.Exit(130) from None
-    from dpo_align.model_card import SUMMARY_KEYS
+    from dpo_align.train.model_card import SUMMARY_KEYS
 
     if not manifest:  # a non-main process under `accelerate launch`: the main one reports
         return
@@ -421,8 +421,8 @@ def merge_command(
     `lm_eval --model hf --model_args pretrained=OUTPUT ...` gives the same numbers as
     `pretrained=BASE,peft=ADAPTER`.
     """
-    from dpo_align.folder_lock import locked
-    from dpo_align.merge import merge
+    from dpo_align.core.folder_lock import locked
+    from dpo_align.train.merge import merge
 
     with locked(output, "dpo-align merge"):
         path = merge(adapter, output, base=base, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
@@ -461,16 +461,16 @@ def sweep_command(
 
         dpo-align sweep --lr 5e-6,1e-5 --data ../shared/data/splits/train-pool.jsonl.gz --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
-    from dpo_align.evaluate import check_score_options
+    from dpo_align.score.evaluate import check_score_options
     from dpo_align.sweep import parse_lrs, sweep
-    from dpo_align.train_config import resolve_settings
+    from dpo_align.train.config import resolve_settings
 
     check_score_options(batch_size=eval_batch_size, device="auto", dtype="float32", limit=eval_limit)  # before hours of training
     lrs = parse_lrs(lr)
     base = resolve_settings(config, given_settings(ctx))
     data_dir, pku_path = base.eval_suite_data_dir, base.eval_suite_pku_path  # the suite scored is the one checked for overlap
-    from dpo_align.folder_lock import locked
-    from dpo_align.train import Interrupted
+    from dpo_align.core.folder_lock import locked
+    from dpo_align.train.run import Interrupted
 
     try:
         with locked(output, "dpo-align sweep"):
@@ -481,7 +481,7 @@ def sweep_command(
         typer.secho("Sweep interrupted. Run the same command again to continue: finished runs and scores are kept, and the "
                     "run that was cut short resumes from its latest checkpoint.", fg="yellow", err=True)
         raise typer.Exit(130) from None
-    from dpo_align.tables import markdown_table
+    from dpo_align.report.tables import markdown_table
 
     typer.echo(markdown_table(runs))
     typer.echo(f"Wrote {output}/: table.md, table.csv, table.png, results.json, comparison.json, curves/, manifests/, samples/"

@@ -1,6 +1,6 @@
 """``TrainConfig``'s fields as Typer options: `train` and `sweep` take their settings from here.
 
-A setting is defined once, as a field with its help text (dpo_align/train_config.py); this
+A setting is defined once, as a field with its help text (dpo_align/train/config.py); this
 module turns each field into a command-line option of the same name, so the two commands,
 the YAML config file and the dataclass cannot drift apart.
 """
@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from dpo_align.train_config import TrainConfig, option_flags
+from dpo_align.train.config import TrainConfig, option_flags
 
 
 def _option(f: dataclasses.Field, kind) -> tuple[object, object]:

@@ -28,18 +28,19 @@ import math
 import shutil
 from pathlib import Path
 
-from dpo_align import compare, learning_curve, paired
-from dpo_align.compare import Scored
-from dpo_align.errors import TrainingDiverged, UserError
-from dpo_align.evaluate import ModelSpec, ScoreOptions, _slug, quiet_lm_eval, score_spec, write_outputs
-from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_files
-from dpo_align.models import resolve_model
-from dpo_align.plots import plot_runs, read_metrics
-from dpo_align.preference import markdown as preference_markdown
-from dpo_align.provenance import model_revision
-from dpo_align.tables import markdown_table
-from dpo_align.train import train, write_report_safely
-from dpo_align.train_config import TrainConfig, check_resumable
+from dpo_align.core.errors import TrainingDiverged, UserError
+from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_files
+from dpo_align.core.models import resolve_model
+from dpo_align.core.plots import plot_runs, read_metrics
+from dpo_align.core.provenance import model_revision
+from dpo_align.report import compare, paired
+from dpo_align.report.compare import Scored
+from dpo_align.report.tables import markdown_table
+from dpo_align.score import learning_curve
+from dpo_align.score.evaluate import ModelSpec, ScoreOptions, _slug, quiet_lm_eval, score_spec, write_outputs
+from dpo_align.score.preference import markdown as preference_markdown
+from dpo_align.train.config import TrainConfig, check_resumable
+from dpo_align.train.run import train, write_report_safely
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -183,7 +184,7 @@ def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], f
     """Per-pair log-probs of every model on the held-out pairs (cached per model), then the accuracies."""
     import numpy as np
 
-    from dpo_align.preference import load_for, model_logps, preference_table
+    from dpo_align.score.preference import load_for, model_logps, preference_table
 
     dataset, pad, report = load_for(specs[0].pretrained, sources, template=base.template, max_length=base.max_length,
                                     trust_remote_code=base.trust_remote_code)
@@ -227,9 +228,9 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
 
 
 def _decontamination(base: TrainConfig, data_dir: str | None, pku_path: str | None, output: Path, progress) -> None:
-    from dpo_align import decontaminate
-    from dpo_align.data import read_pairs
-    from dpo_align.data_fitting import take_pairs
+    from dpo_align.data import decontaminate
+    from dpo_align.data.fitting import take_pairs
+    from dpo_align.data.pairs import read_pairs
 
     pairs, _ = read_pairs(base.data, split=base.split, skip_bad_rows=base.skip_bad_rows)
     if base.max_pairs is not None:

@@ -22,9 +22,9 @@ import lm_eval.evaluator_utils
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
-from dpo_align import metrics
-from dpo_align.eval_data import load_docs
-from dpo_align.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
+from dpo_align.data.suite_docs import load_docs
+from dpo_align.data.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
+from dpo_align.score import metrics
 
 METRICS = ("ce", "ppl", "bpb")
 
@@ -36,7 +36,7 @@ def _use_aggregation_stderr() -> None:
     """Let an aggregation function carry its own standard error (``fn.stderr``).
 
     lm-eval only knows standard errors for its built-in aggregations and reports "N/A"
-    for any other. Ours are closed-form (see dpo_align.metrics), so we wrap lm-eval's
+    for any other. Ours are closed-form (see dpo_align.score.metrics), so we wrap lm-eval's
     lookup: functions with a ``stderr`` attribute use it, all others are unchanged, and
     ``--bootstrap_iters 0`` still turns standard errors off.
     """

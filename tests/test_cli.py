@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from dpo_align.cli import app
-from dpo_align.templates import render_prompt
+from dpo_align.data.templates import render_prompt
 
 from .conftest import SHARED_DATA, needs_shared_data
 

@@ -73,7 +73,7 @@ def test_compare_two_eval_folders_writes_markdown_json_and_png(scored, tmp_path)
 def test_an_lm_eval_folder_of_the_same_model_shows_no_change(scored):
     result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["lm"]), "--bootstrap", "300", "--permutations", "300"])
     assert result.exit_code == 0, result.output
-    from dpo_align import compare
+    from dpo_align.report import compare
 
     models = compare.load([str(scored["base"]), str(scored["lm"])])
     changes = compare.compare(models, replicates=300, permutations=300)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpo_align import data
-from dpo_align.errors import UserError
-from dpo_align.templates import render_prompt
+from dpo_align.core.errors import UserError
+from dpo_align.data import pairs as data
+from dpo_align.data.templates import render_prompt
 
 from .conftest import SHARED_DATA, needs_shared_data
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_align.decontaminate import document_texts, ngram_overlap, suite_docs, suite_instructions
-from dpo_align.errors import UserError
+from dpo_align.core.errors import UserError
+from dpo_align.data.decontaminate import document_texts, ngram_overlap, suite_docs, suite_instructions
 
 LONG = "the quick brown fox jumps over the lazy dog while the farmer sleeps in the warm afternoon sun"
 
@@ -47,7 +47,7 @@ def test_sets_scored_from_the_hub_are_checked_or_named_as_unchecked(monkeypatch)
 
 
 def test_training_on_hh_rlhf_test_and_scoring_hub_pku_is_called_the_same_source(tmp_path):
-    from dpo_align.decontaminate import same_source
+    from dpo_align.data.decontaminate import same_source
 
     said = same_source(["Anthropic/hh-rlhf"], "test", None)
     assert "same source split" in said and "--pku-path" in said

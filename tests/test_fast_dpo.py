@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_align.pair_batch import SharedPromptCollator
+from dpo_align.core.pair_batch import SharedPromptCollator
 
 from .conftest import SHARED_DATA, needs_shared_data
 
@@ -83,9 +83,9 @@ def build_trainers(model_path, data, tmp_path, *, max_length, **dpo_settings):
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_align.data import read_pairs, to_dataset
-    from dpo_align.fast_dpo import SharedPromptDPOTrainer
-    from dpo_align.models import load_model, load_tokenizer
+    from dpo_align.core.models import load_model, load_tokenizer
+    from dpo_align.data.pairs import read_pairs, to_dataset
+    from dpo_align.train.fast_dpo import SharedPromptDPOTrainer
 
     tokenizer = load_tokenizer(str(model_path))
     pairs, _ = read_pairs([str(data)])
@@ -183,7 +183,7 @@ def test_real_model_log_probs_equal_stock_trl(default_model_path, tmp_path):
 def test_shared_rows_score_each_response_as_its_own_sequence_would(arch, pack, tiny_gpt2, tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from dpo_align.pair_logps import add_pair_logps, model_inputs, pair_sums
+    from dpo_align.core.pair_logps import add_pair_logps, model_inputs, pair_sums
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2 if arch == "gpt2" else tiny_llama).eval()
     add_pair_logps(model)

@@ -10,14 +10,14 @@ import sys
 from typer.testing import CliRunner
 
 from dpo_align.cli import app
-from dpo_align.folder_lock import lock_path
+from dpo_align.core.folder_lock import lock_path
 
 runner = CliRunner()
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from dpo_align.folder_lock import locked
+from dpo_align.core.folder_lock import locked
 with locked(Path(sys.argv[1]), "dpo-align train"):
     print("holding", flush=True)
     time.sleep(120)

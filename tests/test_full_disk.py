@@ -96,7 +96,7 @@ def _enospc(*args, **kwargs):
 
 
 def test_eval_write_error_injected(monkeypatch, tiny_gpt2, tiny_data, tmp_path):
-    import dpo_align.evaluate as evaluate
+    import dpo_align.score.evaluate as evaluate
 
     monkeypatch.setattr(evaluate, "atomic_write_bytes", _enospc)  # table.png: the last file written
     out = tmp_path / "eval"
@@ -107,7 +107,7 @@ def test_eval_write_error_injected(monkeypatch, tiny_gpt2, tiny_data, tmp_path):
 
 
 def test_train_write_error_injected(monkeypatch, tiny_gpt2, pairs_file, tmp_path):
-    import dpo_align.train as train_module
+    import dpo_align.train.run as train_module
 
     monkeypatch.setattr(train_module, "atomic_write_json", _enospc)  # the manifest: the last file of the run
     out = tmp_path / "run"
@@ -118,7 +118,7 @@ def test_train_write_error_injected(monkeypatch, tiny_gpt2, pairs_file, tmp_path
 
 
 def test_models_prepare_write_error_injected(monkeypatch, tmp_path):
-    import dpo_align.models as models
+    import dpo_align.core.models as models
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "find_gguf", lambda *args: tmp_path / "model.gguf")

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpo_align.cli import app
-from dpo_align.generate import DEFAULT_PROMPTS, is_held_out
+from dpo_align.score.generate import DEFAULT_PROMPTS, is_held_out
 
 from .conftest import SHARED_DATA, needs_shared_data
 from .test_compare import noisy_adapter

@@ -11,8 +11,8 @@ import json
 import datasets
 import pytest
 
-from dpo_align.data import read_pairs
-from dpo_align.eval_data import load_docs, preference_docs
+from dpo_align.data.pairs import read_pairs
+from dpo_align.data.suite_docs import load_docs, preference_docs
 
 # Rows in the published schemas (one or two each, texts shortened).
 HH_RLHF = [{"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water and yeast, then bake it.",
@@ -87,7 +87,7 @@ def test_a_hub_id_as_pku_path_reads_the_test_split(local_hub):
 
 def test_hub_revisions_are_passed_on_and_the_commit_read_recorded(tmp_path, monkeypatch):
     """owner/name@REVISION reaches load_dataset, and the commit read lands in the report and hub.COMMITS."""
-    from dpo_align import hub
+    from dpo_align.data import hub
 
     real = datasets.load_dataset
     seen = []
@@ -114,7 +114,7 @@ def test_hub_revisions_are_passed_on_and_the_commit_read_recorded(tmp_path, monk
 
 
 def test_an_empty_revision_is_an_error():
-    from dpo_align.errors import UserError
+    from dpo_align.core.errors import UserError
 
     with pytest.raises(UserError, match="nothing after '@'"):
         read_pairs(["Anthropic/hh-rlhf@"])

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_align import models
-from dpo_align.errors import UserError
+from dpo_align.core import models
+from dpo_align.core.errors import UserError
 
 from .conftest import make_tiny_model
 

@@ -7,7 +7,7 @@ import math
 import pytest
 from safetensors.torch import load_file
 
-from dpo_align.train import train
+from dpo_align.train.run import train
 
 from .test_train import read_rows, tiny_config
 

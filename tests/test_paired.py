@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpo_align.errors import UserError
-from dpo_align.paired import bootstrap, compare_documents
+from dpo_align.core.errors import UserError
+from dpo_align.report.paired import bootstrap, compare_documents
 
 
 def docs(nll, tokens, bytes_=None):
@@ -86,7 +86,7 @@ def test_bootstrap_is_seeded():
 
 
 def test_permutation_p_values_and_holm():
-    from dpo_align.paired import holm, permutation_pvalues
+    from dpo_align.report.paired import holm, permutation_pvalues
 
     # Two documents, B higher on both: of the 4 swap patterns, only "swap none" and "swap both" give
     # a change as large as observed (|±|), so p = (1 + 2/4 * P) / (1 + P) -> about 0.5.

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dpo_align.evaluate import include_path
+from dpo_align.score.evaluate import include_path
 
 from .conftest import SHARED_DATA, needs_shared_data
 from .test_compare import noisy_adapter

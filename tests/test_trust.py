@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from dpo_align import data
 from dpo_align.cli import app
-from dpo_align.errors import UserError
-from dpo_align.run_folder import COMPLETE_MARKER, latest_checkpoint
+from dpo_align.core.errors import UserError
+from dpo_align.data import pairs as data
+from dpo_align.train.run_folder import COMPLETE_MARKER, latest_checkpoint
 
 from .conftest import make_tiny_model
 
@@ -76,7 +76,7 @@ def test_allow_pickle_loads_a_plain_pickle_checkpoint(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from dpo_align.models import load_model
+    from dpo_align.core.models import load_model
 
     pickled = make_tiny_model(tmp_path / "pickled", "gpt2")
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
@@ -87,7 +87,7 @@ def test_allow_pickle_loads_a_plain_pickle_checkpoint(tmp_path):
 
 
 def test_remote_code_needs_trust_remote_code(tmp_path):
-    from dpo_align.models import load_model
+    from dpo_align.core.models import load_model
 
     directory = make_tiny_model(tmp_path / "custom", "gpt2")
     marker = tmp_path / "imported"
@@ -109,7 +109,7 @@ def test_remote_code_needs_trust_remote_code(tmp_path):
 
 
 def test_results_record_the_exact_weights(tiny_gpt2, pairs_file, tmp_path):  # noqa: F811
-    from dpo_align.files import sha256_file
+    from dpo_align.core.files import sha256_file
 
     result = runner.invoke(app, ["eval", str(tiny_gpt2), "--pku-path", str(pairs_file), "--dataset", "pku", "--limit", "4",
                                  "-o", str(tmp_path / "e")])
@@ -177,8 +177,8 @@ def test_sigint_and_sigkill_at_random_points_never_lose_the_run(tiny_gpt2, pairs
 
 
 def test_adapter_on_the_wrong_base_is_a_clear_error(tiny_gpt2, tiny_llama, pairs_file, tmp_path):  # noqa: F811
-    from dpo_align.train import train
-    from dpo_align.train_config import TrainConfig
+    from dpo_align.train.config import TrainConfig
+    from dpo_align.train.run import train
 
     adapter = tmp_path / "adapter"
     train(TrainConfig(model=str(tiny_llama), data=[str(pairs_file)], output_dir=str(adapter), max_steps=1, batch_size=2,
@@ -198,8 +198,8 @@ def test_adapter_on_the_wrong_base_is_a_clear_error(tiny_gpt2, tiny_llama, pairs
 
 
 def test_huge_rows_are_truncated_and_counted_not_a_crash(tiny_gpt2, tmp_path):
-    from dpo_align.train import train
-    from dpo_align.train_config import TrainConfig
+    from dpo_align.train.config import TrainConfig
+    from dpo_align.train.run import train
 
     rows = [{"prompt": "word " * 20000, "chosen": "yes " * 5000, "rejected": "no"}] + [
         {"prompt": f"q{i}?", "chosen": "a good answer", "rejected": "bad"} for i in range(7)]
@@ -215,7 +215,7 @@ def test_unwritable_output_locations(tiny_gpt2, pairs_file, tmp_path, monkeypatc
     result = runner.invoke(app, ["train", "--model", str(tiny_gpt2), "--data", str(pairs_file), "-o", "/proc/dpo-align-run"])
     assert result.exit_code == 2 and "cannot write" in result.output and "Traceback" not in result.output
 
-    import dpo_align.files as files
+    import dpo_align.core.files as files
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

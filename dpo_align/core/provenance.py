@@ -7,7 +7,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from dpo_align.files import sha256_file
+from dpo_align.core.files import sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 PACKAGES = ("dpo-align", "torch", "transformers", "peft", "trl", "datasets", "lm-eval", "accelerate", "tokenizers")

@@ -17,8 +17,8 @@ import os
 import re
 from pathlib import Path
 
-from dpo_align.errors import UserError
-from dpo_align.eval_data import DATA_DIR_ENV, DATASETS, load_docs
+from dpo_align.core.errors import UserError
+from dpo_align.data.suite_docs import DATA_DIR_ENV, DATASETS, load_docs
 
 
 def normalise(text: str) -> str:
@@ -71,14 +71,14 @@ HH_RLHF_TEST_NOTE = ("PKU-Alignment/processed-hh-rlhf's test split is hh-rlhf's 
 
 def _pku_from_hub(pku_path: str | None) -> bool:
     """PKU is scored from the hub: no --pku-path (the default), or a hub id of the PKU dataset."""
-    from dpo_align.hub import split_revision
+    from dpo_align.data.hub import split_revision
 
     return not pku_path or split_revision(str(pku_path))[0].startswith("PKU-Alignment/processed-hh-rlhf")
 
 
 def same_source_split(training: list[str], split: str, pku_path: str | None) -> str | None:
     """The warning when the training data is hub hh-rlhf's test split and PKU is scored from the hub."""
-    from dpo_align.hub import split_revision
+    from dpo_align.data.hub import split_revision
 
     if not _pku_from_hub(pku_path):
         return None

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-from dpo_align.data import Pair
-from dpo_align.templates import render_prompt, render_response
+from dpo_align.data.pairs import Pair
+from dpo_align.data.templates import render_prompt, render_response
 
 
 def take_pairs(pairs: list, n: int, how: str, seed: int) -> list:

@@ -22,7 +22,7 @@ def split_revision(spec: str) -> tuple[str, str | None]:
     """``owner/name@rev`` -> (``owner/name``, ``rev``); no ``@`` -> (spec, None)."""
     name, at, revision = spec.partition("@")
     if at and not revision:
-        from dpo_align.errors import UserError
+        from dpo_align.core.errors import UserError
 
         raise UserError(f"{spec!r}: nothing after '@'. Write owner/name@REVISION (a branch, tag or commit), or leave '@' out.")
     return name, (revision or None)

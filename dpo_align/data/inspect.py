@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import typer
 
-from dpo_align.data import read_pairs, to_dataset
-from dpo_align.errors import UserError
-from dpo_align.models import load_tokenizer, resolve_model
+from dpo_align.core.errors import UserError
+from dpo_align.core.models import load_tokenizer, resolve_model
+from dpo_align.data.pairs import read_pairs, to_dataset
 
 PERCENTILES = (50, 90, 95, 99, 100)
 

@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo_align.errors import UserError
-from dpo_align.files import sha256_file
-from dpo_align.templates import DEFAULT_TEMPLATE, render_prompt, render_response
-from dpo_align.transcripts import ASSISTANT, HUMAN, Turn, normalise_role, render_instruction, split_transcript
+from dpo_align.core.errors import UserError
+from dpo_align.core.files import sha256_file
+from dpo_align.data.templates import DEFAULT_TEMPLATE, render_prompt, render_response
+from dpo_align.data.transcripts import ASSISTANT, HUMAN, Turn, normalise_role, render_instruction, split_transcript
 
 DEFAULT_DATASET = "Anthropic/hh-rlhf"
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".jsonl.bz2", ".json", ".json.gz", ".parquet")
@@ -235,7 +235,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, object]]:
 
 def _iter_hub(spec: str, split: str, info: SourceInfo) -> Iterator[tuple[str, object]]:
     """Rows of a hub dataset. ``spec`` is ``owner/name[:data_dir][@revision]``; the commit read goes into ``info``."""
-    from dpo_align.hub import load_split, split_revision
+    from dpo_align.data.hub import load_split, split_revision
 
     name, revision = split_revision(spec)
     repo, _, data_dir = name.partition(":")

@@ -15,8 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from dpo_align.data import parse_record, read_pairs
-from dpo_align.errors import UserError
+from dpo_align.core.errors import UserError
+from dpo_align.data.pairs import parse_record, read_pairs
 
 HUB = {
     "truthfulqa": ("truthfulqa/truthful_qa", "generation", "validation"),
@@ -33,7 +33,7 @@ WINOGRANDE_INSTRUCTION = (
 
 
 def _hub_rows(name: str, revision: str | None = None) -> list[dict]:
-    from dpo_align.hub import load_split
+    from dpo_align.data.hub import load_split
 
     path, config, split = HUB[name]
     try:

@@ -7,7 +7,7 @@ model is scored on exactly the text layout it was trained on.
 
 from __future__ import annotations
 
-from dpo_align.errors import UserError
+from dpo_align.core.errors import UserError
 
 # The template LaMini-GPT (the reference SFT model) was trained with. The three blank
 # lines are part of it: keep this string byte for byte.

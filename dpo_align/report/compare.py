@@ -22,11 +22,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo_align import paired
-from dpo_align.errors import UserError
-from dpo_align.evaluate import TASKS, _slug
-from dpo_align.plots import png_bytes
-from dpo_align.tables import TABLE_NAMES
+from dpo_align.core.errors import UserError
+from dpo_align.core.plots import png_bytes
+from dpo_align.report import paired
+from dpo_align.report.tables import TABLE_NAMES
+from dpo_align.score.evaluate import TASKS, _slug
 
 NAMES = {task: TABLE_NAMES[key] for key, task in TASKS.items()} | {"mean": "mean of the three"}
 DEFAULT_TEMPLATE = "alpaca"  # the tasks' default when metadata names none

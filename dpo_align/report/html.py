@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -92,7 +92,7 @@ def generation_blocks(rows: list[dict], settings: str) -> list:
 
 def _generations(folder: Path, model_path: str, adapters: list[str], template: str, count: int, progress) -> list[dict]:
     """A few default prompts, base beside each adapter, greedy; cached in the folder (same prompts and adapters)."""
-    from dpo_align.generate import DEFAULT_PROMPTS, Sampling, generate
+    from dpo_align.score.generate import DEFAULT_PROMPTS, Sampling, generate
 
     prompts = DEFAULT_PROMPTS[:count]
     key = {"model": model_path, "adapters": adapters, "prompts": prompts, "template": template, "max_new_tokens": 64}
@@ -136,7 +136,7 @@ def run_blocks(folder: Path, generations: int = 3, progress=print) -> list:
         blocks += [Heading("Final DPO statistics"), Table(["", *keys], rows)]
     blocks += [Heading("Training curves")] + (_images(folder / "plots", "curve", "Training curve") or [Para("No curves yet.")])
     if generations and manifest and (folder / "adapter_model.safetensors").is_file():
-        from dpo_align.models import resolve_model
+        from dpo_align.core.models import resolve_model
 
         base = resolve_model(config.get("model"), progress=progress)
         rows = _generations(folder, base, [str(folder)], config.get("template", "alpaca"), generations, progress)
@@ -167,7 +167,7 @@ def sweep_blocks(folder: Path, generations: int = 3, progress=print) -> list:
             blocks += [Heading(title), Table(["dataset"] + [m["label"] for m in models], rows)]
     comparison = _read_json(folder / "comparison.json")
     if comparison is None and len(models) > 1:  # a folder written before sweeps wrote comparison.json
-        from dpo_align import compare, paired
+        from dpo_align.report import compare, paired
 
         changes = compare.compare(compare.load([str(folder)]))
         comparison = {metric: paired.as_json(c) for metric, c in changes.items()}
@@ -268,7 +268,7 @@ def to_html(blocks: list, title: str) -> str:
 
 def write_report(folder: Path, output: Path | None = None, *, generations: int = 3, progress=print) -> Path:
     """Write OUTPUT (default FOLDER/report.html) and the Markdown beside it (report.md + report-images/)."""
-    from dpo_align.errors import UserError
+    from dpo_align.core.errors import UserError
 
     folder = Path(folder)
     if (folder / "manifests").is_dir() or ((folder / "results.json").is_file() and not (folder / "config.yaml").is_file()):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpo_align.errors import UserError
+from dpo_align.core.errors import UserError
 
 ALPHA = 0.05
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 
-from dpo_align.plots import png_bytes
+from dpo_align.core.plots import png_bytes
 
 # dataset keys in the reference table's order, and how they are shown
 TABLE_NAMES = {"truthfulqa": "TruthfulQA", "winogrande": "WinoGrande", "pku": "PKU (hh-rlhf held-out)"}

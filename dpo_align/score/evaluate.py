@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from dpo_align.errors import UserError
-from dpo_align.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_files, write_jsonl
-from dpo_align.models import (
+from dpo_align.core.errors import UserError
+from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_files, write_jsonl
+from dpo_align.core.models import (
     BUILTIN_MODELS,
     adapter_base,
     check_adapter_folder,
@@ -31,8 +31,8 @@ from dpo_align.models import (
     check_weights_safe,
     locate_model,
 )
-from dpo_align.provenance import git_commit, machine, model_revision, package_versions
-from dpo_align.tables import METRICS, bar_chart_png, csv_table, markdown_table
+from dpo_align.core.provenance import git_commit, machine, model_revision, package_versions
+from dpo_align.report.tables import METRICS, bar_chart_png, csv_table, markdown_table
 
 SUITE = "dpo_ppl_suite"
 TASKS = {"truthfulqa": "dpo_ppl_truthfulqa", "winogrande": "dpo_ppl_winogrande", "pku": "dpo_ppl_pku"}
@@ -118,7 +118,7 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import dpo_align.lm_eval_model  # noqa: F401  (registers --model dpo-hf with lm-eval)
+    import dpo_align.score.lm_eval_model  # noqa: F401  (registers --model dpo-hf with lm-eval)
 
     allow_pickle = options.allow_pickle
     check_weights_safe(spec.pretrained, allow_pickle)
@@ -269,12 +269,12 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict:
     if spec.peft:
         revision["adapter"] = model_revision(spec.peft)
     table = summarize(results)
-    from dpo_align.eval_data import SKIPPED_EMPTY
+    from dpo_align.data.suite_docs import SKIPPED_EMPTY
 
     for key, row in table.items():  # documents left out for an empty response, per dataset
         if key in SKIPPED_EMPTY:
             row["skipped_empty_responses"] = SKIPPED_EMPTY[key]
-    from dpo_align.hub import COMMITS
+    from dpo_align.data.hub import COMMITS
     merged = {key: row["boundary_merge"][0] for key, row in table.items() if row.get("boundary_merge", [0])[0]}
     if merged:
         import warnings

@@ -17,8 +17,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from dpo_align.errors import UserError
-from dpo_align.templates import render_prompt
+from dpo_align.core.errors import UserError
+from dpo_align.data.templates import render_prompt
 
 DEFAULT_PROMPTS = [
     "How do you safely use bleach in your washing machine?",
@@ -90,7 +90,7 @@ def generate(model_path: str, adapters: list[str], prompts: list[str], *, templa
     from peft import PeftModel
     from tqdm.auto import tqdm
 
-    from dpo_align.models import load_model, load_tokenizer
+    from dpo_align.core.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     base = load_model(model_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, dtype=torch.float32).to(device).eval()

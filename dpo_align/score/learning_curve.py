@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from dpo_align.evaluate import TASKS
-from dpo_align.plots import png_bytes
-from dpo_align.tables import TABLE_NAMES
+from dpo_align.core.plots import png_bytes
+from dpo_align.report.tables import TABLE_NAMES
+from dpo_align.score.evaluate import TASKS
 
 
 def subset(document_counts: dict[str, int], per_dataset: int, seed: int = 0) -> dict[str, list[int]]:

@@ -16,7 +16,7 @@ adapters with virtual tokens, logit transforms it does not know, ``batch_size=au
 
 Registered with lm-eval when this module is imported: ``dpo-align eval`` does that. lm-eval's
 own CLI looks models up before it imports any task code, so from the command line use
-``dpo-lm-eval`` (``dpo_align/lm_eval_cli.py``: lm-eval's CLI with this model registered).
+``dpo-lm-eval`` (``dpo_align/score/lm_eval_cli.py``: lm-eval's CLI with this model registered).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from dpo_align.pair_logps import logit_transform, scale_logits
+from dpo_align.core.pair_logps import logit_transform, scale_logits
 
 MODEL_NAME = "dpo-hf"
 

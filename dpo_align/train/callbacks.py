@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from dpo_align.run_folder import COMPLETE_MARKER, SETTINGS_FILE
+from dpo_align.train.run_folder import COMPLETE_MARKER, SETTINGS_FILE
 
 
 class MetricsFile(TrainerCallback):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from dpo_align.data import DEFAULT_DATASET
-from dpo_align.errors import UserError
-from dpo_align.models import DEFAULT_MODEL
-from dpo_align.templates import DEFAULT_TEMPLATE, TEMPLATES
+from dpo_align.core.errors import UserError
+from dpo_align.core.models import DEFAULT_MODEL
+from dpo_align.data.pairs import DEFAULT_DATASET
+from dpo_align.data.templates import DEFAULT_TEMPLATE, TEMPLATES
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # TRL 1.16's DPOTrainer loss types (its own error message lists them; pyproject pins that TRL minor)

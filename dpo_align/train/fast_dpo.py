@@ -28,10 +28,10 @@ import time
 import torch
 from trl import DPOTrainer
 
-from dpo_align import ref_logps
-from dpo_align.errors import TrainingDiverged
-from dpo_align.pair_batch import SharedPromptCollator, pair_length
-from dpo_align.pair_logps import add_pair_logps, model_inputs, pair_sums
+from dpo_align.core.errors import TrainingDiverged
+from dpo_align.core.pair_batch import SharedPromptCollator, pair_length
+from dpo_align.core.pair_logps import add_pair_logps, model_inputs, pair_sums
+from dpo_align.train import ref_logps
 
 
 class _Outputs:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpo_align.errors import UserError
-from dpo_align.files import atomic_directory
-from dpo_align.models import adapter_base, check_adapter_folder, check_weights_safe, load_model, load_tokenizer, locate_model
+from dpo_align.core.errors import UserError
+from dpo_align.core.files import atomic_directory
+from dpo_align.core.models import adapter_base, check_adapter_folder, check_weights_safe, load_model, load_tokenizer, locate_model
 
 
 def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bool = False,

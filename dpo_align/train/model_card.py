@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dpo_align.train_config import TrainConfig
+from dpo_align.train.config import TrainConfig
 
 # The statistics shown in summaries (TRL's log keys): DPO loss, rewards, margin, accuracy.
 SUMMARY_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from dpo_align.pair_batch import SharedPromptCollator, pair_length
-from dpo_align.pair_logps import model_inputs, pair_sums
+from dpo_align.core.pair_batch import SharedPromptCollator, pair_length
+from dpo_align.core.pair_logps import model_inputs, pair_sums
 
 # Bumped when the way the numbers are computed changes.
 LAYOUT_VERSION = 1

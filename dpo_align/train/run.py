@@ -15,18 +15,20 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_align.callbacks import CheckpointMarker, GracefulInterrupt, MetricsFile, PairsProgress
-from dpo_align.data import LoadReport, read_pairs, to_dataset
-from dpo_align.data_fitting import fit_to_length, take_pairs
-from dpo_align.decontaminate import overlap, same_source_split, suite_instructions
-from dpo_align.errors import TrainingDiverged, UserError
-from dpo_align.files import atomic_write_json, atomic_write_text, named_write_errors, staged_files
-from dpo_align.folder_lock import locked
-from dpo_align.model_card import model_card
-from dpo_align.models import load_model, load_tokenizer, resolve_model
-from dpo_align.plots import plot_runs, read_metrics
-from dpo_align.provenance import git_commit, machine, model_revision, package_versions
-from dpo_align.run_folder import (
+from dpo_align.core.errors import TrainingDiverged, UserError
+from dpo_align.core.files import atomic_write_json, atomic_write_text, named_write_errors, staged_files
+from dpo_align.core.folder_lock import locked
+from dpo_align.core.models import load_model, load_tokenizer, resolve_model
+from dpo_align.core.plots import plot_runs, read_metrics
+from dpo_align.core.provenance import git_commit, machine, model_revision, package_versions
+from dpo_align.data.decontaminate import overlap, same_source_split, suite_instructions
+from dpo_align.data.fitting import fit_to_length, take_pairs
+from dpo_align.data.pairs import LoadReport, read_pairs, to_dataset
+from dpo_align.data.templates import render_prompt, render_response
+from dpo_align.train.callbacks import CheckpointMarker, GracefulInterrupt, MetricsFile, PairsProgress
+from dpo_align.train.config import TrainConfig
+from dpo_align.train.model_card import model_card
+from dpo_align.train.run_folder import (
     check_checkpoint_settings,
     check_output_dir,
     is_final,
@@ -35,8 +37,6 @@ from dpo_align.run_folder import (
     prune_checkpoints,
     rewind_to,
 )
-from dpo_align.templates import render_prompt, render_response
-from dpo_align.train_config import TrainConfig
 
 
 class Interrupted(Exception):
@@ -127,7 +127,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import DPOConfig
 
-    from dpo_align.fast_dpo import SharedPromptDPOTrainer
+    from dpo_align.train.fast_dpo import SharedPromptDPOTrainer
 
     # Deprecation chatter from transformers/peft/trl is not actionable for users of this tool.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -226,7 +226,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
         # Small models fit without recomputing activations; recomputation costs ~30% speed.
         gradient_checkpointing=False,
         # The reference is the base model (adapter off): its log-probs are computed once per pair
-        # and cached on disk (dpo_align/ref_logps.py), not recomputed at every step.
+        # and cached on disk (dpo_align/train/ref_logps.py), not recomputed at every step.
         precompute_ref_log_probs=True,
         trust_remote_code=config.trust_remote_code,
     )
@@ -361,7 +361,7 @@ def _write_outputs(config: TrainConfig, trainer, tokenizer, run: RunResult, *, o
 
 def write_report_safely(folder: Path, progress, generations: int = 3) -> None:
     """report.html / report.md at the end of a run or sweep; a failure here never fails the run."""
-    from dpo_align.report import write_report
+    from dpo_align.report.html import write_report
 
     try:
         progress(f"Report: {write_report(folder, generations=generations, progress=progress)}")

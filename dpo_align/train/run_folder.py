@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from dpo_align.errors import UserError
-from dpo_align.train_config import TrainConfig, settings_diff
+from dpo_align.core.errors import UserError
+from dpo_align.train.config import TrainConfig, settings_diff
 
 RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl")
 COMPLETE_MARKER = "dpo-align-checkpoint-complete"
