@@ -107,6 +107,13 @@ def build_trainers(model_path, data, tmp_path, *, max_length, **dpo_settings):
     return trainers
 
 
+# DiscoPOP mixes its two losses by sigmoid(logits / tau) with TRL's tau 0.05, so the fp32 rounding of the
+# log-probs (summed in another order by the shared-prompt rows) reaches its gradient 20x amplified: measured
+# 1.2-1.3e-4 on the llama model on one host (also with the weights in float64, since the log-probs are fp32),
+# under 1e-4 on another. Every other loss type keeps 1e-4.
+GRADIENT_RTOL = {"discopop": 5e-4}
+
+
 def loss_metrics_and_grads(trainer, loss_type, n=4):
     trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
     trainer.label_smoothing = 0.1 if loss_type in ("exo_pair", "robust") else 0.0
@@ -140,7 +147,7 @@ def test_every_loss_type_and_the_lora_gradients_equal_stock_trl(arch, head, tiny
         assert grads_o.keys() == grads_s.keys() and grads_s
         for name, grad in grads_s.items():  # norm-wise: single entries can cancel to ~0 in either
             error = (grads_o[name] - grad).norm() / grad.norm().clamp(min=1e-12)
-            assert error < 1e-4, f"{loss_type} {name}: relative gradient error {error:.2e}"
+            assert error < GRADIENT_RTOL.get(loss_type, 1e-4), f"{loss_type} {name}: relative gradient error {error:.2e}"
         assert any(g.norm() > 0 for g in grads_s.values())
     # the rewards are not trivially zero: policy and reference really differ
     assert abs(metrics_s["rewards/chosen"]) > 1e-3
