@@ -177,9 +177,10 @@ def eval_command(
 
         dpo-align eval smollm2-135m-instruct --peft runs/dpo --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
-    from dpo_align.data.suite_docs import DATASETS
+    from dpo_align.data.suite import DATASETS
+    from dpo_align.eval_run import run_eval
     from dpo_align.report.tables import markdown_table
-    from dpo_align.score.evaluate import check_score_options, run_eval
+    from dpo_align.score.evaluate import check_score_options
 
     check_score_options(batch_size=batch_size, device=device, dtype=dtype, limit=limit)
 
@@ -345,12 +346,13 @@ def report_command(
     `train` and `sweep` write it at the end; run this to rebuild it.
     """
     from dpo_align.report.html import write_report
+    from dpo_align.score.generate import report_generations
 
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder.")
     if generations < 0:
         raise UserError("--generations must be 0 or more.")
-    path = write_report(folder, output, generations=generations, progress=lambda m: typer.echo(m, err=True))
+    path = write_report(folder, output, generations=generations, generate=report_generations, progress=lambda m: typer.echo(m, err=True))
     typer.echo(f"Wrote {path} and {path.with_suffix('.md')}.")
 
 
@@ -395,6 +397,11 @@ def train_command(
 
     if not manifest:  # a non-main process under `accelerate launch`: the main one reports
         return
+    from dpo_align.report.html import write_report_safely
+    from dpo_align.score.generate import report_generations
+
+    write_report_safely(settings.output_dir, lambda m: typer.echo(m, err=True), generations=settings.report_generations,
+                        generate=report_generations)
     typer.echo(f"Done in {manifest['wall_time_s']} s, {manifest['global_steps']} steps. Adapter and report in {settings.output_dir}/")
     for name, row, prefix in (("train", manifest["final_train"], ""), ("held-out", manifest["final_eval"], "eval_")):
         shown = {k: row[prefix + k] for k in SUMMARY_KEYS if prefix + k in row}

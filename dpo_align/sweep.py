@@ -29,18 +29,21 @@ import shutil
 from pathlib import Path
 
 from dpo_align.core.errors import TrainingDiverged, UserError
-from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_files
+from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files
 from dpo_align.core.models import resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
 from dpo_align.core.provenance import model_revision
+from dpo_align.data.suite import display_name
 from dpo_align.report import compare, paired
 from dpo_align.report.compare import Scored
-from dpo_align.report.tables import markdown_table
+from dpo_align.report.html import write_report_safely
+from dpo_align.report.tables import markdown_table, write_outputs
 from dpo_align.score import learning_curve
-from dpo_align.score.evaluate import ModelSpec, ScoreOptions, _slug, quiet_lm_eval, score_spec, write_outputs
+from dpo_align.score.evaluate import ModelSpec, ScoreOptions, quiet_lm_eval, score_spec
+from dpo_align.score.generate import report_generations
 from dpo_align.score.preference import markdown as preference_markdown
 from dpo_align.train.config import TrainConfig, check_resumable
-from dpo_align.train.run import train, write_report_safely
+from dpo_align.train.run import train
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -101,6 +104,7 @@ def sweep(
             progress(f"[train {i}/{len(lrs)}] {run_name(lr)}" + (": resuming" if resume else ""))
             try:
                 train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
+                write_report_safely(run_dir, progress, generations=config.report_generations, generate=report_generations)
             except TrainingDiverged as err:  # the other runs go on; this one is reported as failed
                 progress(f"[train {i}/{len(lrs)}] {run_name(lr)} FAILED: {err}")
                 failed[run_name(lr)] = str(err)
@@ -123,7 +127,7 @@ def sweep(
     runs = []
     for i, spec in enumerate(specs, start=1):
         where = f"[score {i}/{len(specs)}] {spec.label}"
-        runs.append(_cached(scores_dir / f"{_slug(spec.label)}.json", _key(spec, options), progress, where, "already scored, kept",
+        runs.append(_cached(scores_dir / f"{slug(spec.label)}.json", _key(spec, options), progress, where, "already scored, kept",
                             lambda spec=spec: score_spec(spec, options)))
 
     # 3. what each adapter changed: paired bootstrap and permutation over documents (as `dpo-align compare`)
@@ -149,10 +153,10 @@ def sweep(
         table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "", markdown_table(runs, "ce")]
         if changes:
             table += [f"## Change against the baseline: paired over documents ({replicates:,} bootstrap replicates and permutations)", "",
-                      paired.markdown(changes["ce"], metric="ce", names=compare.NAMES)]
+                      paired.markdown(changes["ce"], metric="ce", names=display_name)]
         table += ["## Bits per byte (lower is better)", "", markdown_table(runs, "bpb")]
         if changes:
-            table += [paired.markdown(changes["bpb"], metric="bpb", names=compare.NAMES)]
+            table += [paired.markdown(changes["bpb"], metric="bpb", names=display_name)]
         if failed:
             table += ["## Failed runs (not scored)", ""] + [f"* {name}: {reason}" for name, reason in failed.items()] + [""]
         atomic_write_text(stage / "table.md", "\n".join(table))
@@ -173,7 +177,7 @@ def sweep(
         manifests.mkdir(exist_ok=True)
         for name, path in adapters.items():
             shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
-    write_report_safely(output, progress, generations=base.report_generations)
+    write_report_safely(output, progress, generations=base.report_generations, generate=report_generations)
     if failed:
         raise UserError(f"{len(failed)} of {len(lrs)} runs failed ({', '.join(failed)}); the others are scored in {output}/. "
                         + " ".join(failed.values()))
@@ -197,7 +201,7 @@ def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], f
 
         key = _key(spec, {"sources": sources, "template": base.template, "max_length": base.max_length})
         where = f"[preference {i}/{len(specs)}] {spec.label} ({len(dataset)} held-out pairs)"
-        done = _cached(folder / f"{_slug(spec.label)}.json", key, progress, where, "already computed, kept", compute)
+        done = _cached(folder / f"{slug(spec.label)}.json", key, progress, where, "already computed, kept", compute)
         logps[spec.label] = {k: np.array(v) for k, v in done["logps"].items()}
     return {"sources": sources, "pairs": len(dataset), "rows_read": report.rows_read,
             "skipped": dict(report.skipped), "beta": base.beta,

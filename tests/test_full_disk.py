@@ -96,9 +96,9 @@ def _enospc(*args, **kwargs):
 
 
 def test_eval_write_error_injected(monkeypatch, tiny_gpt2, tiny_data, tmp_path):
-    import dpo_align.score.evaluate as evaluate
+    import dpo_align.report.tables as tables
 
-    monkeypatch.setattr(evaluate, "atomic_write_bytes", _enospc)  # table.png: the last file written
+    monkeypatch.setattr(tables, "atomic_write_bytes", _enospc)  # table.png: the last file written
     out = tmp_path / "eval"
     result = runner.invoke(app, ["eval", str(tiny_gpt2), "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
                                  "--batch-size", "4", "-o", str(out)])

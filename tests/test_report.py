@@ -11,6 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dpo_align.cli import app
+from dpo_align.report.html import write_report_safely
+from dpo_align.score.generate import report_generations
 from dpo_align.train.run import train
 
 from .test_train import tiny_config
@@ -54,6 +56,7 @@ def test_a_training_run_writes_a_report_that_renders(tiny_gpt2, pairs_file, tmp_
     train(tiny_config(tiny_gpt2, pairs_file, run, max_steps=4, eval_data=[str(pairs_file)], eval_max_pairs=8, eval_steps=2,
                       report_generations=2),
           progress=lambda m: None)
+    write_report_safely(run, lambda m: None, generations=2, generate=report_generations)  # as `dpo-align train` does after training
     page = run / "report.html"
     text = page.read_text()
     assert "https://" not in text and "http://" not in text and "<script" not in text  # self-contained, nothing to fetch

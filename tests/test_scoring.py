@@ -17,8 +17,8 @@ import sys
 import pytest
 
 from dpo_align.core.errors import UserError
+from dpo_align.eval_run import run_eval
 from dpo_align.score import metrics
-from dpo_align.score.evaluate import run_eval
 
 from .conftest import REPO, SHARED_DATA, needs_shared_data
 

@@ -225,7 +225,7 @@ def test_decontamination_counts_and_drops_overlap(tiny_gpt2, pairs_file, tmp_pat
 
 
 def test_merged_checkpoint_scores_like_base_plus_adapter(tiny_llama, pairs_file, tmp_path):
-    from dpo_align.score.evaluate import run_eval
+    from dpo_align.eval_run import run_eval
 
     adapter = tmp_path / "adapter"
     train(tiny_config(tiny_llama, pairs_file, adapter, learning_rate=5e-2, save_steps=100), progress=lambda m: None)

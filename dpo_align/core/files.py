@@ -116,6 +116,11 @@ def staged_files(folder: str | Path, *, last: str = "manifest.json"):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def slug(label: str) -> str:
+    """A model label as a file or folder name (``samples/<slug>/``, cached scores)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "model"
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

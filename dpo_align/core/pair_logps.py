@@ -17,10 +17,14 @@ accelerate wrappers in the path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import types
 
 import torch
+
+from dpo_align.core.pair_batch import SharedPromptCollator, pair_length
 
 PAIR_KEYS = ("logp_index", "logp_targets", "logp_seq", "logp_offset")
 # TRL's vocabulary tile for the chunked kernel.
@@ -126,3 +130,45 @@ def model_inputs(batch: dict) -> dict:
 def pair_sums(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each chosen and each rejected response."""
     return log_probs.sum(dim=1).chunk(2, dim=0)
+
+
+def summed_logps(model, dataset, *, adapter: bool, max_length: int | None, pad_token_id: int, device,
+                 autocast=contextlib.nullcontext, batch_tokens: int = 8192, progress_desc: str = "Log-probs") -> dict[str, torch.Tensor]:
+    """Per pair, in inference mode: summed log-probs of the chosen and rejected responses and their
+    token counts (``chosen``, ``rejected``, ``chosen_tokens``, ``rejected_tokens``), with the model's
+    adapter on or off. ``dataset`` holds TRL's ``prompt_ids``/``chosen_ids``/``rejected_ids``."""
+    from tqdm.auto import tqdm
+
+    collate = SharedPromptCollator(pad_token_id=pad_token_id, max_length=max_length)
+    # the trainer's dataset holds each pair's row length already (same max_length); compute it only without
+    lengths = dataset["length"] if "length" in dataset.column_names else [pair_length(ex, max_length) for ex in dataset]
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i])  # similar lengths together: little padding
+    batches, current = [], []
+    for i in order:
+        if current and lengths[i] * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+
+    out = {name: torch.zeros(len(dataset), dtype=torch.float32) for name in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    adapter_off = model.disable_adapter() if (not adapter and hasattr(model, "disable_adapter")) else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), adapter_off, tqdm(total=len(dataset), desc=progress_desc, unit="pair",
+                                                       disable=bool(os.environ.get("TQDM_DISABLE"))) as bar:
+            for batch_idx in batches:
+                batch = collate([dataset[i] for i in batch_idx])
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+                with autocast():
+                    result = model(**inputs)
+                c, r = pair_sums(result.log_probs.float())
+                n_c, n_r = batch["completion_mask"].sum(dim=1).chunk(2, dim=0)
+                for name, values in (("chosen", c), ("rejected", r), ("chosen_tokens", n_c), ("rejected_tokens", n_r)):
+                    out[name][batch_idx] = values.float().cpu()
+                bar.update(len(batch_idx))
+    finally:
+        model.train(was_training)
+    return out

@@ -13,12 +13,12 @@ Two tests:
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
-from dpo_align.data.suite_docs import DATA_DIR_ENV, DATASETS, load_docs
+from dpo_align.data.suite import DATASETS
+from dpo_align.data.suite_docs import load_docs, local_data_dir
 
 
 def normalise(text: str) -> str:
@@ -34,7 +34,7 @@ def suite_docs(data_dir: str | None, pku_path: str | None, *, include_hub: bool 
     reached they are listed as not checked, with the reason, instead of counting as clean."""
     found, unchecked = {}, {}
     for name in DATASETS:
-        local = bool(pku_path) if name == "pku" else bool(data_dir or os.environ.get(DATA_DIR_ENV))
+        local = bool(pku_path) if name == "pku" else bool(local_data_dir(data_dir))
         if not local and not include_hub:
             continue
         if local:

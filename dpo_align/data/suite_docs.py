@@ -17,14 +17,14 @@ from pathlib import Path
 
 from dpo_align.core.errors import UserError
 from dpo_align.data.pairs import parse_record, read_pairs
+from dpo_align.data.suite import DATASETS
 
-HUB = {
-    "truthfulqa": ("truthfulqa/truthful_qa", "generation", "validation"),
-    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
-    "pku": ("PKU-Alignment/processed-hh-rlhf", None, "test"),
-}
-DATASETS = tuple(HUB)
 DATA_DIR_ENV = "DPO_ALIGN_DATA_DIR"
+
+
+def local_data_dir(data_dir: str | None) -> str | None:
+    """The offline data folder: ``data_dir`` if given, else env DPO_ALIGN_DATA_DIR, else None (the hub)."""
+    return data_dir or os.environ.get(DATA_DIR_ENV) or None
 
 WINOGRANDE_INSTRUCTION = (
     'Fill in the blank "_" in the sentence below with the correct option.\n'
@@ -35,7 +35,7 @@ WINOGRANDE_INSTRUCTION = (
 def _hub_rows(name: str, revision: str | None = None) -> list[dict]:
     from dpo_align.data.hub import load_split
 
-    path, config, split = HUB[name]
+    path, config, split = DATASETS[name].hub
     try:
         return list(load_split(path, config, split, revision=revision)[0])
     except Exception as err:
@@ -50,7 +50,7 @@ def _hub_rows(name: str, revision: str | None = None) -> list[dict]:
 def _local_file(data_dir: str, relative: str, name: str) -> Path:
     path = Path(data_dir).expanduser() / relative
     if not path.is_file():
-        hub, config, split = HUB[name]
+        hub, config, split = DATASETS[name].hub
         raise UserError(
             f"{name}: looked for {path} and it is not there. Put the file there, point data_dir at the "
             f"folder that holds {relative}, or leave data_dir unset to load {hub} ({config or 'default'}, {split}) from the hub."
@@ -139,7 +139,7 @@ def preference_docs(path: str | list[str] | None = None, data_dir: str | None = 
     ``DATA_DIR/splits/heldout.jsonl.gz`` (``data_dir`` or env DPO_ALIGN_DATA_DIR); else the test
     split of PKU-Alignment/processed-hh-rlhf from the hub. Identical pairs are dropped.
     """
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    data_dir = local_data_dir(data_dir)
     if path:
         sources = [path] if isinstance(path, str) else list(path)
     elif data_dir:
@@ -165,7 +165,7 @@ def load_docs(name: str, *, data_dir: str | None = None, pku_path: str | list[st
     the template's separator. Document ids stay the row numbers of the source. ``revision`` pins the hub
     dataset (branch, tag or commit) when the set is read from the hub; the commit read is in ``hub.COMMITS``.
     """
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    data_dir = local_data_dir(data_dir)
     if name == "truthfulqa":
         docs = truthfulqa_docs(data_dir, revision)
     elif name == "winogrande":

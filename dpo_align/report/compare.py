@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
+from dpo_align.core.files import slug
 from dpo_align.core.plots import png_bytes
+from dpo_align.data.suite import PPL, display_name
+from dpo_align.data.templates import DEFAULT_TEMPLATE  # the tasks' default when metadata names none
 from dpo_align.report import paired
-from dpo_align.report.tables import TABLE_NAMES
-from dpo_align.score.evaluate import TASKS, _slug
 
-NAMES = {task: TABLE_NAMES[key] for key, task in TASKS.items()} | {"mean": "mean of the three"}
-DEFAULT_TEMPLATE = "alpaca"  # the tasks' default when metadata names none
+TASKS = PPL.tasks
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _from_dpo_align(folder: Path) -> list[Scored]:
     settings = results.get("settings", {})
     out = []
     for model in models:
-        samples = folder / "samples" / _slug(model["label"])
+        samples = folder / "samples" / slug(model["label"])
         documents = {p.stem: _read_jsonl(p) for p in sorted(samples.glob("*.jsonl"))}
         if not documents:
             raise UserError(f"{samples}: no per-document results for {model['label']!r}; they are needed for a paired comparison.")
@@ -174,7 +174,7 @@ def markdown(models: list[Scored], changes: dict, *, replicates: int, permutatio
              f"Paired over documents: bootstrap 95% intervals ({replicates:,} replicates) and permutation p-values "
              f"({permutations:,} permutations, Holm-adjusted across the datasets). Negative change = lower loss = better.", ""]
     for metric, title in (("ce", "Cross-entropy (nats per response token)"), ("bpb", "Bits per byte")):
-        lines += [f"## {title}", "", paired.markdown(changes[metric], metric=metric, names=NAMES)]
+        lines += [f"## {title}", "", paired.markdown(changes[metric], metric=metric, names=display_name)]
     return "\n".join(lines)
 
 
@@ -195,7 +195,7 @@ def plot(changes: dict, metric: str = "ce") -> bytes:
             ax.errorbar(100 * c.relative, y, xerr=[[100 * (c.relative - c.low)], [100 * (c.high - c.relative)]], fmt="o",
                         color=color, capsize=3)
             ticks.append(y)
-            labels.append(f"{label}: {NAMES.get(c.dataset, c.dataset)}" if len(rows) > 1 else NAMES.get(c.dataset, c.dataset))
+            labels.append(f"{label}: {display_name(c.dataset)}" if len(rows) > 1 else display_name(c.dataset))
             y -= 1
         y -= 0.5
     ax.axvline(0, color="black", linewidth=0.8)

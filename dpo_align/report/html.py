@@ -20,7 +20,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dpo_align.core.files import atomic_write_bytes, atomic_write_text
+from dpo_align.data.suite import DATASETS, MEAN, display_name
+from dpo_align.data.templates import DEFAULT_TEMPLATE
 
 
 @dataclass
@@ -77,8 +79,6 @@ def _images(folder: Path, prefix: str, caption: str) -> list[Image]:
     return [Image(f"{prefix}-{p.name}", p.read_bytes(), f"{caption}: {p.stem.replace('_', ' ')}") for p in sorted(folder.glob("*.png"))]
 
 
-DATASET_NAMES = {"truthfulqa": "TruthfulQA", "winogrande": "WinoGrande", "pku": "PKU (hh-rlhf held-out)", "mean": "mean of the three",
-                 "dpo_ppl_truthfulqa": "TruthfulQA", "dpo_ppl_winogrande": "WinoGrande", "dpo_ppl_pku": "PKU (hh-rlhf held-out)"}
 
 
 def generation_blocks(rows: list[dict], settings: str) -> list:
@@ -90,25 +90,10 @@ def generation_blocks(rows: list[dict], settings: str) -> list:
     return blocks
 
 
-def _generations(folder: Path, model_path: str, adapters: list[str], template: str, count: int, progress) -> list[dict]:
-    """A few default prompts, base beside each adapter, greedy; cached in the folder (same prompts and adapters)."""
-    from dpo_align.score.generate import DEFAULT_PROMPTS, Sampling, generate
-
-    prompts = DEFAULT_PROMPTS[:count]
-    key = {"model": model_path, "adapters": adapters, "prompts": prompts, "template": template, "max_new_tokens": 64}
-    cached = _read_json(folder / "generations.json")
-    if cached and cached.get("key") == key:
-        return cached["rows"]
-    progress(f"Generating {len(prompts)} responses per model for the report (greedy, 64 tokens)")
-    rows = generate(model_path, adapters, prompts, template=template, sampling=Sampling(max_new_tokens=64))
-    atomic_write_json(folder / "generations.json", {"key": key, "rows": rows})
-    return rows
-
-
 # --------------------------------------------------------------------------- a training run
 
 
-def run_blocks(folder: Path, generations: int = 3, progress=print) -> list:
+def run_blocks(folder: Path, generations: int = 3, generate=None, progress=print) -> list:
     manifest = _read_json(folder / "manifest.json") or {}
     config_text = (folder / "config.yaml").read_text(encoding="utf-8") if (folder / "config.yaml").is_file() else ""
     import yaml
@@ -135,12 +120,12 @@ def run_blocks(folder: Path, generations: int = 3, progress=print) -> list:
         rows = [[name] + [_fmt(row.get(k, row.get("eval_" + k))) for k in keys] for name, row in finals]
         blocks += [Heading("Final DPO statistics"), Table(["", *keys], rows)]
     blocks += [Heading("Training curves")] + (_images(folder / "plots", "curve", "Training curve") or [Para("No curves yet.")])
-    if generations and manifest and (folder / "adapter_model.safetensors").is_file():
+    if generate and generations and manifest and (folder / "adapter_model.safetensors").is_file():
         from dpo_align.core.models import resolve_model
 
         base = resolve_model(config.get("model"), progress=progress)
-        rows = _generations(folder, base, [str(folder)], config.get("template", "alpaca"), generations, progress)
-        blocks += generation_blocks(rows, f"Greedy, at most 64 new tokens, template `{config.get('template', 'alpaca')}`; "
+        rows = generate(folder, base, [str(folder)], config.get("template", DEFAULT_TEMPLATE), generations, progress)
+        blocks += generation_blocks(rows, f"Greedy, at most 64 new tokens, template `{config.get('template', DEFAULT_TEMPLATE)}`; "
                                           "default prompts are hh-rlhf held-out first turns.")
     blocks += [Heading("Configuration"), Code(config_text or "(no config.yaml)")]
     return blocks
@@ -149,7 +134,7 @@ def run_blocks(folder: Path, generations: int = 3, progress=print) -> list:
 # --------------------------------------------------------------------------- a sweep
 
 
-def sweep_blocks(folder: Path, generations: int = 3, progress=print) -> list:
+def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=print) -> list:
     results = _read_json(folder / "results.json") or {}
     settings, models = results.get("settings", {}), results.get("models", [])
     train = settings.get("train", {})
@@ -160,10 +145,10 @@ def sweep_blocks(folder: Path, generations: int = 3, progress=print) -> list:
                    + f", template `{settings.get('template')}`, scored in {settings.get('dtype')}"
                    + (f" with lm-eval model `{settings['lm_eval_model']}`." if settings.get("lm_eval_model") else "."))]
     if models:
-        keys = [k for k in ("truthfulqa", "winogrande", "pku", "mean") if k in models[0]["table"]]
+        keys = [k for k in (*DATASETS, MEAN) if k in models[0]["table"]]
         for metric, title in (("ce", "Cross-entropy (nats per response token; lower is better; ± standard error)"),
                               ("bpb", "Bits per byte (lower is better)")):
-            rows = [[DATASET_NAMES[k]] + [_cell(m["table"][k][metric]) if k in m["table"] else "" for m in models] for k in keys]
+            rows = [[display_name(k)] + [_cell(m["table"][k][metric]) if k in m["table"] else "" for m in models] for k in keys]
             blocks += [Heading(title), Table(["dataset"] + [m["label"] for m in models], rows)]
     comparison = _read_json(folder / "comparison.json")
     if comparison is None and len(models) > 1:  # a folder written before sweeps wrote comparison.json
@@ -175,7 +160,7 @@ def sweep_blocks(folder: Path, generations: int = 3, progress=print) -> list:
     else:
         comparison_png = (folder / "comparison.png").read_bytes() if (folder / "comparison.png").is_file() else None
     if comparison:
-        rows = [[label, DATASET_NAMES.get(c["dataset"], c["dataset"]), f"{100 * c['relative']:+.2f}%",
+        rows = [[label, display_name(c["dataset"]), f"{100 * c['relative']:+.2f}%",
                  f"[{100 * c['low']:+.2f}%, {100 * c['high']:+.2f}%]", _fmt(c.get("p_holm")), c["verdict"]]
                 for label, changes in comparison["ce"].items() for c in changes]
         blocks += [Heading("Against the baseline (ce, paired over documents)"),
@@ -197,8 +182,8 @@ def sweep_blocks(folder: Path, generations: int = 3, progress=print) -> list:
                    Image("learning-curve.png", (folder / "learning-curve.png").read_bytes(), "ce change against the base model over training")]
     blocks += [Heading("Training curves")] + (_images(folder / "curves", "curve", "Training curve") or [Para("No curves.")])
     adapters = [m["peft"] for m in models if m.get("peft") and Path(m["peft"]).is_dir()]
-    if generations and models and adapters:
-        rows = _generations(folder, models[0]["pretrained"], adapters, settings.get("template", "alpaca"), generations, progress)
+    if generate and generations and models and adapters:
+        rows = generate(folder, models[0]["pretrained"], adapters, settings.get("template", DEFAULT_TEMPLATE), generations, progress)
         blocks += generation_blocks(rows, "Greedy, at most 64 new tokens; default prompts are hh-rlhf held-out first turns.")
     manifests = sorted((folder / "manifests").glob("*.json"))
     if manifests:
@@ -266,15 +251,19 @@ def to_html(blocks: list, title: str) -> str:
     return "\n".join(parts)
 
 
-def write_report(folder: Path, output: Path | None = None, *, generations: int = 3, progress=print) -> Path:
-    """Write OUTPUT (default FOLDER/report.html) and the Markdown beside it (report.md + report-images/)."""
+def write_report(folder: Path, output: Path | None = None, *, generations: int = 3, generate=None, progress=print) -> Path:
+    """Write OUTPUT (default FOLDER/report.html) and the Markdown beside it (report.md + report-images/).
+
+    ``generate(folder, model_path, adapters, template, count, progress)`` answers ``count`` default prompts
+    with the base model and each adapter (``score.generate.report_generations``); without it, or with
+    ``generations=0``, the page has no generations."""
     from dpo_align.core.errors import UserError
 
     folder = Path(folder)
     if (folder / "manifests").is_dir() or ((folder / "results.json").is_file() and not (folder / "config.yaml").is_file()):
-        blocks = sweep_blocks(folder, generations, progress)
+        blocks = sweep_blocks(folder, generations, generate, progress)
     elif (folder / "config.yaml").is_file():
-        blocks = run_blocks(folder, generations, progress)
+        blocks = run_blocks(folder, generations, generate, progress)
     else:
         raise UserError(f"{folder}: neither a training run (config.yaml) nor a sweep output (results.json, manifests/).")
     output = Path(output) if output else folder / "report.html"
@@ -284,3 +273,11 @@ def write_report(folder: Path, output: Path | None = None, *, generations: int =
     atomic_write_text(output.with_suffix(".md"), markdown)
     atomic_write_text(output, to_html(blocks, blocks[0].text))
     return output
+
+
+def write_report_safely(folder: Path, progress, generations: int = 3, generate=None) -> None:
+    """report.html / report.md at the end of a run or sweep; a failure here never fails the run."""
+    try:
+        progress(f"Report: {write_report(folder, generations=generations, generate=generate, progress=progress)}")
+    except Exception as err:  # the results are written; the report can be rebuilt with `dpo-align report`
+        progress(f"Warning: the report could not be written ({type(err).__name__}: {err}). Rebuild it with: dpo-align report {folder}")

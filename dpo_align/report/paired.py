@@ -170,9 +170,8 @@ def compare_documents(docs_a: dict[str, list[dict]], docs_b: dict[str, list[dict
     return changes
 
 
-def markdown(changes: dict[str, list[Change]], *, metric: str = "ce", names: dict[str, str] | None = None) -> str:
+def markdown(changes: dict[str, list[Change]], *, metric: str = "ce", names=lambda dataset: dataset) -> str:
     """One row per (model, dataset): levels, relative change with its 95% interval, p-values, verdict."""
-    names = names or {}
     lines = [f"| model | dataset | {metric} baseline | {metric} model | change | 95% interval (paired bootstrap) | "
              "p (paired permutation) | p (Holm) | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -182,7 +181,7 @@ def markdown(changes: dict[str, list[Change]], *, metric: str = "ce", names: dic
 
     for label, rows in changes.items():
         for c in rows:
-            lines.append(f"| {label} | {names.get(c.dataset, c.dataset)} | {c.base:.4f} | {c.other:.4f} | {100 * c.relative:+.2f}% | "
+            lines.append(f"| {label} | {names(c.dataset)} | {c.base:.4f} | {c.other:.4f} | {100 * c.relative:+.2f}% | "
                          f"[{100 * c.low:+.2f}%, {100 * c.high:+.2f}%] | {p_text(c.p)} | {p_text(c.p_holm)} | {c.verdict} |")
     return "\n".join(lines) + "\n"
 

@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
+from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files, write_jsonl
 from dpo_align.core.plots import png_bytes
-
-# dataset keys in the reference table's order, and how they are shown
-TABLE_NAMES = {"truthfulqa": "TruthfulQA", "winogrande": "WinoGrande", "pku": "PKU (hh-rlhf held-out)"}
-METRICS = ("ce", "ppl", "bpb")
+from dpo_align.data.suite import DATASETS, MEAN, PPL, display_name
 
 
 def markdown_table(runs: list[dict], metric: str = "ce") -> str:
     labels = [r["label"] for r in runs]
     header = ["dataset", *labels] + [f"Δ {lab} vs {labels[0]}" for lab in labels[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in [*TABLE_NAMES, "mean"]:
+    for key in [*DATASETS, MEAN]:
         cells = [r["table"].get(key, {}).get(metric) for r in runs]
         if all(c is None for c in cells):
             continue
-        name = TABLE_NAMES.get(key, "mean of the three")
+        name = display_name(key)
         row = [name] + [(f"{c[0]:.3f} ± {c[1]:.3f}" if c[1] is not None else f"{c[0]:.3f} ± n/a") if c else "" for c in cells]
         base = cells[0]
         row += [f"{100 * (c[0] - base[0]) / base[0]:+.2f}%" if (c and base) else "" for c in cells[1:]]
@@ -38,7 +37,7 @@ def csv_table(runs: list[dict]) -> str:
     writer.writerow(["model", "dataset", "metric", "value", "stderr", "documents"])
     for run in runs:
         for key, row in run["table"].items():
-            for metric in METRICS:
+            for metric in PPL.metrics:
                 value, stderr = row[metric]
                 writer.writerow([run["label"], key, metric, f"{value:.6f}", "" if stderr is None else f"{stderr:.6f}", row.get("n", "")])
     return buffer.getvalue()
@@ -51,7 +50,7 @@ def bar_chart_png(runs: list[dict], metric: str = "ce") -> bytes:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    keys = [k for k in [*TABLE_NAMES, "mean"] if any(k in r["table"] for r in runs)]
+    keys = [k for k in [*DATASETS, MEAN] if any(k in r["table"] for r in runs)]
     width = 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 4))
     for i, run in enumerate(runs):
@@ -59,9 +58,22 @@ def bar_chart_png(runs: list[dict], metric: str = "ce") -> bytes:
         errors = [run["table"].get(k, {}).get(metric, [np.nan, 0])[1] or 0.0 for k in keys]  # no stderr (one document): no bar
         ax.bar(np.arange(len(keys)) + i * width, values, width, yerr=errors, capsize=3, label=run["label"])
     ax.set_xticks(np.arange(len(keys)) + width * (len(runs) - 1) / 2)
-    ax.set_xticklabels([TABLE_NAMES.get(k, "mean") for k in keys])
+    ax.set_xticklabels([DATASETS[k].name if k in DATASETS else "mean" for k in keys])
     ax.set_ylabel(f"{metric} (nats per response token, lower is better)" if metric == "ce" else metric)
     ax.set_title("Templated response-only cross-entropy (± 1 stderr)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return png_bytes(fig)
+
+
+def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
+    """results.json, the tables and per-document samples, staged and moved into ``output``
+    together (results.json last): a write error leaves none of them behind."""
+    with staged_files(output, last="results.json") as staging:
+        for run in runs:
+            for task, rows in run.pop("documents", {}).items():
+                write_jsonl(staging / "samples" / slug(run["label"]) / f"{task}.jsonl", rows)
+        atomic_write_json(staging / "results.json", {"settings": settings, "models": runs})
+        atomic_write_text(staging / "table.md", markdown_table(runs))
+        atomic_write_text(staging / "table.csv", csv_table(runs))
+        atomic_write_bytes(staging / "table.png", bar_chart_png(runs))

@@ -1,13 +1,11 @@
-"""``dpo-align eval``: score models with the dpo_ppl suite through lm-eval and write tables.
+"""Scoring one model with the suite through lm-eval: what ``dpo-align eval`` and the sweep run.
 
-The scoring itself is lm-eval's (``simple_evaluate`` with the ``hf`` model and the tasks in
-``lm_eval_tasks/``), so these numbers are the ones ``lm_eval --include_path lm_eval_tasks``
-prints. This module only picks the models, runs them one after another, and writes:
-
-* ``results.json``: per model, the metrics with stderrs, model provenance, settings;
-* ``samples/<label>/<task>.jsonl``: per-document NLL, token count and byte count;
-* ``table.md`` / ``table.csv``: the reference-style table (rows datasets, columns models);
-* ``table.png``: the same as a bar chart with error bars.
+The scoring itself is lm-eval's (``simple_evaluate`` with ``--model dpo-hf`` or ``hf`` and the
+tasks in ``lm_eval_tasks/``), so these numbers are the ones ``lm_eval --include_path
+lm_eval_tasks`` prints. This module picks the models (``model_specs``), holds the scoring
+settings (``ScoreOptions``), runs one model (``score_spec``) and turns lm-eval's results into
+per-dataset rows (``summarize``) and per-document values (``per_document``). Writing the
+output folder is ``report.tables.write_outputs``'; ``dpo_align/eval_run.py`` joins the two.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from importlib.resources import files
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
-from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, staged_files, write_jsonl
 from dpo_align.core.models import (
     BUILTIN_MODELS,
     adapter_base,
@@ -32,10 +29,12 @@ from dpo_align.core.models import (
     locate_model,
 )
 from dpo_align.core.provenance import git_commit, machine, model_revision, package_versions
-from dpo_align.report.tables import METRICS, bar_chart_png, csv_table, markdown_table
+from dpo_align.data.suite import PPL
+from dpo_align.data.templates import DEFAULT_TEMPLATE
 
-SUITE = "dpo_ppl_suite"
-TASKS = {"truthfulqa": "dpo_ppl_truthfulqa", "winogrande": "dpo_ppl_winogrande", "pku": "dpo_ppl_pku"}
+SUITE = PPL.group
+TASKS = PPL.tasks
+METRICS = PPL.metrics
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ class ScoreOptions:
     limit: int | None = None
     data_dir: str | None = None
     pku_path: str | None = None
-    template: str = "alpaca"
+    template: str = DEFAULT_TEMPLATE
     batch_size: int = 16
     device: str = "auto"
     dtype: str = "float32"
@@ -209,23 +208,6 @@ def per_document(results: dict) -> dict[str, list[dict]]:
     return out
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "model"
-
-
-def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
-    """results.json, the tables and per-document samples, staged and moved into ``output``
-    together (results.json last): a write error leaves none of them behind."""
-    with staged_files(output, last="results.json") as staging:
-        for run in runs:
-            for task, rows in run.pop("documents", {}).items():
-                write_jsonl(staging / "samples" / _slug(run["label"]) / f"{task}.jsonl", rows)
-        atomic_write_json(staging / "results.json", {"settings": settings, "models": runs})
-        atomic_write_text(staging / "table.md", markdown_table(runs))
-        atomic_write_text(staging / "table.csv", csv_table(runs))
-        atomic_write_bytes(staging / "table.png", bar_chart_png(runs))
-
-
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -289,33 +271,3 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict:
         "versions": {task: results.get("versions", {}).get(task) for task in TASKS.values() if task in results.get("versions", {})},
         "documents": per_document(results),
     }
-
-
-def run_eval(
-    models: list[str],
-    *,
-    adapters: list[str],
-    output: Path,
-    datasets: list[str] | None = None,
-    progress=print,
-    **options,
-) -> list[dict]:
-    """Score every model (``options`` are ScoreOptions fields) and write the output folder."""
-    quiet_lm_eval()
-    specs = model_specs(models, adapters, progress)
-    tasks = (SUITE,) if not datasets else tuple(TASKS[d] for d in datasets)
-    options = ScoreOptions(tasks=tasks, **options)
-    for spec in specs:  # every model's weights checked before the first is scored
-        for path in (spec.pretrained, spec.peft):
-            if path:
-                check_weights_safe(path, options.allow_pickle)
-    runs = []
-    for i, spec in enumerate(specs, start=1):
-        progress(f"[{i}/{len(specs)}] scoring {spec.label}: {spec.pretrained}" + (f" + adapter {spec.peft}" if spec.peft else ""))
-        runs.append(score_spec(spec, options))
-    try:
-        write_outputs(output, runs, {"command": "dpo-align eval", **options.settings()})
-    except OSError as err:
-        raise UserError(f"--output {output}: cannot write the results there ({err.strerror}). "
-                        "Choose a writable folder with free space; nothing was left half-written.") from None
-    return runs

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from dpo_align.core.errors import UserError
+from dpo_align.core.files import atomic_write_json
 from dpo_align.data.templates import render_prompt
 
 DEFAULT_PROMPTS = [
@@ -123,3 +125,19 @@ def markdown(rows: list[dict], *, model: str, template: str, sampling: Sampling)
             quoted = "\n".join("> " + line for line in (text or "(empty)").splitlines()) or "> (empty)"
             lines += [f"**{label}**", "", quoted, ""]
     return "\n".join(lines)
+
+
+def report_generations(folder: Path, model_path: str, adapters: list[str], template: str, count: int, progress) -> list[dict]:
+    """A few default prompts, base beside each adapter, greedy; cached in the folder (same prompts and adapters)."""
+    prompts = DEFAULT_PROMPTS[:count]
+    key = {"model": model_path, "adapters": adapters, "prompts": prompts, "template": template, "max_new_tokens": 64}
+    try:
+        cached = json.loads((folder / "generations.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = None
+    if cached and cached.get("key") == key:
+        return cached["rows"]
+    progress(f"Generating {len(prompts)} responses per model for the report (greedy, 64 tokens)")
+    rows = generate(model_path, adapters, prompts, template=template, sampling=Sampling(max_new_tokens=64))
+    atomic_write_json(folder / "generations.json", {"key": key, "rows": rows})
+    return rows

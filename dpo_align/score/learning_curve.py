@@ -12,8 +12,7 @@ import random
 from pathlib import Path
 
 from dpo_align.core.plots import png_bytes
-from dpo_align.report.tables import TABLE_NAMES
-from dpo_align.score.evaluate import TASKS
+from dpo_align.data.suite import DATASETS, MEAN, display_name
 
 
 def subset(document_counts: dict[str, int], per_dataset: int, seed: int = 0) -> dict[str, list[int]]:
@@ -43,13 +42,13 @@ def plot(points: list[dict], total_steps: int, title: str) -> bytes:
     base = points[0]["table"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     x = [100 * p["step"] / total_steps for p in points]
-    for i, key in enumerate([*TASKS, "mean"]):
+    for i, key in enumerate([*DATASETS, MEAN]):
         if key not in base:
             continue
         b = base[key]["ce"][0]
         y = [100 * (p["table"][key]["ce"][0] - b) / b for p in points]
         style = {"linewidth": 2.5, "color": "black"} if key == "mean" else {"color": f"C{i}"}
-        ax.plot(x, y, marker="o", markersize=4, label=TABLE_NAMES.get(key, "mean of the three"), **style)
+        ax.plot(x, y, marker="o", markersize=4, label=display_name(key), **style)
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("training done (% of the epoch)")
     ax.set_ylabel("ce change against the base model (%)")
@@ -62,8 +61,8 @@ def plot(points: list[dict], total_steps: int, title: str) -> bytes:
 
 def markdown(points: list[dict], total_steps: int) -> str:
     points = sorted(points, key=lambda p: p["step"])
-    keys = [k for k in [*TASKS, "mean"] if k in points[0]["table"]]
-    lines = ["| step | % of epoch | " + " | ".join(TABLE_NAMES.get(k, "mean") for k in keys) + " |",
+    keys = [k for k in [*DATASETS, MEAN] if k in points[0]["table"]]
+    lines = ["| step | % of epoch | " + " | ".join((DATASETS[k].name if k in DATASETS else "mean") for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
     for p in points:
         cells = [f"{p['table'][k]['ce'][0]:.4f}" for k in keys]

@@ -23,10 +23,9 @@ import numpy as np
 
 from dpo_align.core.models import load_model, load_tokenizer
 from dpo_align.core.pair_batch import pair_length
-from dpo_align.core.pair_logps import add_pair_logps
+from dpo_align.core.pair_logps import add_pair_logps, summed_logps
 from dpo_align.data.fitting import fit_to_length
 from dpo_align.data.pairs import read_pairs, to_dataset
-from dpo_align.train.ref_logps import summed_logps
 
 
 def tokenized_pairs(sources: list[str], tokenizer, *, template: str, max_length: int):

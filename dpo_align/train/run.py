@@ -355,18 +355,7 @@ def _write_outputs(config: TrainConfig, trainer, tokenizer, run: RunResult, *, o
         atomic_write_text(staging / "README.md", model_card(config, manifest))
         atomic_write_json(staging / "manifest.json", manifest)  # moved into place last
     prune_checkpoints(output, keep_adapters=config.keep_checkpoints)
-    write_report_safely(output, progress, generations=config.report_generations)
     return manifest
-
-
-def write_report_safely(folder: Path, progress, generations: int = 3) -> None:
-    """report.html / report.md at the end of a run or sweep; a failure here never fails the run."""
-    from dpo_align.report.html import write_report
-
-    try:
-        progress(f"Report: {write_report(folder, generations=generations, progress=progress)}")
-    except Exception as err:  # the results are written; the report can be rebuilt with `dpo-align report`
-        progress(f"Warning: the report could not be written ({type(err).__name__}: {err}). Rebuild it with: dpo-align report {folder}")
 
 
 def _silent(message: str) -> None:

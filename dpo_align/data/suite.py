@@ -1,0 +1,60 @@
+"""The scoring suite, described once: its datasets, the lm-eval task family that scores them, the
+family's metrics, and the names tables show.
+
+Read by the tasks (``lm_eval_tasks/``), scoring (``score.evaluate``, ``score.learning_curve``), the
+tables, ``compare``, the report and the sweep. A new task family is one ``Family`` entry here and
+its YAML files in ``lm_eval_tasks/``. The default template is ``data.templates.DEFAULT_TEMPLATE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Dataset:
+    key: str  # the name used in options, metadata and results (``--dataset winogrande``)
+    name: str  # as tables show it
+    hub: tuple[str, str | None, str]  # (dataset id, config, split) read when no local file is given
+
+
+DATASETS: dict[str, Dataset] = {d.key: d for d in (
+    Dataset("truthfulqa", "TruthfulQA", ("truthfulqa/truthful_qa", "generation", "validation")),
+    Dataset("winogrande", "WinoGrande", ("allenai/winogrande", "winogrande_xl", "validation")),
+    Dataset("pku", "PKU (hh-rlhf held-out)", ("PKU-Alignment/processed-hh-rlhf", None, "test")),
+)}
+MEAN = "mean"  # the row of the suite's mean in every table
+MEAN_NAME = "mean of the three"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of lm-eval tasks: one task per dataset (``{prefix}_{key}``) and a group (``{prefix}_suite``)."""
+
+    prefix: str
+    metrics: tuple[str, ...]  # per task, in table order; the group has those that average (no ppl)
+
+    @property
+    def group(self) -> str:
+        return f"{self.prefix}_suite"
+
+    @property
+    def tasks(self) -> dict[str, str]:
+        """{dataset key: task name}, in the reference table's order."""
+        return {key: f"{self.prefix}_{key}" for key in DATASETS}
+
+
+# the templated response-only cross-entropy (lm_eval_tasks/dpo_ppl*.yaml)
+PPL = Family("dpo_ppl", ("ce", "ppl", "bpb"))
+FAMILIES = (PPL,)
+
+
+def display_name(key: str) -> str:
+    """How a table names a dataset key, a task of any family, or the mean row."""
+    if key == MEAN:
+        return MEAN_NAME
+    for family in FAMILIES:
+        for dataset, task in family.tasks.items():
+            if key == task:
+                key = dataset
+    return DATASETS[key].name if key in DATASETS else key
