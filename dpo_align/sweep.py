@@ -21,8 +21,6 @@ scored again.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 import math
 import shutil
@@ -32,12 +30,11 @@ from dpo_align.core.errors import TrainingDiverged, UserError
 from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files
 from dpo_align.core.models import resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
-from dpo_align.core.provenance import model_revision
-from dpo_align.data.suite import display_name
 from dpo_align.report import compare, paired
 from dpo_align.report.compare import Scored
 from dpo_align.report.html import write_report_safely
-from dpo_align.report.tables import markdown_table, write_outputs
+from dpo_align.report.tables import sweep_table, write_outputs
+from dpo_align.result_cache import cached, key_of
 from dpo_align.score import learning_curve
 from dpo_align.score.evaluate import ModelSpec, ScoreOptions, quiet_lm_eval, score_spec
 from dpo_align.score.generate import report_generations
@@ -93,95 +90,92 @@ def sweep(
     for config in configs.values():
         check_resumable(Path(config.output_dir), config, how_to_fix="give the sweep another --runs-dir, or delete that folder to train it again.")
 
-    # 1. train, one adapter per learning rate (finished runs are kept, started ones resumed)
-    adapters, failed = {}, {}
-    for i, (lr, config) in enumerate(configs.items(), start=1):
-        run_dir = Path(config.output_dir)
-        if (run_dir / "manifest.json").is_file():
-            progress(f"[train {i}/{len(lrs)}] {run_name(lr)}: already finished, kept.")
-        else:
-            resume = (run_dir / "config.yaml").is_file()
-            progress(f"[train {i}/{len(lrs)}] {run_name(lr)}" + (": resuming" if resume else ""))
-            try:
-                train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
-                write_report_safely(run_dir, progress, generations=config.report_generations, generate=report_generations)
-            except TrainingDiverged as err:  # the other runs go on; this one is reported as failed
-                progress(f"[train {i}/{len(lrs)}] {run_name(lr)} FAILED: {err}")
-                failed[run_name(lr)] = str(err)
-                continue
-        adapters[run_name(lr)] = run_dir
-    if not adapters:
-        raise UserError("Every run of the sweep failed: " + " ".join(f"{k}: {v}" for k, v in failed.items()))
-
-    # decontamination: the training pairs (as trained on) against every scoring set
-    if data_dir or pku_path:
+    adapters, failed = train_all(configs, progress)
+    if data_dir or pku_path:  # the training pairs (as trained on) against every scoring set
         _decontamination(base, data_dir, pku_path, output, progress)
-
-    # 2. score the base model and every adapter (each model's result cached on disk)
-    base_path = resolve_model(base.model, progress=progress)
-    specs = [ModelSpec(f"baseline ({base.model})", base_path)]
-    specs += [ModelSpec(f"DPO {name}", base_path, str(path)) for name, path in adapters.items()]
     options = ScoreOptions(limit=eval_limit, data_dir=data_dir, pku_path=pku_path, template=base.template, batch_size=batch_size,
                            device=device, dtype=dtype, trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle)
-    scores_dir = output / "scores"
-    runs = []
-    for i, spec in enumerate(specs, start=1):
-        where = f"[score {i}/{len(specs)}] {spec.label}"
-        runs.append(_cached(scores_dir / f"{slug(spec.label)}.json", _key(spec, options), progress, where, "already scored, kept",
-                            lambda spec=spec: score_spec(spec, options)))
+    specs, runs = score_all(base, adapters, options, output / "scores", progress)
 
-    # 3. what each adapter changed: paired bootstrap and permutation over documents (as `dpo-align compare`)
+    # what each adapter changed: paired bootstrap and permutation over documents (as `dpo-align compare`)
     scored = [Scored(r["label"], str(output), r["documents"], base.template, r.get("versions", {})) for r in runs]
     changes = compare.compare(scored, replicates=replicates, permutations=replicates, seed=base.seed) if len(runs) > 1 else {}
-
-    # 4. held-out preference accuracy of every model (cached per model)
-    preference = None
-    if preference_data:
-        preference = _preference(specs, base, preference_data, output / "preference", progress)
-
-    # 5. learning curve of the best learning rate, on a fixed subset of each dataset
+    preference = _preference(specs, base, preference_data, output / "preference", progress) if preference_data else None
     curve = None
-    if curve_docs and len(runs) > 1:
+    if curve_docs and len(runs) > 1:  # the best learning rate, on a fixed subset of each dataset
         curve = _learning_curve(runs, adapters, specs[0], options, curve_docs, output / "learning-curve", base.seed, progress)
 
-    # 6. tables, curves, manifests
     settings = {"command": "dpo-align sweep", "learning_rates": lrs, "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
                 "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
-    # all written aside and moved into place together, results.json last: a full disk leaves no half set
-    with staged_files(output, last="results.json") as stage:
-        write_outputs(stage, [dict(r) for r in runs], settings)
-        table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "", markdown_table(runs, "ce")]
-        if changes:
-            table += [f"## Change against the baseline: paired over documents ({replicates:,} bootstrap replicates and permutations)", "",
-                      paired.markdown(changes["ce"], metric="ce", names=display_name)]
-        table += ["## Bits per byte (lower is better)", "", markdown_table(runs, "bpb")]
-        if changes:
-            table += [paired.markdown(changes["bpb"], metric="bpb", names=display_name)]
-        if failed:
-            table += ["## Failed runs (not scored)", ""] + [f"* {name}: {reason}" for name, reason in failed.items()] + [""]
-        atomic_write_text(stage / "table.md", "\n".join(table))
-        if changes:
-            atomic_write_json(stage / "comparison.json", {metric: paired.as_json(c) for metric, c in changes.items()})
-            atomic_write_bytes(stage / "comparison.png", compare.plot(changes))
-        if preference is not None:
-            atomic_write_json(stage / "preference.json", preference)
-            atomic_write_text(stage / "preference.md", preference_markdown(preference["table"], beta=base.beta))
-        if curve is not None:
-            atomic_write_json(stage / "learning-curve.json", curve)
-            atomic_write_text(stage / "learning-curve.md", learning_curve.markdown(curve["points"], curve["total_steps"]))
-            atomic_write_bytes(stage / "learning-curve.png",
-                               learning_curve.plot(curve["points"], curve["total_steps"],
-                                                   f"{curve['run']}: ce on {curve_docs} fixed documents per dataset"))
-        plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, stage / "curves")
-        manifests = stage / "manifests"
-        manifests.mkdir(exist_ok=True)
-        for name, path in adapters.items():
-            shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
+    write_sweep(output, runs, settings, adapters, changes=changes, failed=failed, preference=preference, curve=curve, beta=base.beta)
     write_report_safely(output, progress, generations=base.report_generations, generate=report_generations)
     if failed:
         raise UserError(f"{len(failed)} of {len(lrs)} runs failed ({', '.join(failed)}); the others are scored in {output}/. "
                         + " ".join(failed.values()))
     return runs
+
+
+def train_all(configs: dict[float, TrainConfig], progress) -> tuple[dict[str, Path], dict[str, str]]:
+    """One adapter per learning rate: finished runs are kept, started ones resumed; a run that diverges is
+    reported as failed and the others go on. Returns ({run name: folder}, {failed run name: why})."""
+    adapters, failed = {}, {}
+    for i, (lr, config) in enumerate(configs.items(), start=1):
+        run_dir = Path(config.output_dir)
+        if (run_dir / "manifest.json").is_file():
+            progress(f"[train {i}/{len(configs)}] {run_name(lr)}: already finished, kept.")
+        else:
+            resume = (run_dir / "config.yaml").is_file()
+            progress(f"[train {i}/{len(configs)}] {run_name(lr)}" + (": resuming" if resume else ""))
+            try:
+                train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
+                write_report_safely(run_dir, progress, generations=config.report_generations, generate=report_generations)
+            except TrainingDiverged as err:
+                progress(f"[train {i}/{len(configs)}] {run_name(lr)} FAILED: {err}")
+                failed[run_name(lr)] = str(err)
+                continue
+        adapters[run_name(lr)] = run_dir
+    if not adapters:
+        raise UserError("Every run of the sweep failed: " + " ".join(f"{k}: {v}" for k, v in failed.items()))
+    return adapters, failed
+
+
+def score_all(base: TrainConfig, adapters: dict[str, Path], options: ScoreOptions, scores_dir: Path, progress) -> tuple[list[ModelSpec], list[dict]]:
+    """The base model and every adapter through the suite, each model's result cached in ``scores_dir``."""
+    base_path = resolve_model(base.model, progress=progress)
+    specs = [ModelSpec(f"baseline ({base.model})", base_path)]
+    specs += [ModelSpec(f"DPO {name}", base_path, str(path)) for name, path in adapters.items()]
+    runs = []
+    for i, spec in enumerate(specs, start=1):
+        where = f"[score {i}/{len(specs)}] {spec.label}"
+        runs.append(cached(scores_dir / f"{slug(spec.label)}.json", key_of(spec, options), progress, where, "already scored, kept",
+                           lambda spec=spec: score_spec(spec, options)))
+    return specs, runs
+
+
+def write_sweep(output: Path, runs: list[dict], settings: dict, adapters: dict[str, Path], *, changes: dict, failed: dict[str, str],
+                preference: dict | None, curve: dict | None, beta: float) -> None:
+    """Tables, comparison, preference, learning curve, training curves and manifests, all written aside and moved
+    into place together, results.json last: a full disk leaves no half set."""
+    with staged_files(output, last="results.json") as stage:
+        write_outputs(stage, [dict(r) for r in runs], settings)
+        atomic_write_text(stage / "table.md", sweep_table(runs, changes, failed, settings["bootstrap_replicates"]))
+        if changes:
+            atomic_write_json(stage / "comparison.json", {metric: paired.as_json(c) for metric, c in changes.items()})
+            atomic_write_bytes(stage / "comparison.png", compare.plot(changes))
+        if preference is not None:
+            atomic_write_json(stage / "preference.json", preference)
+            atomic_write_text(stage / "preference.md", preference_markdown(preference["table"], beta=beta))
+        if curve is not None:
+            atomic_write_json(stage / "learning-curve.json", curve)
+            atomic_write_text(stage / "learning-curve.md", learning_curve.markdown(curve["points"], curve["total_steps"]))
+            atomic_write_bytes(stage / "learning-curve.png",
+                               learning_curve.plot(curve["points"], curve["total_steps"],
+                                                   f"{curve['run']}: ce on {settings['curve_docs']} fixed documents per dataset"))
+        plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, stage / "curves")
+        manifests = stage / "manifests"
+        manifests.mkdir(exist_ok=True)
+        for name, path in adapters.items():
+            shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
 
 
 def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], folder: Path, progress) -> dict:
@@ -199,9 +193,9 @@ def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], f
                                  trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle)
             return {"label": spec.label, "peft": spec.peft, "logps": {k: v.tolist() for k, v in values.items()}}
 
-        key = _key(spec, {"sources": sources, "template": base.template, "max_length": base.max_length})
+        key = key_of(spec, {"sources": sources, "template": base.template, "max_length": base.max_length})
         where = f"[preference {i}/{len(specs)}] {spec.label} ({len(dataset)} held-out pairs)"
-        done = _cached(folder / f"{slug(spec.label)}.json", key, progress, where, "already computed, kept", compute)
+        done = cached(folder / f"{slug(spec.label)}.json", key, progress, where, "already computed, kept", compute)
         logps[spec.label] = {k: np.array(v) for k, v in done["logps"].items()}
     return {"sources": sources, "pairs": len(dataset), "rows_read": report.rows_read,
             "skipped": dict(report.skipped), "beta": base.beta,
@@ -227,18 +221,15 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
             return {"step": step, "label": spec.label, "peft": spec.peft, "seconds": result["seconds"], "table": result["table"]}
 
         where = f"[curve {i}/{len(steps)}] {run_name} step {step}/{total} ({per_dataset} documents per dataset)"
-        points.append(_cached(folder / f"step-{step}.json", _key(spec, options), progress, where, "already scored, kept", compute))
+        points.append(cached(folder / f"step-{step}.json", key_of(spec, options), progress, where, "already scored, kept", compute))
     return {"run": run_name, "total_steps": total, "documents": chosen, "points": points}
 
 
 def _decontamination(base: TrainConfig, data_dir: str | None, pku_path: str | None, output: Path, progress) -> None:
     from dpo_align.data import decontaminate
-    from dpo_align.data.fitting import take_pairs
-    from dpo_align.data.pairs import read_pairs
+    from dpo_align.train.run import prepare_pairs
 
-    pairs, _ = read_pairs(base.data, split=base.split, skip_bad_rows=base.skip_bad_rows)
-    if base.max_pairs is not None:
-        pairs = take_pairs(pairs, base.max_pairs, base.pair_sample, base.seed)
+    pairs = prepare_pairs(base, progress=lambda message: None).pairs  # as trained on: overlap dropped if asked, --max-pairs taken
     texts = [t for p in pairs for t in (p.instruction, p.chosen, p.rejected)]
     # the sets the sweep scores, wherever they come from: files, or the hub when reachable
     docs, unchecked = decontaminate.suite_docs(data_dir, pku_path, include_hub=True)
@@ -253,55 +244,3 @@ def _decontamination(base: TrainConfig, data_dir: str | None, pku_path: str | No
              + "".join(f"; {k} not checked ({why})" for k, why in unchecked.items()))
     if warning:
         progress(f"Warning: {warning}")
-
-
-# --------------------------------------------------------------------------- reuse only what the same settings made
-
-
-@functools.lru_cache(maxsize=64)
-def _weights(path: str, stamp: tuple) -> dict:
-    return model_revision(path)
-
-
-def _digest(path: str | None) -> dict | None:
-    """sha256 of a model's or adapter's weight files (cached while the files are unchanged)."""
-    if path is None:
-        return None
-    folder = Path(path)
-    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.is_file())) if folder.is_dir() else ()
-    return _weights(str(path), stamp)
-
-
-def _key(spec: ModelSpec, settings) -> str:
-    """What a cached result depends on: the model's and adapter's weights and the settings."""
-    if isinstance(settings, ScoreOptions):
-        settings = dataclasses.asdict(settings)
-        if settings.get("dataset_revisions") is None:  # added later: unpinned keeps the keys results already carry
-            settings.pop("dataset_revisions", None)
-    parts = {"label": spec.label, "base": _digest(spec.pretrained), "adapter": _digest(spec.peft), "settings": settings}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _cached(path: Path, key: str, progress, where: str, kept_message: str, compute) -> dict:
-    """The result stored at ``path`` when its key matches; else ``compute()``, stored with its key."""
-    if (kept := _reuse(path, key, progress)) is not None:
-        progress(f"{where}: {kept_message}.")
-        return kept
-    progress(where)
-    result = compute()
-    atomic_write_json(path, {**result, "key": key})
-    return result
-
-
-def _reuse(path: Path, key: str, progress) -> dict | None:
-    """A cached result when it was made from the same weights and settings; None otherwise (it is recomputed)."""
-    if not path.is_file():
-        return None
-    try:
-        cached = json.loads(path.read_text())
-    except ValueError:
-        return None
-    if cached.get("key") != key:
-        progress(f"{path}: made from other weights or settings; recomputing it.")
-        return None
-    return cached

@@ -31,6 +31,22 @@ def markdown_table(runs: list[dict], metric: str = "ce") -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_table(runs: list[dict], changes: dict, failed: dict[str, str], replicates: int) -> str:
+    """A sweep's table.md: ce ± stderr, each adapter's paired change against the baseline, the same in bpb, failed runs."""
+    from dpo_align.report import paired
+
+    table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "", markdown_table(runs, "ce")]
+    if changes:
+        table += [f"## Change against the baseline: paired over documents ({replicates:,} bootstrap replicates and permutations)", "",
+                  paired.markdown(changes["ce"], metric="ce", names=display_name)]
+    table += ["## Bits per byte (lower is better)", "", markdown_table(runs, "bpb")]
+    if changes:
+        table += [paired.markdown(changes["bpb"], metric="bpb", names=display_name)]
+    if failed:
+        table += ["## Failed runs (not scored)", ""] + [f"* {name}: {reason}" for name, reason in failed.items()] + [""]
+    return "\n".join(table)
+
+
 def csv_table(runs: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)

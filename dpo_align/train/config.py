@@ -206,22 +206,23 @@ def build_config(file_settings: dict, cli_settings: dict) -> TrainConfig:
 def resolve_settings(config_file: str | Path | None, given: dict, *, resume: bool = False) -> TrainConfig:
     """The settings of a run: defaults < ``--config`` file < options given on the command line.
 
-    The resume policy lives here, so every command that continues a run obeys it: ``resume``
-    takes the run's own config.yaml, and an option given now that differs from it is refused,
-    naming it (a resumed run continues exactly as it started)."""
+    ``resume`` takes the run's own config.yaml, and an option given now that changes what the run
+    computes is refused, naming it (a resumed run continues exactly as it started). The rule is
+    ``settings_diff``'s, the one the sweep and the checkpoint check use too."""
     file_settings = load_config_file(config_file) if config_file else {}
     if resume:
         output_dir = given.get("output_dir", file_settings.get("output_dir", TrainConfig.output_dir))
         saved_path = Path(output_dir) / "config.yaml"
         if saved_path.is_file():
             saved = load_config_file(saved_path)
-            changed = sorted(k for k, v in {**file_settings, **given}.items() if k != "output_dir" and saved.get(k) != v)
+            wanted = build_config(saved, {**file_settings, **given})
+            changed = settings_diff(saved, wanted)
             if changed:
                 raise UserError(
                     f"--resume continues the run exactly as configured in {saved_path}; these options differ from it: "
                     f"{', '.join(option_name(c) for c in changed)}. Drop them, or start a new run with --overwrite."
                 )
-            file_settings = saved
+            return wanted
     return build_config(file_settings, given)
 
 

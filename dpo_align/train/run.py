@@ -117,17 +117,133 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         return _train(config, resume=resume, overwrite=overwrite, progress=progress)
 
 
+# TrainConfig fields that DPOConfig takes as they are, under its own name (the rest is derived below)
+DPO_ARGS = {
+    "beta": "beta", "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler_type",
+    # transformers 5 reads a fraction below 1 in warmup_steps as a ratio of the run's steps
+    "warmup_ratio": "warmup_steps", "epochs": "num_train_epochs", "max_steps": "max_steps",
+    "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps", "max_length": "max_length",
+    "seed": "seed", "logging_steps": "logging_steps", "save_steps": "save_steps", "save_total_limit": "save_total_limit",
+    "eval_steps": "eval_steps", "trust_remote_code": "trust_remote_code",
+}
+
+
+def dpo_args(config: TrainConfig, output: Path, *, precision: str, use_cuda: bool, evaluate: bool):
+    """TRL's DPOConfig for this run: the mapped settings, then what follows from them and what this tool fixes."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(output),
+        **{arg: getattr(config, name) for name, arg in DPO_ARGS.items()},
+        per_device_eval_batch_size=config.batch_size,
+        loss_type=[config.loss_type],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not use_cuda,
+        save_strategy="steps",
+        eval_strategy="steps" if evaluate else "no",
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        # Small models fit without recomputing activations; recomputation costs ~30% speed.
+        gradient_checkpointing=False,
+        # The reference is the base model (adapter off): its log-probs are computed once per pair
+        # and cached on disk (dpo_align/train/ref_logps.py), not recomputed at every step.
+        precompute_ref_log_probs=True,
+    )
+
+
+@dataclass
+class PreparedPairs:
+    """The training pairs as trained on (before fitting to --max-length), and how they were chosen."""
+
+    pairs: list
+    report: LoadReport
+    contamination: dict[str, int]  # training prompts also in each scoring set (before any were dropped)
+
+
+def prepare_pairs(config: TrainConfig, progress=print) -> PreparedPairs:
+    """Read the pairs, check them against the scoring suite (dropping overlaps if asked), take --max-pairs.
+
+    The sweep's decontamination report reads the pairs through here too, so it describes what was trained on."""
+    pairs, report = read_pairs(config.data, split=config.split, skip_bad_rows=config.skip_bad_rows)
+    progress(f"Read {report.rows_read} rows, kept {report.rows_kept} pairs"
+             + (f" (skipped: {', '.join(f'{k}: {v}' for k, v in report.skipped.most_common())})" if report.skipped else ""))
+    warning = same_source_split(config.data, config.split, config.eval_suite_pku_path)
+    if warning:
+        progress(f"Warning: {warning}")
+    suite = suite_instructions(config.eval_suite_data_dir, config.eval_suite_pku_path)
+    found = overlap([p.instruction for p in pairs], suite)
+    contamination = {name: len(idx) for name, idx in found.items()}
+    if suite:
+        progress("Training prompts also in the scoring suite: "
+                 + ", ".join(f"{name} {n}" for name, n in contamination.items())
+                 + (" (dropping them)" if config.drop_eval_overlap else " (use --drop-eval-overlap to drop them)"))
+    if config.drop_eval_overlap:
+        drop = {i for idx in found.values() for i in idx}
+        pairs = [p for i, p in enumerate(pairs) if i not in drop]
+    if config.max_pairs is not None:
+        pairs = take_pairs(pairs, config.max_pairs, config.pair_sample, config.seed)
+    return PreparedPairs(pairs, report, contamination)
+
+
+def datasets_for(config: TrainConfig, prepared: PreparedPairs, tokenizer, progress):
+    """(train dataset, its length fitting, eval dataset or None, eval report or None), rendered with the template."""
+    pairs, truncation = fit_to_length(prepared.pairs, tokenizer, config.template, config.max_length)
+    if truncation:
+        progress("Fitted to --max-length: " + ", ".join(f"{k}: {v}" for k, v in truncation.items()))
+    train_dataset = to_dataset(pairs, config.template, tokenizer).remove_columns("instruction")
+    eval_dataset, eval_report = None, None
+    if config.eval_data:
+        eval_pairs, eval_report = read_pairs(config.eval_data, split="test", skip_bad_rows=config.skip_bad_rows)
+        if config.eval_max_pairs is not None:
+            eval_pairs = eval_pairs[: config.eval_max_pairs]
+        eval_pairs, _ = fit_to_length(eval_pairs, tokenizer, config.template, config.max_length)
+        eval_dataset = to_dataset(eval_pairs, config.template, tokenizer).remove_columns("instruction")
+    return train_dataset, truncation, eval_dataset, eval_report
+
+
+def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset, eval_dataset, *, output: Path, precision: str,
+                  use_cuda: bool, interrupt: GracefulInterrupt, progress):
+    """The model in its precision, its LoRA, and the shared-prompt DPO trainer (tokenization and the reference pass run here)."""
+    import torch
+    from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from dpo_align.train.fast_dpo import SharedPromptDPOTrainer
+
+    model = load_model(model_path, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, dtype=torch.float32)
+    if precision == "bf16":
+        frozen_linears_to(model, torch.bfloat16)
+    peft_config = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(","),
+        task_type="CAUSAL_LM",
+    )
+    pairs_per_step = config.batch_size * config.grad_accum
+    setup_started = time.time()
+    trainer = SharedPromptDPOTrainer(
+        model=model,
+        log=progress,
+        args=dpo_args(config, output, precision=precision, use_cuda=use_cuda, evaluate=eval_dataset is not None),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker(dataclasses.asdict(config)), interrupt],
+    )
+    trainer.setup_s = round(time.time() - setup_started, 1)  # tokenization and the reference pass (or its cache)
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+    return trainer
+
+
 def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> dict:
     import warnings
 
     import torch
     from accelerate import PartialState
-    from peft import LoraConfig
     from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import DPOConfig
-
-    from dpo_align.train.fast_dpo import SharedPromptDPOTrainer
 
     # Deprecation chatter from transformers/peft/trl is not actionable for users of this tool.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -156,96 +272,15 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
     check_fits_template(config, tokenizer)
     check_lora_targets(config, model_path)  # from the model's config, before its weights load
 
-    pairs, report = read_pairs(config.data, split=config.split, skip_bad_rows=config.skip_bad_rows)
-    progress(f"Read {report.rows_read} rows, kept {report.rows_kept} pairs"
-             + (f" (skipped: {', '.join(f'{k}: {v}' for k, v in report.skipped.most_common())})" if report.skipped else ""))
+    # 1. the data
+    prepared = prepare_pairs(config, progress)
+    train_dataset, truncation, eval_dataset, eval_report = datasets_for(config, prepared, tokenizer, progress)
 
-    warning = same_source_split(config.data, config.split, config.eval_suite_pku_path)
-    if warning:
-        progress(f"Warning: {warning}")
-    suite = suite_instructions(config.eval_suite_data_dir, config.eval_suite_pku_path)
-    found = overlap([p.instruction for p in pairs], suite)
-    contamination = {name: len(idx) for name, idx in found.items()}
-    if suite:
-        progress("Training prompts also in the scoring suite: "
-                 + ", ".join(f"{name} {n}" for name, n in contamination.items())
-                 + (" (dropping them)" if config.drop_eval_overlap else " (use --drop-eval-overlap to drop them)"))
-    if config.drop_eval_overlap:
-        drop = {i for idx in found.values() for i in idx}
-        pairs = [p for i, p in enumerate(pairs) if i not in drop]
-    if config.max_pairs is not None:
-        pairs = take_pairs(pairs, config.max_pairs, config.pair_sample, config.seed)
-    pairs, truncation = fit_to_length(pairs, tokenizer, config.template, config.max_length)
-    if truncation:
-        progress("Fitted to --max-length: " + ", ".join(f"{k}: {v}" for k, v in truncation.items()))
-    train_dataset = to_dataset(pairs, config.template, tokenizer).remove_columns("instruction")
-
-    eval_dataset, eval_report = None, None
-    if config.eval_data:
-        eval_pairs, eval_report = read_pairs(config.eval_data, split="test", skip_bad_rows=config.skip_bad_rows)
-        if config.eval_max_pairs is not None:
-            eval_pairs = eval_pairs[: config.eval_max_pairs]
-        eval_pairs, _ = fit_to_length(eval_pairs, tokenizer, config.template, config.max_length)
-        eval_dataset = to_dataset(eval_pairs, config.template, tokenizer).remove_columns("instruction")
-
+    # 2. the trainer
     precision = resolve_precision(config.precision)
-    model = load_model(model_path, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, dtype=torch.float32)
-    if precision == "bf16":
-        frozen_linears_to(model, torch.bfloat16)
-    peft_config = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(","),
-        task_type="CAUSAL_LM",
-    )
-    args = DPOConfig(
-        output_dir=str(output),
-        beta=config.beta,
-        loss_type=[config.loss_type],
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length,
-        seed=config.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not use_cuda,
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        eval_strategy="steps" if eval_dataset is not None else "no",
-        eval_steps=config.eval_steps,
-        report_to=[] if config.report_to == "none" else [config.report_to],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        # Small models fit without recomputing activations; recomputation costs ~30% speed.
-        gradient_checkpointing=False,
-        # The reference is the base model (adapter off): its log-probs are computed once per pair
-        # and cached on disk (dpo_align/train/ref_logps.py), not recomputed at every step.
-        precompute_ref_log_probs=True,
-        trust_remote_code=config.trust_remote_code,
-    )
     interrupt = GracefulInterrupt()
-    pairs_per_step = config.batch_size * config.grad_accum
-    setup_started = time.time()
-    trainer = SharedPromptDPOTrainer(
-        model=model,
-        log=progress,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker(dataclasses.asdict(config)), interrupt],
-    )
-    trainer.setup_s = round(time.time() - setup_started, 1)  # tokenization and the reference pass (or its cache)
-    for callback in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(callback)
+    trainer = build_trainer(config, model_path, tokenizer, train_dataset, eval_dataset, output=output, precision=precision,
+                            use_cuda=use_cuda, interrupt=interrupt, progress=progress)
 
     # Set up without error: only now is the run folder made (a replaced run removed) and the settings written.
     if main:
@@ -256,7 +291,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
             progress(f"Resuming from {resume_from}" if resume_from else "No complete checkpoint yet: starting from the beginning.")
     state.wait_for_everyone()
 
-    # Ctrl-C is handled until the manifest is written: during training it stops at the next
+    # 3. the run. Ctrl-C is handled until the manifest is written: during training it stops at the next
     # step with a checkpoint; once training is done, the outputs are finished first.
     interrupt.install()
     try:
@@ -272,8 +307,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
                 raise TrainingDiverged(err.step, err.what, err.value, str(output)) from None
         if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:
             raise Interrupted(latest_checkpoint(output), output)
-        run = RunResult(model_path=model_path, data=report, eval_data=eval_report, train_size=len(train_dataset),
-                        truncation=truncation, contamination=contamination, precision=precision,
+        # 4. the outputs
+        run = RunResult(model_path=model_path, data=prepared.report, eval_data=eval_report, train_size=len(train_dataset),
+                        truncation=truncation, contamination=prepared.contamination, precision=precision,
                         device="cuda" if use_cuda else "cpu", resumed_from=resume_from,
                         train_runtime_s=round(result.metrics.get("train_runtime", 0.0), 1), started=started)
         return _write_outputs(config, trainer, tokenizer, run, output=output, main=main, progress=progress)
