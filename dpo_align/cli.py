@@ -12,8 +12,8 @@ import typer
 from dpo_align.core.errors import UserError
 from dpo_align.core.files import WRITE_ERRNOS
 from dpo_align.core.models import DEFAULT_MODEL
-from dpo_align.data.templates import DEFAULT_TEMPLATE, TEMPLATES
-from dpo_align.options import given_settings, with_settings
+from dpo_align.options import given_settings, settings_of, with_settings
+from dpo_align.score.evaluate import ScoreOptions
 
 app = typer.Typer(
     help=(
@@ -65,20 +65,6 @@ def user_errors(fn):
     return wrapper
 
 
-def check_template_option(value: str) -> str:
-    if value not in TEMPLATES:
-        raise typer.BadParameter(f"{value!r} is not one of: {', '.join(TEMPLATES)}.")
-    return value
-
-
-TemplateOption = Annotated[
-    str,
-    typer.Option(
-        "--template",
-        help=f"Prompt template: {', '.join(TEMPLATES)}. alpaca is what the reference SFT model was trained with.",
-        callback=check_template_option,
-    ),
-]
 ModelOption = Annotated[
     str,
     typer.Option("--model", "-m", help=f"Hub id, local checkpoint directory, or the built-in {DEFAULT_MODEL!r}."),
@@ -112,10 +98,11 @@ def models_prepare(
 
 @data_app.command("inspect")
 @user_errors
+@with_settings(ScoreOptions, include=("template",))
 def data_inspect(
+    ctx: typer.Context,
     paths: Annotated[list[str], typer.Argument(help="Files (.jsonl, .jsonl.gz, .json, .parquet), directories or hub ids (owner/name[:data_dir]).")],
     model: ModelOption = DEFAULT_MODEL,
-    template: TemplateOption = DEFAULT_TEMPLATE,
     split: Annotated[str, typer.Option(help="Split to read for hub datasets.")] = "train",
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="Count and skip broken rows instead of stopping at the first.")] = False,
     example: Annotated[int, typer.Option(help="Index of the kept pair to print rendered.")] = 0,
@@ -123,15 +110,21 @@ def data_inspect(
     """Count rows, skips and token lengths, and print one pair exactly as the model sees it."""
     from dpo_align.data.inspect import inspect_data
 
+    template = ScoreOptions(**settings_of(ctx, ScoreOptions)).validate().template
     inspect_data(paths, model=model, template=template, split=split, skip_bad_rows=skip_bad_rows, example=example)
 
 
 # --------------------------------------------------------------------------- eval
 
 
+SCORING = ("limit", "data_dir", "pku_path", "template", "batch_size", "device", "dtype", "lm_eval_model", "trust_remote_code", "allow_pickle")
+
+
 @app.command("eval")
 @user_errors
+@with_settings(ScoreOptions, include=SCORING)
 def eval_command(
+    ctx: typer.Context,
     models: Annotated[
         list[str] | None,
         typer.Argument(help="Models to score, in table order: hub ids, local checkpoints, adapter directories, "
@@ -141,30 +134,11 @@ def eval_command(
         list[str] | None,
         typer.Option("--peft", help="A LoRA adapter directory, scored on its base model (repeatable)."),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Score only the first N documents of each dataset.")] = None,
-    data_dir: Annotated[
-        str | None,
-        typer.Option(help="Offline data folder laid out like ../shared/data (default: env DPO_ALIGN_DATA_DIR, else the hub)."),
-    ] = None,
-    pku_path: Annotated[
-        str | None,
-        typer.Option(help="PKU processed-hh-rlhf file(s), or hh-rlhf transcripts, e.g. ../shared/data/splits/heldout.jsonl.gz."),
-    ] = None,
-    template: TemplateOption = DEFAULT_TEMPLATE,
     dataset: Annotated[
         list[str] | None, typer.Option("--dataset", help="Score only these: truthfulqa, winogrande, pku (repeatable).")
     ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.json, table.md/csv/png and per-document samples.")]
     = Path("runs/eval"),
-    batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 16,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Weights dtype for scoring: float32, bfloat16, float16 or auto. "
-                                       "bfloat16 is faster on CPUs that have it but moves ce (see results/eval-throughput.md).")] = "float32",
-    lm_eval_model: Annotated[str, typer.Option(help="lm-eval model class: dpo-hf (the LM head at response positions only: "
-                                               "same numbers, less memory) or lm-eval's own hf.")] = "dpo-hf",
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with a checkpoint to run.")]
-    = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.pt) weights through torch's weights_only loader; safetensors only otherwise.")] = False,
     dataset_revision: Annotated[list[str] | None, typer.Option("--dataset-revision", help=(
         "Pin a scoring set read from the hub: NAME=REVISION (truthfulqa, winogrande or pku; a branch, tag or commit; "
         "repeatable). The commit read is recorded in results.json either way."))] = None,
@@ -180,15 +154,11 @@ def eval_command(
     from dpo_align.data.suite import DATASETS
     from dpo_align.eval_run import run_eval
     from dpo_align.report.tables import markdown_table
-    from dpo_align.score.evaluate import check_score_options
 
-    check_score_options(batch_size=batch_size, device=device, dtype=dtype, limit=limit)
-
+    options = ScoreOptions(**settings_of(ctx, ScoreOptions)).validate()
     for name in dataset or []:
         if name not in DATASETS:
             raise UserError(f"--dataset {name!r} is not one of: {', '.join(DATASETS)}.")
-    if lm_eval_model not in ("dpo-hf", "hf"):
-        raise UserError(f"--lm-eval-model {lm_eval_model!r} is not one of: dpo-hf, hf.")
     revisions = {}
     for item in dataset_revision or []:
         name, _, revision = item.partition("=")
@@ -199,10 +169,8 @@ def eval_command(
 
     with locked(output, "dpo-align eval"):
         runs = run_eval(
-            models or [], adapters=peft or [], output=output, limit=limit, data_dir=data_dir, pku_path=pku_path,
-            template=template, batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, datasets=dataset, lm_eval_model=lm_eval_model, dataset_revisions=revisions or None,
-            progress=lambda m: typer.echo(m, err=True),
+            models or [], adapters=peft or [], output=output, datasets=dataset, progress=lambda m: typer.echo(m, err=True),
+            **{k: getattr(options, k) for k in SCORING}, dataset_revisions=revisions or None,
         )
     typer.echo(markdown_table(runs))
     typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
@@ -273,21 +241,19 @@ def compare_command(
 
 @app.command("generate")
 @user_errors
+@with_settings(ScoreOptions, include=("template", "device", "trust_remote_code", "allow_pickle"))
 def generate_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help=f"Base model: hub id, local checkpoint, or the built-in {DEFAULT_MODEL!r}.")] = DEFAULT_MODEL,
     peft: Annotated[list[str] | None, typer.Option("--peft", help="A LoRA adapter trained on MODEL; its responses go beside the base's (repeatable).")] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="An instruction to answer (repeatable).")] = None,
     prompts: Annotated[str | None, typer.Option("--prompts", help="A file of instructions: one per line, or JSON/JSONL strings or {\"prompt\": ...}.")] = None,
-    template: TemplateOption = DEFAULT_TEMPLATE,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated per response.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding (the default); above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature > 0).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampling, reset before each model.")] = 0,
     output_format: Annotated[str, typer.Option("--format", help="md or json.")] = "md",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of standard output.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto.")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with a checkpoint to run.")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights through torch's weights_only loader.")] = False,
 ) -> None:
     """Side by side: the base model's and each adapter's responses to the same prompts.
 
@@ -308,14 +274,16 @@ def generate_command(
         raise UserError(f"--format {output_format!r} is not one of: md, json.")
     if prompt and prompts:
         raise UserError("Give --prompt or --prompts, not both.")
+    options = ScoreOptions(**settings_of(ctx, ScoreOptions)).validate()
+    template = options.template
     for adapter in peft or []:
         check_adapter_folder(adapter)
-        check_weights_safe(adapter, allow_pickle)
+        check_weights_safe(adapter, options.allow_pickle)
     sampling = gen.Sampling(max_new_tokens, temperature, top_p, seed).validate()
     texts = list(prompt) if prompt else gen.read_prompts(prompts) if prompts else list(gen.DEFAULT_PROMPTS)
     path = resolve_model(model, progress=lambda m: typer.echo(m, err=True))
-    rows = gen.generate(path, peft or [], texts, template=template, sampling=sampling, device=resolve_device(device),
-                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    rows = gen.generate(path, peft or [], texts, template=template, sampling=sampling, device=resolve_device(options.device),
+                        trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle)
     if output_format == "json":
         text = json_module.dumps({"model": model, "adapters": peft or [], "template": template, "sampling": sampling.__dict__,
                                   "rows": rows}, indent=2, ensure_ascii=False) + "\n"
@@ -414,13 +382,13 @@ def train_command(
 
 @app.command("merge")
 @user_errors
+@with_settings(ScoreOptions, include=("trust_remote_code", "allow_pickle"))
 def merge_command(
+    ctx: typer.Context,
     adapter: Annotated[Path, typer.Argument(help="The adapter folder `dpo-align train` wrote.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged safetensors checkpoint.")],
     base: Annotated[str | None, typer.Option(help="Base model, if not the one named in adapter_config.json.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow code shipped with the base checkpoint to run.")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin/.pt) weights through torch's weights_only loader; safetensors only otherwise.")] = False,
 ) -> None:
     """Merge a LoRA adapter into its base model and save a standalone checkpoint.
 
@@ -431,9 +399,10 @@ def merge_command(
     from dpo_align.core.folder_lock import locked
     from dpo_align.train.merge import merge
 
+    options = ScoreOptions(**settings_of(ctx, ScoreOptions)).validate()
     with locked(output, "dpo-align merge"):
-        path = merge(adapter, output, base=base, overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                     progress=lambda m: typer.echo(m, err=True))
+        path = merge(adapter, output, base=base, overwrite=overwrite, trust_remote_code=options.trust_remote_code,
+                     allow_pickle=options.allow_pickle, progress=lambda m: typer.echo(m, err=True))
     typer.echo(str(path))
 
 
@@ -442,14 +411,13 @@ def merge_command(
 
 @app.command("sweep")
 @user_errors
+@with_settings(ScoreOptions, include=("limit", "batch_size"), prefix="eval_")
 @with_settings(exclude=("learning_rate", "output_dir"))
 def sweep_command(
     ctx: typer.Context,
     *,
     lr: Annotated[str, typer.Option("--lr", help="Learning rates to train, comma-separated.")] = "5e-6,1e-5",
     config: Annotated[Path | None, typer.Option("--config", help="YAML of training settings; options given here override it.")] = None,
-    eval_limit: Annotated[int | None, typer.Option(help="Score only the first N documents of each dataset.")] = None,
-    eval_batch_size: Annotated[int, typer.Option(help="Requests per forward pass when scoring.")] = 16,
     preference_data: Annotated[list[str] | None, typer.Option("--preference-data", help=(
         "Held-out pairs on which to measure every model's preference accuracy (implicit DPO reward; length-normalised "
         "likelihood), e.g. ../shared/data/splits/heldout.jsonl.gz."))] = None,
@@ -468,11 +436,10 @@ def sweep_command(
 
         dpo-align sweep --lr 5e-6,1e-5 --data ../shared/data/splits/train-pool.jsonl.gz --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
-    from dpo_align.score.evaluate import check_score_options
     from dpo_align.sweep import parse_lrs, sweep
     from dpo_align.train.config import resolve_settings
 
-    check_score_options(batch_size=eval_batch_size, device="auto", dtype="float32", limit=eval_limit)  # before hours of training
+    scoring = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_")).validate()  # before hours of training
     lrs = parse_lrs(lr)
     base = resolve_settings(config, given_settings(ctx))
     data_dir, pku_path = base.eval_suite_data_dir, base.eval_suite_pku_path  # the suite scored is the one checked for overlap
@@ -481,8 +448,8 @@ def sweep_command(
 
     try:
         with locked(output, "dpo-align sweep"):
-            runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=eval_limit, data_dir=data_dir, pku_path=pku_path,
-                         batch_size=eval_batch_size, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
+            runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=scoring.limit, data_dir=data_dir, pku_path=pku_path,
+                         batch_size=scoring.batch_size, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
                          progress=lambda m: typer.echo(m, err=True))
     except (Interrupted, KeyboardInterrupt):  # finished runs and scores are kept; the run cut short resumes from its checkpoint
         typer.secho("Sweep interrupted. Run the same command again to continue: finished runs and scores are kept, and the "

@@ -1,8 +1,9 @@
-"""``TrainConfig``'s fields as Typer options: `train` and `sweep` take their settings from here.
+"""Settings dataclasses as Typer options: a setting is defined once, as a field with its help text.
 
-A setting is defined once, as a field with its help text (dpo_align/train/config.py); this
-module turns each field into a command-line option of the same name, so the two commands,
-the YAML config file and the dataclass cannot drift apart.
+``TrainConfig``'s fields (dpo_align/train/config.py) are the options of `train` and `sweep`;
+``ScoreOptions``' (dpo_align/score/evaluate.py) those of `eval`, `generate`, `merge`, `data inspect`
+and the sweep's scoring. This module turns each field into a command-line option of the same name,
+so the commands, the YAML config file and the dataclasses cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Annotated
 
 import typer
 
-from dpo_align.train.config import TrainConfig, option_flags
+from dpo_align.core.settings import option_flags
+from dpo_align.train.config import TrainConfig
 
 
-def _option(f: dataclasses.Field, kind) -> tuple[object, object]:
+def _option(f: dataclasses.Field, kind, flags: tuple[str, ...]) -> tuple[object, object]:
     """(annotation, default) of the Typer option for one field."""
     extra = {"parser": f.metadata["parse"]} if f.metadata.get("parse") else {}
-    info = typer.Option(*option_flags(f), help=f.metadata.get("help", ""), **extra)
+    info = typer.Option(*flags, help=f.metadata.get("help", ""), **extra)
     if f.default_factory is not dataclasses.MISSING:  # lists: None means "not given"
         return Annotated[list[str] | None, info], None
     if extra:
@@ -29,18 +31,22 @@ def _option(f: dataclasses.Field, kind) -> tuple[object, object]:
     return Annotated[kind, info], f.default
 
 
-def with_settings(*, exclude: tuple[str, ...] = ()):
-    """Add every TrainConfig field not in ``exclude`` to a command as an option.
+def _fields(cls, include, exclude):
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata and f.name not in exclude and (include is None or f.name in include)]
 
-    The command reads them with :func:`given_settings` (only those typed on the command
-    line), so it never lists them itself."""
-    hints = typing.get_type_hints(TrainConfig)
+
+def with_settings(cls=TrainConfig, *, include: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (), prefix: str = ""):
+    """Add the fields of ``cls`` (those in ``include``, not in ``exclude``) to a command as options.
+
+    ``prefix`` names them apart from another dataclass's fields of the same name (the sweep's
+    ``--eval-batch-size`` beside the training ``--batch-size``). The command reads them with
+    :func:`given_settings` or :func:`settings_of`, so it never lists them itself."""
+    hints = typing.get_type_hints(cls)
     generated = []
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in exclude:
-            continue
-        annotation, default = _option(f, hints[f.name])
-        generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    for f in _fields(cls, include, exclude):
+        flags = ("--" + (prefix + f.name).replace("_", "-"),) if prefix else option_flags(f)
+        annotation, default = _option(f, hints[f.name], flags)
+        generated.append(inspect.Parameter(prefix + f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
 
     def decorate(fn):
         own = inspect.signature(fn, eval_str=True)
@@ -66,16 +72,22 @@ def with_settings(*, exclude: tuple[str, ...] = ()):
     return decorate
 
 
-def given_settings(ctx: typer.Context) -> dict:
-    """The TrainConfig settings typed on the command line (they override --config, and
-    must agree with the run's own config on --resume); defaults are left out."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+def given_settings(ctx: typer.Context, cls=TrainConfig, prefix: str = "") -> dict:
+    """The settings of ``cls`` typed on the command line (they override --config, and must agree
+    with the run's own config on --resume); defaults are left out."""
     given = {}
-    for name, value in ctx.params.items():
-        if name not in fields:
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if name not in ctx.params:
             continue
+        value = ctx.params[name]
         source = ctx.get_parameter_source(name)
         # compared by name: Typer ships its own copy of click's ParameterSource enum
         if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP") and value not in ([], None):
-            given[name] = list(value) if isinstance(value, tuple) else value
+            given[f.name] = list(value) if isinstance(value, tuple) else value
     return given
+
+
+def settings_of(ctx: typer.Context, cls, prefix: str = "") -> dict:
+    """Every generated setting of ``cls`` as the command received it, defaults included."""
+    return {f.name: ctx.params[prefix + f.name] for f in dataclasses.fields(cls) if prefix + f.name in ctx.params}

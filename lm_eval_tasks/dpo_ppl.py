@@ -140,7 +140,7 @@ def scored_span(tokenizer, context: str, continuation: str) -> tuple[int, int, b
 
 
 def _dataset(name: str, metadata: dict) -> dict:
-    template = check_template(metadata.get("template") or DEFAULT_TEMPLATE)
+    template = check_template(metadata.get("template") or DEFAULT_TEMPLATE, option="metadata 'template'")
     tokenizer = tokenizer_for(metadata) if template == "chat" else None
     docs = load_docs(
         name,

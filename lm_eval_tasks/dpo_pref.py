@@ -31,7 +31,7 @@ TIE = 1e-4  # nats
 
 
 def heldout(**metadata):
-    template = check_template(metadata.get("template") or DEFAULT_TEMPLATE)
+    template = check_template(metadata.get("template") or DEFAULT_TEMPLATE, option="metadata 'template'")
     tokenizer = None
     if template == "chat":
         from transformers import AutoTokenizer

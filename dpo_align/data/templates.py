@@ -21,12 +21,10 @@ TEMPLATES = ("alpaca", "chat", "raw")
 DEFAULT_TEMPLATE = "alpaca"
 
 
-def check_template(name: str) -> str:
+def check_template(name: str, option: str = "--template") -> str:
+    """The one check of a template name, for options, settings files and task metadata alike."""
     if name not in TEMPLATES:
-        raise UserError(
-            f"Unknown template {name!r}. Choose one of: {', '.join(TEMPLATES)} "
-            f"(default {DEFAULT_TEMPLATE})."
-        )
+        raise UserError(f"{option} {name!r} is not one of: {', '.join(TEMPLATES)} (default {DEFAULT_TEMPLATE}).")
     return name
 
 

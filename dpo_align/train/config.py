@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from dpo_align.core.errors import UserError
 from dpo_align.core.models import DEFAULT_MODEL
+from dpo_align.core.settings import option_flags, setting
 from dpo_align.data.pairs import DEFAULT_DATASET
-from dpo_align.data.templates import DEFAULT_TEMPLATE, TEMPLATES
+from dpo_align.data.templates import DEFAULT_TEMPLATE, TEMPLATES, check_template
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # TRL 1.16's DPOTrainer loss types (its own error message lists them; pyproject pins that TRL minor)
@@ -26,18 +27,6 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 PAIR_SAMPLES = ("first", "random")
 REPORT_TO = ("none", "tensorboard", "wandb")
-
-
-def setting(default, help: str, *flags: str, factory=None, parse=None):
-    """A TrainConfig field with its command-line help: the one place a setting is described.
-
-    ``flags`` are the option names where they are not ``--field-name``; ``parse`` turns the
-    command-line text into the value when Typer has no type for it (``int | float``); a
-    ``factory`` (for lists) replaces ``default``."""
-    metadata = {"help": help, "flags": flags, "parse": parse}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 def whole_or_fraction(text: str) -> int | float:
@@ -139,7 +128,6 @@ class TrainConfig:
             (self.lora_alpha >= 1, "--lora-alpha must be at least 1"),
             (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be at least 1, or null to keep all"),
             (self.eval_max_pairs is None or self.eval_max_pairs >= 1, "--eval-max-pairs must be at least 1"),
-            (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}"),
             (self.learning_rate > 0, "--lr must be positive"),
@@ -157,6 +145,7 @@ class TrainConfig:
             (self.pair_sample in PAIR_SAMPLES, f"--pair-sample must be one of {', '.join(PAIR_SAMPLES)}"),
             (bool(self.data), "give at least one --data source"),
         ]
+        check_template(self.template)
         for ok, message in checks:
             if not ok:
                 raise UserError(f"Invalid training option: {message}.")
@@ -224,11 +213,6 @@ def resolve_settings(config_file: str | Path | None, given: dict, *, resume: boo
                 )
             return wanted
     return build_config(file_settings, given)
-
-
-def option_flags(f: dataclasses.Field) -> tuple[str, ...]:
-    """The command-line names of a setting: its own flags, else ``--field-name``."""
-    return f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
 
 
 def option_name(key: str) -> str:
