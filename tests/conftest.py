@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import hh
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -153,10 +155,6 @@ def tiny_data(tmp_path_factory):
 
 QUESTIONS = ["What is the capital of France?", "How do I bake bread?", "Is the fox quick?", "Who was the surgeon?",
              "What is 2+2?", "Name a colour.", "Why is the sky blue?", "Can dogs swim?"]
-
-
-def hh(q, a):
-    return f"\n\nHuman: {q}\n\nAssistant: {a}"
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,9 @@ from dpo_align.cli import app
 from dpo_align.data.templates import render_prompt
 
 from .conftest import SHARED_DATA, needs_shared_data
+from .helpers import hh
 
 runner = CliRunner()
-
-
-def hh(q, a):
-    return f"\n\nHuman: {q}\n\nAssistant: {a}"
 
 
 def test_help_lists_commands():

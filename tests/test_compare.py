@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from dpo_align.cli import app
 
 from .conftest import REPO
+from .helpers import noisy_adapter
 
 runner = CliRunner()
 
@@ -22,19 +23,6 @@ def evaluate(model, tiny_data, out, *extra):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
-
-
-def noisy_adapter(base, directory):
-    """A LoRA adapter with random B: a model that scores differently from its base."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 from dpo_align.core.pair_batch import SharedPromptCollator
 
 from .conftest import SHARED_DATA, needs_shared_data
+from .helpers import transcript
 
 # Every loss of TRL 1.16's DPOTrainer (its own error message lists them).
 LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -61,10 +62,6 @@ def test_packing_puts_short_pairs_in_one_row_with_a_block_diagonal_mask():
 # --------------------------------------------------------------------------- against stock TRL
 
 
-def _transcript(turns):
-    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
-
-
 def pairs_file(directory: Path) -> Path:
     rows = []
     for i in range(8):
@@ -72,7 +69,7 @@ def pairs_file(directory: Path) -> Path:
         if i % 2:  # multi-turn prompts
             context += ["Paris, I think.", "Are you sure? Tell me more about the fox and the dog."]
         chosen = "Paris is the capital. The quick brown fox jumps over the lazy dog. " * (1 + i % 3)
-        rows.append({"chosen": _transcript(context + [chosen]), "rejected": _transcript(context + [f"No. {i}"])})
+        rows.append({"chosen": transcript(context + [chosen]), "rejected": transcript(context + [f"No. {i}"])})
     path = directory / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from dpo_align.cli import app
 
-from .test_compare import noisy_adapter
+from .helpers import noisy_adapter
 
 runner = CliRunner()
 FINISHED = ("manifest.json", "results.json", "table.md", "adapter_model.safetensors", "model.safetensors")

@@ -12,7 +12,7 @@ from dpo_align.cli import app
 from dpo_align.score.generate import DEFAULT_PROMPTS, is_held_out
 
 from .conftest import SHARED_DATA, needs_shared_data
-from .test_compare import noisy_adapter
+from .helpers import noisy_adapter
 
 runner = CliRunner()
 

@@ -35,3 +35,14 @@ def test_the_rule_sees_a_crossing_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from dpo_align.report.html import write_report\nimport dpo_align.sweep\n")
     assert imported_stages(bad) == {"report", "sweep"}
+
+
+def test_lm_eval_finds_dpo_hf_through_its_plugin_entry_point():
+    """pyproject's [project.entry-points."lm_eval.models"] names the class lm-eval registers as dpo-hf."""
+    from importlib.metadata import entry_points
+
+    (entry,) = entry_points(group="lm_eval.models", name="dpo-hf")
+    cls = entry.load()
+    from lm_eval.api.registry import get_model
+
+    assert cls.__name__ == "ResponseOnlyHFLM" and get_model("dpo-hf") is cls

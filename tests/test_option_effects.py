@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from dpo_align.train.run import train
 
-from .test_train import read_rows, tiny_config
+from .helpers import read_rows, tiny_config
 
 
 def run(model, data, out, **overrides):

@@ -10,14 +10,10 @@ import torch
 from dpo_align.score.evaluate import include_path
 
 from .conftest import SHARED_DATA, needs_shared_data
-from .test_compare import noisy_adapter
+from .helpers import noisy_adapter, transcript
 
 ALPACA = ("Below is an instruction that describes a task.\nWrite a response that appropriately completes the request."
           "\n\n\n### Instruction:\n{}\n\n### Response:")
-
-
-def transcript(turns):
-    return "".join(f"\n\nHuman: {t}" if i % 2 == 0 else f"\n\nAssistant: {t}" for i, t in enumerate(turns))
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ import torch
 
 from dpo_align.score.preference import length_normalised_accuracy, load_for, model_logps, preference_table, reward_accuracy
 
-
-def transcript(turns):
-    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
+from .helpers import lora_adapter, transcript
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +39,6 @@ def independent(model, dataset) -> dict[str, list[float]]:
     return out
 
 
-def random_adapter(model_path, directory, *, zero: bool):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=zero, task_type="CAUSAL_LM"))
-    peft.save_pretrained(directory)
-    return peft.eval()
-
-
 @pytest.mark.parametrize("with_adapter", [False, True])
 def test_log_probs_match_an_independent_loop(tiny_llama, heldout, tmp_path, with_adapter):
     from transformers import AutoModelForCausalLM
@@ -58,7 +46,7 @@ def test_log_probs_match_an_independent_loop(tiny_llama, heldout, tmp_path, with
     dataset, pad, report = load_for(str(tiny_llama), [str(heldout)], template="alpaca", max_length=256)
     assert len(dataset) == 6 and report.rows_kept == 6
     adapter = str(tmp_path / "adapter") if with_adapter else None
-    reference = random_adapter(tiny_llama, adapter, zero=False) if with_adapter else AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    reference = lora_adapter(tiny_llama, adapter, init_lora_weights=False, seed=None).eval() if with_adapter else AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     got = model_logps(str(tiny_llama), adapter, dataset, pad_token_id=pad, max_length=256, label="t")
     want = independent(reference, dataset)
     assert got["chosen"] == pytest.approx(want["chosen"], rel=1e-4) and got["rejected"] == pytest.approx(want["rejected"], rel=1e-4)
@@ -68,7 +56,7 @@ def test_log_probs_match_an_independent_loop(tiny_llama, heldout, tmp_path, with
 
 def test_an_adapter_that_changes_nothing_has_no_reward_preference(tiny_llama, heldout, tmp_path):
     dataset, pad, _ = load_for(str(tiny_llama), [str(heldout)], template="alpaca", max_length=256)
-    random_adapter(tiny_llama, tmp_path / "zero", zero=True)  # LoRA B = 0: the adapter is the identity
+    lora_adapter(tiny_llama, tmp_path / "zero", init_lora_weights=True, seed=None).eval()  # LoRA B = 0: the adapter is the identity
     base = model_logps(str(tiny_llama), None, dataset, pad_token_id=pad, max_length=256, label="base")
     same = model_logps(str(tiny_llama), str(tmp_path / "zero"), dataset, pad_token_id=pad, max_length=256, label="zero")
     table = preference_table({"base": base, "zero": same}, baseline="base", beta=0.1)

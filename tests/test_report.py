@@ -15,7 +15,7 @@ from dpo_align.report.html import write_report_safely
 from dpo_align.score.generate import report_generations
 from dpo_align.train.run import train
 
-from .test_train import tiny_config
+from .helpers import tiny_config
 
 runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

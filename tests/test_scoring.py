@@ -21,6 +21,7 @@ from dpo_align.eval_run import run_eval
 from dpo_align.score import metrics
 
 from .conftest import REPO, SHARED_DATA, needs_shared_data
+from .helpers import lora_adapter
 
 ALPACA = (
     "Below is an instruction that describes a task.\nWrite a response that appropriately completes the request."
@@ -157,20 +158,12 @@ def test_lm_eval_command_line_runs_the_suite(lm_eval_model, tiny_gpt2, tiny_data
 
 def test_dpo_hf_scores_every_document_exactly_like_hf(tiny_llama, tiny_data, tmp_path, monkeypatch):
     """`--model dpo-hf` applies the LM head at continuation positions only: the same NLLs as lm-eval's `hf`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from dpo_align.score.evaluate import ModelSpec, ScoreOptions, per_document, score
     from dpo_align.score.lm_eval_model import ResponseOnlyHFLM
 
     adapter = tmp_path / "adapter"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # a LoRA that changes the scores
-            param.data = torch.randn(param.shape, generator=generator) * 0.3
-    model.save_pretrained(adapter)
+    lora_adapter(tiny_llama, adapter, init_lora_weights=True, b_scale=0.3)  # a LoRA that changes the scores
     monkeypatch.setattr(ResponseOnlyHFLM, "head_chunk", 5)  # several LM-head chunks per batch
     monkeypatch.setattr(ResponseOnlyHFLM, "max_batch_tokens", 150)  # batches of 3 split into smaller forwards
     nll = {}

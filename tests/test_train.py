@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
@@ -20,23 +19,12 @@ from dpo_align.train.config import TrainConfig
 from dpo_align.train.run import Interrupted, train
 
 from .conftest import SHARED_DATA, needs_shared_data
+from .helpers import killed_before_outputs, read_rows, tiny_config
 
 runner = CliRunner()
 
-def tiny_config(model, data, out, **overrides) -> TrainConfig:
-    settings = dict(model=str(model), data=[str(data)], output_dir=str(out), max_steps=6, batch_size=4, max_length=96,
-                    logging_steps=1, save_steps=2, precision="fp32", learning_rate=5e-3, warmup_ratio=0.0,
-                    report_generations=0)  # generation is tested in test_report.py
-    settings.update(overrides)
-    return TrainConfig(**settings).validate()
-
-
 def last(rows, key):
     return next(r[key] for r in reversed(rows) if key in r)
-
-
-def read_rows(out: Path):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_train_writes_every_output(tiny_gpt2, pairs_file, tmp_path):
@@ -138,13 +126,7 @@ def test_resume_skips_a_checkpoint_that_was_cut_while_being_written(tiny_gpt2, p
     # The same run, killed after its last step but before its outputs: checkpoints 6 and 8 on disk (save_total_limit 2).
     out = tmp_path / "cut"
 
-    def killed(*args, **kwargs):
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(train_module, "_write_outputs", killed)
-    with pytest.raises(SystemExit):
-        train(tiny_config(tiny_gpt2, pairs_file, out, **settings), progress=lambda m: None)
-    monkeypatch.undo()
+    killed_before_outputs(monkeypatch, tiny_config(tiny_gpt2, pairs_file, out, **settings))
     # The state of a SIGKILL during the save of checkpoint 8: half-written, no completion marker.
     (out / "checkpoint-8" / COMPLETE_MARKER).unlink()
     (out / "checkpoint-8" / "optimizer.pt").write_bytes(b"cut")
@@ -323,13 +305,7 @@ def test_crash_after_the_last_step_resumes_without_an_extra_step(tiny_gpt2, pair
     train(tiny_config(tiny_gpt2, pairs_file, whole, max_steps=4), progress=lambda m: None)
     out = tmp_path / "crashed"
 
-    def crash(*args, **kwargs):
-        raise SystemExit("killed while writing the outputs")
-
-    monkeypatch.setattr(train_module, "_write_outputs", crash)
-    with pytest.raises(SystemExit):
-        train(tiny_config(tiny_gpt2, pairs_file, out, max_steps=4), progress=lambda m: None)
-    monkeypatch.undo()
+    killed_before_outputs(monkeypatch, tiny_config(tiny_gpt2, pairs_file, out, max_steps=4), "killed while writing the outputs")
     assert (out / "checkpoint-4").is_dir() and not (out / "manifest.json").exists()
     manifest = train(tiny_config(tiny_gpt2, pairs_file, out, max_steps=4), resume=True, progress=lambda m: None)
     assert manifest["global_steps"] == 4
@@ -500,13 +476,7 @@ def test_ctrl_c_while_the_outputs_are_written_finishes_them(tiny_gpt2, pairs_fil
 def test_resume_refuses_an_edited_config_naming_the_key(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
-    def killed(*args, **kwargs):
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(train_module, "_write_outputs", killed)
-    with pytest.raises(SystemExit):
-        train(tiny_config(tiny_gpt2, pairs_file, out, max_steps=4, save_steps=2), progress=lambda m: None)
-    monkeypatch.undo()
+    killed_before_outputs(monkeypatch, tiny_config(tiny_gpt2, pairs_file, out, max_steps=4, save_steps=2))
     config = out / "config.yaml"
     original = config.read_text()
     config.write_text(original.replace("learning_rate: 0.005", "learning_rate: 0.5"))
