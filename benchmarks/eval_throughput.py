@@ -1,18 +1,27 @@
-"""Scoring speed and memory of ``--model dpo-hf`` against lm-eval's ``--model hf``, side by side in one run.
+"""Scoring speed and memory of ``--model dpo-hf`` against lm-eval's ``--model hf``, and what the controls cost,
+side by side in one run.
 
 The documents are drawn at evenly spaced quantiles of token length from each dataset of the
 full suite (TruthfulQA, WinoGrande, the PKU stand-in), so every length range is represented.
 Each configuration scores exactly those documents through ``dpo-align``'s lm-eval path, in a
 process of its own, one after another, so its peak resident memory is its own:
 
-* ``hf``: lm-eval's ``hf`` model at ``--batch-size`` (16), fp32;
-* ``dpo_hf``: our ``dpo-hf`` model, same batch, fp32;
-* ``hf_defaults``: lm-eval's ``hf`` with lm-eval's own default batch size (1), fp32;
-* ``dpo_hf_bf16``: ``dpo-hf`` with bf16 weights, to state the deviation bf16 costs.
+* ``hf``: lm-eval's ``hf`` model at ``--batch-size`` (16), fp32, the suite alone (dpo_ppl);
+* ``dpo_hf``: our ``dpo-hf`` model, same batch, fp32, the suite alone;
+* ``hf_defaults``: lm-eval's ``hf`` with lm-eval's own default batch size (1), fp32, the suite alone;
+* ``dpo_hf_bf16``: ``dpo-hf`` with bf16 weights, the suite alone, to state the deviation bf16 costs;
+* ``hf_controls``: lm-eval's ``hf``, the suite and its controls (dpo_ppl + dpo_contrast);
+* ``controls_plain``: ``dpo-hf`` with the suite and its controls fed as plain requests (every
+  request its own row, the reference scored once per family): the unshared layout;
+* ``controls``: ``dpo-hf`` with the suite and its controls, each context computed once for all its
+  continuations (the default of ``dpo-align eval``).
 
 Time is the wall time of ``simple_evaluate`` (model loading included, the same for all);
 rate is scored response tokens per second. ``ce`` of ``dpo_hf`` must equal ``hf``'s
-(``max_rel_ce_diff``, per dataset; ``max_rel_doc_nll_diff``, per document). The last line is
+(``max_rel_ce_diff``, per dataset; ``max_rel_doc_nll_diff``, per document), and every
+reference's and foil's NLL of ``controls`` must equal ``hf_controls``' (``controls_max_rel_doc_nll_diff``).
+The controls' cost is ``controls_cost`` (``controls`` seconds / ``dpo_hf`` seconds; the target is 1.5)
+and ``plain_controls_cost`` (the same for the unshared layout). The last line is
 ``speedup=<dpo_hf rate / hf rate>``.
 
     python benchmarks/eval_throughput.py --per-dataset 64 --data-dir ../shared/data \
@@ -31,11 +40,15 @@ import time
 from pathlib import Path
 
 TASK_OF = {"truthfulqa": "dpo_ppl_truthfulqa", "winogrande": "dpo_ppl_winogrande", "pku": "dpo_ppl_pku"}
+CONTRAST_OF = {"truthfulqa": "dpo_contrast_truthfulqa", "winogrande": "dpo_contrast_winogrande", "pku": "dpo_contrast_pku"}
 CONFIGS = {
     "hf": {"lm_eval_model": "hf", "dtype": "float32", "batch": None},
     "dpo_hf": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None},
     "hf_defaults": {"lm_eval_model": "hf", "dtype": "float32", "batch": 1},
     "dpo_hf_bf16": {"lm_eval_model": "dpo-hf", "dtype": "bfloat16", "batch": None},
+    "hf_controls": {"lm_eval_model": "hf", "dtype": "float32", "batch": None, "controls": True},
+    "controls_plain": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None, "controls": True, "plain": True},
+    "controls": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None, "controls": True},
 }
 
 
@@ -55,6 +68,7 @@ def pick_documents(model_path: str, per_dataset: int, data_dir: str | None, pku_
         order = sorted(range(len(docs)), key=lambda i: lengths[i])
         step = (len(order) - 1) / (per_dataset - 1)
         picked[task] = sorted({order[round(i * step)] for i in range(per_dataset)})
+        picked[CONTRAST_OF[name]] = picked[task]  # the same documents with their foils (every document has one)
     return picked
 
 
@@ -64,8 +78,15 @@ def child(args) -> None:
 
     config = CONFIGS[args.child]
     samples = json.loads(Path(args.samples).read_text())
+    controls = config.get("controls", False)
+    if not controls:
+        samples = {task: ids for task, ids in samples.items() if task in TASK_OF.values()}
+    if config.get("plain"):
+        from dpo_align.score.lm_eval_model import ResponseOnlyHFLM
+
+        ResponseOnlyHFLM.plain_requests = True
     options = ScoreOptions(data_dir=args.data_dir, pku_path=args.pku_path, batch_size=config["batch"] or args.batch_size, device="cpu",
-                           dtype=config["dtype"], lm_eval_model=config["lm_eval_model"], samples=samples)
+                           dtype=config["dtype"], lm_eval_model=config["lm_eval_model"], samples=samples, controls=controls)
     start = time.perf_counter()
     results = score(ModelSpec(args.model, resolve_model(args.model)), options)
     seconds = time.perf_counter() - start
@@ -73,7 +94,10 @@ def child(args) -> None:
     out = {"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
            "ce": {k: v["ce"][0] for k, v in summarize(results).items()},
            "nll": {task: [d["nll"] for d in sorted(rows, key=lambda d: d["doc_id"])] for task, rows in docs.items()},
-           "tokens": sum(d["tokens"] for rows in docs.values() for d in rows), "documents": sum(len(rows) for rows in docs.values())}
+           "responses": {task: [r[0] for d in sorted(rows, key=lambda d: d["doc_id"]) for r in d["responses"]]
+                         for task, rows in docs.items() if task in CONTRAST_OF.values()},
+           "tokens": sum(d["tokens"] for task, rows in docs.items() if task in TASK_OF.values() for d in rows),
+           "documents": sum(len(rows) for task, rows in docs.items() if task in TASK_OF.values())}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -134,6 +158,21 @@ def main() -> None:
     if "hf_defaults" in runs:
         numbers["speedup_vs_hf_defaults"] = round(runs["hf_defaults"]["seconds"] / ours["seconds"], 3)
     numbers["memory_ratio"] = round(ours["peak_rss_gb"] / hf["peak_rss_gb"], 3)
+    if "controls" in runs:
+        numbers["controls_cost"] = round(runs["controls"]["seconds"] / ours["seconds"], 3)
+        numbers["foil_continuations"] = sum(len(v) for v in runs["controls"]["responses"].values()) - numbers["documents"]
+    if "controls_plain" in runs:
+        numbers["plain_controls_cost"] = round(runs["controls_plain"]["seconds"] / ours["seconds"], 3)
+        if "controls" in runs:
+            numbers["shared_vs_plain_speedup"] = round(runs["controls_plain"]["seconds"] / runs["controls"]["seconds"], 3)
+    if "hf_controls" in runs:
+        reference = runs["hf_controls"]["responses"]
+        for name in ("controls", "controls_plain"):
+            if name in runs:
+                numbers[f"{name}_max_rel_doc_nll_diff"] = max(rel(a, b) for task in reference
+                                                              for a, b in zip(runs[name]["responses"][task], reference[task], strict=True))
+        if "controls" in runs:
+            numbers["controls_speedup_vs_hf_controls"] = round(runs["hf_controls"]["seconds"] / runs["controls"]["seconds"], 3)
     for key, value in numbers.items():
         print(f"{key}={value}")
     if args.json:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -117,7 +119,8 @@ def data_inspect(
 # --------------------------------------------------------------------------- eval
 
 
-SCORING = ("limit", "data_dir", "pku_path", "template", "batch_size", "device", "dtype", "lm_eval_model", "trust_remote_code", "allow_pickle")
+SCORING = ("limit", "data_dir", "pku_path", "template", "controls", "batch_size", "device", "dtype", "lm_eval_model", "trust_remote_code",
+           "allow_pickle")
 
 
 @app.command("eval")
@@ -143,17 +146,19 @@ def eval_command(
         "Pin a scoring set read from the hub: NAME=REVISION (truthfulqa, winogrande or pku; a branch, tag or commit; "
         "repeatable). The commit read is recorded in results.json either way."))] = None,
 ) -> None:
-    """Score models with the dpo_ppl suite (lm-eval) and write a reference-style table.
+    """Score models with the dpo_ppl suite and its controls (lm-eval) and write a reference-style table.
 
     Each model gets the templated response-only cross-entropy (nats per response token),
     perplexity and bits per byte on TruthfulQA, WinoGrande and PKU/hh-rlhf, with standard
-    errors. Example, offline:
+    errors; and, unless --no-controls, the same for each document's foils (wrong answers
+    scored the same way) and how often the reference beats them (acc), so that `dpo-align
+    compare` can tell a better model from a change of format. Example, offline:
 
         dpo-align eval smollm2-135m-instruct --peft runs/dpo --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
     from dpo_align.data.suite import DATASETS
     from dpo_align.eval_run import run_eval
-    from dpo_align.report.tables import markdown_table
+    from dpo_align.report.tables import controls_tables, markdown_table
 
     options = ScoreOptions(**settings_of(ctx, ScoreOptions)).validate()
     for name in dataset or []:
@@ -167,12 +172,15 @@ def eval_command(
         revisions[name] = revision
     from dpo_align.core.folder_lock import locked
 
-    with locked(output, "dpo-align eval"):
+    first = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` the first process holds the folder and writes it
+    with locked(output, "dpo-align eval") if first else contextlib.nullcontext():
         runs = run_eval(
             models or [], adapters=peft or [], output=output, datasets=dataset, progress=lambda m: typer.echo(m, err=True),
             **{k: getattr(options, k) for k in SCORING}, dataset_revisions=revisions or None,
         )
-    typer.echo(markdown_table(runs))
+    if not runs:
+        return
+    typer.echo("\n".join([markdown_table(runs), *controls_tables(runs)]))
     typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
 
 
@@ -206,13 +214,16 @@ def compare_command(
     permutations: Annotated[int, typer.Option(help="Paired permutations for the p-values.")] = 10_000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and the permutations.")] = 0,
 ) -> None:
-    """Is the difference real? Compare models scored on the same documents, paired per document.
+    """Is the difference real, and is it better or only cheaper? Compare models scored on the same documents, paired per document.
 
     For each dataset and the mean, in ce and bpb: the change against the baseline, a paired
     bootstrap 95% interval (each document's NLL and token count resampled together), a paired
-    permutation p-value (Holm-adjusted across the datasets) and a verdict: better, worse, or
-    no detectable change. Inputs scored on different documents, templates or suite versions
-    are refused. Example:
+    permutation p-value (Holm-adjusted across the datasets). Where both were scored with their
+    controls (the default of `eval` and `sweep`), ce is read beside its foils: the specific
+    change Δlog ce − Δlog ce_foil decides between better (the reference got cheaper than its
+    foils), format shift (the foils got as cheap), worse, and no detectable change; Δacc has an
+    exact McNemar test of its own. Without controls the verdict reads ce alone, and says so.
+    Inputs scored on different documents, templates or suite versions are refused. Example:
 
         dpo-align compare runs/eval-base runs/eval-dpo -o runs/compare
     """
@@ -226,12 +237,10 @@ def compare_command(
     text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations)
     typer.echo(text)
     if output is not None:
-        from dpo_align.report import paired
-
         atomic_write_text(output / "compare.md", text)
         atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
                                                     "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
-                                                    **{metric: paired.as_json(c) for metric, c in changes.items()}})
+                                                    **compare.as_json(changes)})
         atomic_write_bytes(output / "compare.png", compare.plot(changes))
         typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png.")
 
@@ -412,6 +421,7 @@ def merge_command(
 @app.command("sweep")
 @user_errors
 @with_settings(ScoreOptions, include=("limit", "batch_size"), prefix="eval_")
+@with_settings(ScoreOptions, include=("controls",))
 @with_settings(exclude=("learning_rate", "output_dir"))
 def sweep_command(
     ctx: typer.Context,
@@ -439,7 +449,7 @@ def sweep_command(
     from dpo_align.sweep import parse_lrs, sweep
     from dpo_align.train.config import resolve_settings
 
-    scoring = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_")).validate()  # before hours of training
+    scoring = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_"), controls=ctx.params["controls"]).validate()  # before hours of training
     lrs = parse_lrs(lr)
     base = resolve_settings(config, given_settings(ctx))
     data_dir, pku_path = base.eval_suite_data_dir, base.eval_suite_pku_path  # the suite scored is the one checked for overlap
@@ -449,7 +459,7 @@ def sweep_command(
     try:
         with locked(output, "dpo-align sweep"):
             runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=scoring.limit, data_dir=data_dir, pku_path=pku_path,
-                         batch_size=scoring.batch_size, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
+                         batch_size=scoring.batch_size, controls=scoring.controls, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
                          progress=lambda m: typer.echo(m, err=True))
     except (Interrupted, KeyboardInterrupt):  # finished runs and scores are kept; the run cut short resumes from its checkpoint
         typer.secho("Sweep interrupted. Run the same command again to continue: finished runs and scores are kept, and the "

@@ -8,12 +8,13 @@ byte counts), ``table.md`` / ``table.csv`` (the reference's shape) and ``table.p
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
 from dpo_align.core.models import check_weights_safe
 from dpo_align.report.tables import write_outputs
-from dpo_align.score.evaluate import SUITE, TASKS, ScoreOptions, model_specs, quiet_lm_eval, score_spec
+from dpo_align.score.evaluate import ScoreOptions, model_specs, quiet_lm_eval, score_spec, suite_tasks
 
 
 def run_eval(
@@ -25,11 +26,15 @@ def run_eval(
     progress=print,
     **options,
 ) -> list[dict]:
-    """Score every model (``options`` are ScoreOptions fields) and write the output folder."""
+    """Score every model (``options`` are ScoreOptions fields) and write the output folder.
+
+    Under ``accelerate launch`` every process scores its share of each model's requests and the first one
+    writes the folder; the others return an empty list."""
     quiet_lm_eval()
     specs = model_specs(models, adapters, progress)
-    tasks = (SUITE,) if not datasets else tuple(TASKS[d] for d in datasets)
-    options = ScoreOptions(tasks=tasks, **options)
+    options = ScoreOptions(**options)
+    if datasets:
+        options = dataclasses.replace(options, tasks=suite_tasks(datasets, controls=options.controls))
     for spec in specs:  # every model's weights checked before the first is scored
         for path in (spec.pretrained, spec.peft):
             if path:
@@ -38,6 +43,8 @@ def run_eval(
     for i, spec in enumerate(specs, start=1):
         progress(f"[{i}/{len(specs)}] scoring {spec.label}: {spec.pretrained}" + (f" + adapter {spec.peft}" if spec.peft else ""))
         runs.append(score_spec(spec, options))
+    if any(run is None for run in runs):  # not the first process under `accelerate launch`: it writes nothing
+        return []
     try:
         write_outputs(output, runs, {"command": "dpo-align eval", **options.settings()})
     except OSError as err:

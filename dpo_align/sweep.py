@@ -30,7 +30,9 @@ from dpo_align.core.errors import TrainingDiverged, UserError
 from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files
 from dpo_align.core.models import resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
-from dpo_align.report import compare, paired
+from dpo_align.data import decontaminate
+from dpo_align.data.suite import PPL
+from dpo_align.report import compare
 from dpo_align.report.compare import Scored
 from dpo_align.report.html import write_report_safely
 from dpo_align.report.tables import sweep_table, write_outputs
@@ -71,6 +73,7 @@ def sweep(
     batch_size: int = 16,
     device: str = "auto",
     dtype: str = "float32",
+    controls: bool = True,
     preference_data: list[str] | None = None,
     curve_docs: int = 0,
     replicates: int = 10_000,
@@ -90,11 +93,14 @@ def sweep(
     for config in configs.values():
         check_resumable(Path(config.output_dir), config, how_to_fix="give the sweep another --runs-dir, or delete that folder to train it again.")
 
+    # the scoring sets given as files (with their foils) are read now: a broken one fails in seconds, not after the training
+    decontaminate.suite_docs(data_dir, pku_path, foils=controls)
     adapters, failed = train_all(configs, progress)
     if data_dir or pku_path:  # the training pairs (as trained on) against every scoring set
         _decontamination(base, data_dir, pku_path, output, progress)
     options = ScoreOptions(limit=eval_limit, data_dir=data_dir, pku_path=pku_path, template=base.template, batch_size=batch_size,
-                           device=device, dtype=dtype, trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle)
+                           device=device, dtype=dtype, trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle,
+                           controls=controls)
     specs, runs = score_all(base, adapters, options, output / "scores", progress)
 
     # what each adapter changed: paired bootstrap and permutation over documents (as `dpo-align compare`)
@@ -160,7 +166,7 @@ def write_sweep(output: Path, runs: list[dict], settings: dict, adapters: dict[s
         write_outputs(stage, [dict(r) for r in runs], settings)
         atomic_write_text(stage / "table.md", sweep_table(runs, changes, failed, settings["bootstrap_replicates"]))
         if changes:
-            atomic_write_json(stage / "comparison.json", {metric: paired.as_json(c) for metric, c in changes.items()})
+            atomic_write_json(stage / "comparison.json", compare.as_json(changes))
             atomic_write_bytes(stage / "comparison.png", compare.plot(changes))
         if preference is not None:
             atomic_write_json(stage / "preference.json", preference)
@@ -208,9 +214,10 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
     best = min(runs[1:], key=lambda r: r["table"]["mean"]["ce"][0])
     run_name = best["label"].removeprefix("DPO ")
     run_dir = adapters[run_name]
-    counts = {task: len(docs) for task, docs in runs[0]["documents"].items()}
+    # the curve follows ce alone (the controls are read at the end of the run, in the table)
+    counts = {task: len(docs) for task, docs in runs[0]["documents"].items() if task in PPL.tasks.values()}
     chosen = learning_curve.subset(counts, per_dataset, seed)
-    options = dataclasses.replace(options, limit=None, samples=chosen)
+    options = dataclasses.replace(options, limit=None, samples=chosen, controls=False)
     total = json.loads((run_dir / "manifest.json").read_text())["global_steps"]
     steps = [(0, baseline)] + [(step, ModelSpec(f"{run_name} step {step}", baseline.pretrained, str(path)))
                                for step, path in learning_curve.checkpoint_steps(run_dir)]
@@ -226,7 +233,6 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
 
 
 def _decontamination(base: TrainConfig, data_dir: str | None, pku_path: str | None, output: Path, progress) -> None:
-    from dpo_align.data import decontaminate
     from dpo_align.train.run import prepare_pairs
 
     pairs = prepare_pairs(base, progress=lambda message: None).pairs  # as trained on: overlap dropped if asked, --max-pairs taken

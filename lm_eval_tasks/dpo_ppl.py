@@ -3,9 +3,9 @@
 The YAML files beside this one declare the tasks; this module supplies what YAML cannot:
 
 * the documents (``custom_dataset``), rendered with dpo-align's own templates so scoring
-  sees exactly the text layout training used;
+  sees exactly the text layout training used (``dpo_align/score/suite_requests.py``);
 * the number of continuation tokens of each request, counted the way lm-eval's HF model
-  splits a (context, continuation) pair, so NLL can be averaged per token;
+  splits a (context, continuation) pair, so NLL can be averaged per token (the same module);
 * token-weighted aggregations (``ce``, ``ppl``, ``bpb``) with closed-form standard errors.
 
 Everything is configured through lm-eval's metadata (``--metadata '{"template": "chat"}'``),
@@ -14,157 +14,26 @@ into which lm-eval also copies the ``--model_args``: the tokenizer is the run's 
 
 from __future__ import annotations
 
-import functools
-
-import datasets
-import lm_eval.api.metrics
-import lm_eval.evaluator_utils
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
-from dpo_align.data.suite_docs import load_docs
-from dpo_align.data.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
+from dpo_align.data.suite import PPL
 from dpo_align.score import metrics
+from dpo_align.score.suite_requests import scored_span, suite_dataset, tokenizer_for
 
-METRICS = ("ce", "ppl", "bpb")
-
-
-# --------------------------------------------------------------------------- stderr hook
-
-
-def _use_aggregation_stderr() -> None:
-    """Let an aggregation function carry its own standard error (``fn.stderr``).
-
-    lm-eval only knows standard errors for its built-in aggregations and reports "N/A"
-    for any other. Ours are closed-form (see dpo_align.score.metrics), so we wrap lm-eval's
-    lookup: functions with a ``stderr`` attribute use it, all others are unchanged, and
-    ``--bootstrap_iters 0`` still turns standard errors off.
-    """
-    original = lm_eval.api.metrics.stderr_for_metric
-    if getattr(original, "dpo_align_hook", False):
-        return
-
-    def stderr_for_metric(metric, bootstrap_iters):
-        own = getattr(metric, "stderr", None)
-        if own is not None and bootstrap_iters > 0:
-            return own
-        return original(metric, bootstrap_iters)
-
-    stderr_for_metric.dpo_align_hook = True
-    lm_eval.api.metrics.stderr_for_metric = stderr_for_metric
-    lm_eval.evaluator_utils.stderr_for_metric = stderr_for_metric
-
-
-_use_aggregation_stderr()
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def _tokenizer_source(metadata: dict) -> tuple[str, dict]:
-    """The run's tokenizer: ``tokenizer`` if given, else ``pretrained`` (with ``peft`` the
-    base model's), honouring ``gguf_file``, ``revision`` and ``trust_remote_code``."""
-    source = metadata.get("tokenizer") or metadata.get("pretrained")
-    if not isinstance(source, str) or not source:
-        raise ValueError(
-            "dpo_ppl tasks count response tokens with the run's tokenizer, but no model path was found. "
-            "Pass --model_args pretrained=MODEL (or tokenizer=...), or with a model object, "
-            "--metadata '{\"tokenizer\": \"PATH\"}'."
-        )
-    kwargs = {"trust_remote_code": bool(metadata.get("trust_remote_code", False))}
-    if metadata.get("gguf_file") and not metadata.get("tokenizer"):
-        kwargs["gguf_file"] = metadata["gguf_file"]
-    if metadata.get("revision"):
-        kwargs["revision"] = metadata["revision"]
-    return source, kwargs
-
-
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer(source: str, frozen_kwargs: tuple):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(source, **dict(frozen_kwargs))
-
-
-def tokenizer_for(metadata: dict):
-    source, kwargs = _tokenizer_source(metadata)
-    return _load_tokenizer(source, tuple(sorted(kwargs.items())))
-
-
-def _pair_split(context: str, continuation: str) -> tuple[str, str]:
-    """lm-eval's ``_encode_pair``: the context's trailing whitespace moves to the continuation."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    return context, continuation
-
-
-def continuation_token_count(tokenizer, context: str, continuation: str) -> int:
-    """Tokens lm-eval's HF model scores for (context, continuation): those of
-    encode(context + continuation) past len(encode(context)), as ``LM._encode_pair`` splits them."""
-    return scored_span(tokenizer, context, continuation)[0]
-
-
-def scored_span(tokenizer, context: str, continuation: str) -> tuple[int, int, bool]:
-    """(scored tokens, scored UTF-8 bytes, boundary merge) for one (context, continuation) pair.
-
-    lm-eval scores ``whole[len(encode(context)):]`` where ``whole = encode(context + continuation)``.
-    When a pre-tokenizer glues the context's last characters to the continuation's first ones
-    (Llama-3's and Qwen2's ``[^\\s\\p{L}\\p{N}]+[\\r\\n]*`` makes one token of ``":\\n"``), encode(context)
-    is not a prefix of ``whole``: lm-eval feeds encode(context) and then ``whole[len(encode(context)):]``,
-    so the merged characters (the newline) are neither seen by the model nor scored. The bytes
-    are then those of the text the scored tokens actually cover (from the tokenizer's character
-    offsets), not of the whole continuation, and the merge is reported (``boundary_merge``).
-    """
-    context, continuation = _pair_split(context, continuation)
-    text = context + continuation
-    context_ids = tokenizer.encode(context)
-    try:
-        encoded = tokenizer(text, return_offsets_mapping=True)
-        whole, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: no offsets
-        whole, offsets = tokenizer.encode(text), None
-    n_context = len(context_ids)
-    merged = whole[:n_context] != context_ids
-    n_tokens = len(whole) - n_context
-    if offsets is not None and n_tokens > 0:
-        starts = [start for start, end in offsets[n_context:] if end > start]  # special tokens have empty spans
-        first = min(starts) if starts else len(text)
-        n_bytes = len(text[first:].encode("utf-8"))
-    else:  # without offsets the covered text is unknown: the whole continuation (the merge is still reported)
-        n_bytes = len(continuation.encode("utf-8"))
-    return n_tokens, n_bytes, merged
-
-
-# --------------------------------------------------------------------------- documents
-
-
-def _dataset(name: str, metadata: dict) -> dict:
-    template = check_template(metadata.get("template") or DEFAULT_TEMPLATE, option="metadata 'template'")
-    tokenizer = tokenizer_for(metadata) if template == "chat" else None
-    docs = load_docs(
-        name,
-        data_dir=metadata.get("data_dir"),  # load_docs falls back to env DPO_ALIGN_DATA_DIR
-        pku_path=metadata.get("pku_path"),
-        # a hub set pinned to a branch, tag or commit: --metadata '{"dataset_revisions": {"winogrande": "SHA"}}'
-        revision=(metadata.get("dataset_revisions") or {}).get(name),
-    )
-    for doc in docs:
-        doc["context"] = render_prompt(doc["instruction"], template, tokenizer)
-        doc["continuation"] = render_response(doc["response"], template)
-    return {"test": datasets.Dataset.from_list(docs)}
+METRICS = PPL.metrics
 
 
 def truthfulqa(**metadata):
-    return _dataset("truthfulqa", metadata)
+    return suite_dataset("truthfulqa", metadata)
 
 
 def winogrande(**metadata):
-    return _dataset("winogrande", metadata)
+    return suite_dataset("winogrande", metadata)
 
 
 def pku(**metadata):
-    return _dataset("pku", metadata)
+    return suite_dataset("pku", metadata)
 
 
 # --------------------------------------------------------------------------- task

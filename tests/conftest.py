@@ -129,9 +129,11 @@ def tiny_data(tmp_path_factory):
     with open(root / "truthfulqa" / "TruthfulQA.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
-        writer.writerow(["A", "B", "What is the capital of France?", " Paris is the capital. ", "", "", ""])
-        writer.writerow(["A", "B", "How do I bake bread?", "Mix flour, water, salt and yeast, then bake it.", "", "", ""])
-        writer.writerow(["A", "B", "Is 0123456789 a number?", "Yes; it's \"a number\" (ten digits)!", "", "", ""])
+        # Incorrect Answers are the foils of dpo_contrast_truthfulqa, ";"-separated as in the real CSV: padded, one repeated and
+        # one a copy of the reference (both dropped)
+        writer.writerow(["A", "B", "What is the capital of France?", " Paris is the capital. ", "", "Lyon is the capital.; Marseille; Paris is the capital.", ""])
+        writer.writerow(["A", "B", "How do I bake bread?", "Mix flour, water, salt and yeast, then bake it.", "", "Boil the flour; Freeze it; Boil the flour", ""])
+        writer.writerow(["A", "B", "Is 0123456789 a number?", "Yes; it's \"a number\" (ten digits)!", "", " No, it is a word. ;No", ""])
     (root / "winogrande").mkdir()
     rows = [
         {"qID": "a", "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",

@@ -145,6 +145,14 @@ def _cases() -> list[Case]:
           r"nodata/truthfulqa/TruthfulQA\.csv"),
         c("eval all responses empty", "eval", scored_on("emptyanswers", "truthfulqa"),
           r"truthfulqa: all 2 documents have an empty response"),
+        # ---- the controls (dpo_contrast tasks, on by default)
+        c("eval TruthfulQA without Incorrect Answers", "eval", scored_on("noincorrect", "truthfulqa"),
+          r"truthfulqa: the data has no 'Incorrect Answers' column.*--no-controls"),
+        c("eval TruthfulQA whose foils all copy the reference", "eval", scored_on("nofoil", "truthfulqa"),
+          r"truthfulqa: no document has a foil"),
+        c("sweep TruthfulQA without Incorrect Answers", "sweep", [*sweep, "--data-dir", "{ws}/noincorrect", "--pku-path", "{data}/pku.jsonl.gz",
+                                                                   "--max-steps", "1", "--report-generations", "0"],
+          r"truthfulqa: the data has no 'Incorrect Answers' column"),
         # ---- merge
         c("merge adapter missing", "merge", ["merge", "{ws}/noadapter", "-o", "{out}"], r"noadapter: no such folder"),
         c("merge without adapter_config.json", "merge", ["merge", "{ws}/noconfig", "-o", "{out}"], r"noconfig: no adapter_config\.json"),
@@ -236,7 +244,9 @@ class Workspace:
 
     def _scoring_data(self) -> None:
         for name, header, rows in (("nobest", ["Type", "Question"], [["A", "Why?"]]), ("emptycsv", None, []),
-                                   ("emptyanswers", ["Question", "Best Answer"], [["Why?", ""], ["How?", "  "]])):
+                                   ("emptyanswers", ["Question", "Best Answer"], [["Why?", ""], ["How?", "  "]]),
+                                   ("noincorrect", ["Question", "Best Answer"], [["Why?", "Because."]]),
+                                   ("nofoil", ["Question", "Best Answer", "Incorrect Answers"], [["Why?", "Because.", "Because.; "]])):
             (self.root / name / "truthfulqa").mkdir(parents=True)
             with open(self.root / name / "truthfulqa" / "TruthfulQA.csv", "w", newline="") as f:
                 if header:
@@ -519,7 +529,7 @@ def test_empty_responses_are_skipped_and_counted(tiny_gpt2, tmp_path):
     pku = tmp_path / "pku.jsonl"
     pku.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: bye"}) + "\n")
     result = runner.invoke(app, ["eval", str(tiny_gpt2), "--data-dir", str(data), "--pku-path", str(pku), "--device", "cpu",
-                                 "-o", str(tmp_path / "out")])
+                                 "--no-controls", "-o", str(tmp_path / "out")])  # this TruthfulQA.csv has no Incorrect Answers
     assert result.exit_code == 0, result.output
     table = json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]["table"]
     assert table["truthfulqa"]["n"] == 1 and table["truthfulqa"]["skipped_empty_responses"] == 2
@@ -527,7 +537,7 @@ def test_empty_responses_are_skipped_and_counted(tiny_gpt2, tmp_path):
     # every answer empty: nothing to score is an error, not a ce of the separator alone
     data2 = _suite(tmp_path / "suite2", "Type,Category,Question,Best Answer\nA,B,Empty?,\n", GOOD_WINO)
     result = runner.invoke(app, ["eval", str(tiny_gpt2), "--data-dir", str(data2), "--pku-path", str(pku), "--device", "cpu",
-                                 "-o", str(tmp_path / "out2")])
+                                 "--no-controls", "-o", str(tmp_path / "out2")])
     assert result.exit_code == 2 and "truthfulqa: all 1 documents have an empty response" in result.output
     assert not (tmp_path / "out2" / "results.json").exists()
 

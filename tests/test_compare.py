@@ -98,3 +98,28 @@ def test_refusals_name_the_reason(scored, tiny_gpt2, tiny_data, tmp_path):
     assert result.exit_code == 2 and "at least two models" in result.output
     result = runner.invoke(app, ["compare", str(scored["base"]), str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "nowhere: no such folder" in result.output
+
+
+def test_controls_are_read_where_both_models_have_them_and_their_absence_is_said(scored, tmp_path):
+    import math
+
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["tuned"]), "-o", str(tmp_path / "cmp"),
+                                 "--bootstrap", "300", "--permutations", "300"])
+    assert result.exit_code == 0, result.output
+    assert "Did it get better, or only cheaper?" in result.output and "No control was scored" not in result.output
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    (label,) = report["controls"]
+    base = json.loads((scored["base"] / "results.json").read_text())["models"][0]["table"]
+    tuned = json.loads((scored["tuned"] / "results.json").read_text())["models"][0]["table"]
+    for row, key in zip(report["controls"][label], ("truthfulqa", "winogrande", "pku", "mean"), strict=True):
+        # the specific change is the ratio of the two results files' ce against the ratio of their foils' ce
+        expected = math.log(tuned[key]["ce"][0] / base[key]["ce"][0]) - math.log(tuned[key]["ce_foil"][0] / base[key]["ce_foil"][0])
+        assert row["specific"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        assert row["specific_low"] <= row["specific"] <= row["specific_high"]
+        assert row["verdict"] in ("better", "format shift", "worse", "no detectable change")
+        assert row["acc_base"] == pytest.approx(base[key]["acc"][0]) and row["acc_other"] == pytest.approx(tuned[key]["acc"][0])
+    # lm_eval's own folder was scored without the contrast tasks: the comparison says so and reads ce alone
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["lm"]), "--bootstrap", "300", "--permutations", "300"])
+    assert result.exit_code == 0, result.output
+    assert "No control was scored" in result.output and "verdict (ce alone)" in result.output
+

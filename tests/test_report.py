@@ -80,3 +80,4 @@ def test_report_refuses_a_folder_that_is_neither(tmp_path):
     assert result.exit_code == 2 and "neither a training run" in result.output
     result = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no such folder" in result.output
+

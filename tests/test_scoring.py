@@ -168,8 +168,9 @@ def test_dpo_hf_scores_every_document_exactly_like_hf(tiny_llama, tiny_data, tmp
     monkeypatch.setattr(ResponseOnlyHFLM, "max_batch_tokens", 150)  # batches of 3 split into smaller forwards
     nll = {}
     for implementation in ("hf", "dpo-hf"):
+        # the suite alone (one request per document); the controls' shared rows: tests/test_shared_scoring.py
         options = ScoreOptions(data_dir=str(tiny_data), pku_path=str(tiny_data / "pku.jsonl.gz"), batch_size=3, device="cpu",
-                               lm_eval_model=implementation)
+                               lm_eval_model=implementation, controls=False)
         for peft in (None, str(adapter)):
             docs = per_document(score(ModelSpec("m", str(tiny_llama), peft), options))
             nll[implementation, peft] = [d["nll"] for task in sorted(docs) for d in sorted(docs[task], key=lambda d: d["doc_id"])]

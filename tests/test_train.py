@@ -250,8 +250,8 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     with open(data_dir / "truthfulqa" / "TruthfulQA.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
-        w.writerow(["A", "B", "What is the capital of France?", "Paris.", "", "", ""])
-        w.writerow(["A", "B", "How do I bake bread?", "Bake it.", "", "", ""])
+        w.writerow(["A", "B", "What is the capital of France?", "Paris.", "", "Lyon.; Rome.", ""])  # the foils of the controls
+        w.writerow(["A", "B", "How do I bake bread?", "Bake it.", "", "Boil it.", ""])
     (data_dir / "winogrande" / "dev.jsonl").write_text(
         json.dumps({"sentence": "The fox is _.", "option1": "quick", "option2": "slow", "answer": "1"}) + "\n"
         + json.dumps({"sentence": "The dog is _.", "option1": "lazy", "option2": "fast", "answer": "1"}) + "\n")
@@ -264,7 +264,12 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert "baseline" in table and "DPO lr-0.001" in table and "DPO lr-0.05" in table and "Δ DPO lr-0.05" in table
     # below the ce table: each adapter against the baseline per dataset and the mean, with a verdict; then bpb
     comparison = json.loads((out / "comparison.json").read_text())
-    assert set(comparison) == {"ce", "bpb"} and set(comparison["ce"]) == {"DPO lr-0.001", "DPO lr-0.05"}
+    assert set(comparison) == {"ce", "bpb", "controls"} and set(comparison["ce"]) == {"DPO lr-0.001", "DPO lr-0.05"}
+    # the controlled verdict of every adapter, per dataset and for the mean (ce read beside its foils)
+    assert [r["dataset"] for r in comparison["controls"]["DPO lr-0.05"]] == ["dpo_contrast_truthfulqa", "dpo_contrast_winogrande",
+                                                                           "dpo_contrast_pku", "mean"]
+    assert all(r["verdict"] in ("better", "format shift", "worse", "no detectable change") for r in comparison["controls"]["DPO lr-0.05"])
+    assert "Did it get better, or only cheaper?" in table
     rows = comparison["ce"]["DPO lr-0.05"]
     assert [r["dataset"] for r in rows] == ["dpo_ppl_truthfulqa", "dpo_ppl_winogrande", "dpo_ppl_pku", "mean"]
     assert all(r["low"] <= r["relative"] <= r["high"] and r["verdict"] in ("better", "worse", "no detectable change") for r in rows)

@@ -1,5 +1,9 @@
 """How a batch of preference pairs is laid out: one row per pair, the prompt written once.
 
+The segment itself (``shared_segment``: a prompt, then any number of responses that each see
+the prompt and themselves, never a sibling) is also how ``--model dpo-hf`` scores a context
+once for all its continuations (``dpo_align/score/lm_eval_model.py``).
+
 Stock TRL writes every pair as two right-padded rows, prompt + chosen and prompt +
 rejected. Here a pair is one segment ``prompt, chosen, rejected``:
 
@@ -25,6 +29,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def shared_segment(prompt: list[int], responses: list[list[int]]) -> tuple[list[int], list[int], torch.Tensor, list[list[int]]]:
+    """One prompt and its responses in one segment: (tokens, position ids, [L, L] boolean mask, predictors).
+
+    Every response's position ids restart where the prompt ends, so it sits exactly where it would in a row of
+    its own; the mask is causal, except that a response never sees an earlier one. ``predictors[k][j]`` is the
+    segment position whose hidden state predicts token j of response k: the prompt's last position for j = 0."""
+    p = len(prompt)
+    tokens, positions, starts = list(prompt), list(range(p)), []
+    for response in responses:
+        starts.append(len(tokens))
+        tokens += response
+        positions += range(p, p + len(response))
+    mask = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+    for start, response in zip(starts, responses, strict=True):
+        mask[start:start + len(response), p:start] = False  # never a sibling
+    predictors = [[p - 1 if j == 0 else start + j - 1 for j in range(len(response))] for start, response in zip(starts, responses, strict=True)]
+    return tokens, positions, mask, predictors
 
 
 def truncate_pair(example: dict, max_length: int | None) -> tuple[list[int], list[int], list[int]]:
@@ -86,19 +109,15 @@ class SharedPromptCollator:
             start = 0
             for i in row:
                 prompt, chosen, rejected = parts[i]
-                p, c, n = len(prompt), len(chosen), len(rejected)
-                end = start + p + c + n
-                input_ids[r, start:end] = torch.tensor(prompt + chosen + rejected)
-                position_ids[r, start:start + p + c] = torch.arange(p + c)
-                position_ids[r, start + p + c:end] = torch.arange(p, p + n)
-                causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-                causal[p + c:, p:p + c] = False  # rejected tokens never see the chosen ones
-                mask[r, 0, start:end, start:end] = causal
+                c, n = len(chosen), len(rejected)
+                tokens, positions, causal, predictors = shared_segment(prompt, [chosen, rejected])
+                end = start + len(tokens)
+                input_ids[r, start:end] = torch.tensor(tokens)
+                position_ids[r, start:end] = torch.tensor(positions)
+                mask[r, 0, start:end, start:end] = causal  # rejected tokens never see the chosen ones
                 real[r, start:end] = 1
                 flat = r * width + start
-                # chosen token j is predicted at p-1+j; rejected token j at p-1 (j=0), else p+c+j-1
-                index += [flat + p - 1 + j for j in range(c)]
-                index += [flat + (p - 1 if j == 0 else p + c + j - 1) for j in range(n)]
+                index += [flat + k for k in predictors[0] + predictors[1]]
                 targets += chosen + rejected
                 seq += [i] * c + [n_pairs + i] * n
                 offset += list(range(c)) + list(range(n))

@@ -25,7 +25,7 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def suite_docs(data_dir: str | None, pku_path: str | None, *, include_hub: bool = False) -> tuple[dict[str, list[dict]], dict[str, str]]:
+def suite_docs(data_dir: str | None, pku_path: str | None, *, include_hub: bool = False, foils: bool = False) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """({dataset: documents}, {dataset: why it was not checked}).
 
     Sets given as files are always read, and a wrong --data-dir / --pku-path is an error naming
@@ -38,7 +38,7 @@ def suite_docs(data_dir: str | None, pku_path: str | None, *, include_hub: bool 
         if not local and not include_hub:
             continue
         if local:
-            found[name] = load_docs(name, data_dir=data_dir, pku_path=pku_path)
+            found[name] = load_docs(name, data_dir=data_dir, pku_path=pku_path, foils=foils)
             continue
         try:
             found[name] = load_docs(name)

@@ -46,7 +46,9 @@ class Family:
 
 # the templated response-only cross-entropy (lm_eval_tasks/dpo_ppl*.yaml)
 PPL = Family("dpo_ppl", ("ce", "ppl", "bpb"))
-FAMILIES = (PPL,)
+# the same reference beside its foils (lm_eval_tasks/dpo_contrast*.yaml): the control of ce
+CONTRAST = Family("dpo_contrast", ("ce", "ce_foil", "acc", "acc_norm"))
+FAMILIES = (PPL, CONTRAST)
 
 
 def display_name(key: str) -> str:
@@ -58,3 +60,18 @@ def display_name(key: str) -> str:
             if key == task:
                 key = dataset
     return DATASETS[key].name if key in DATASETS else key
+
+
+def document_row(task: str, sample: dict) -> dict:
+    """One document of lm-eval's samples as dpo-align keeps it: the reference's NLL, tokens and bytes (and, for a
+    contrast task, its foils' sums, whether the reference won, and every response's [nll, tokens, bytes])."""
+    row = {"doc_id": sample["doc_id"], "id": sample["doc"]["id"], "nll": sample["ce"][0], "tokens": sample["ce"][1]}
+    if task in CONTRAST.tasks.values():
+        responses = sample["foils"]
+        row |= {"bytes": responses[0][2], "foil_nll": sample["ce_foil"][0], "foil_tokens": sample["ce_foil"][1],
+                "foil_bytes": sum(r[2] for r in responses[1:]), "correct": bool(sample["acc"]), "correct_norm": bool(sample["acc_norm"]),
+                "responses": responses}
+    else:
+        row["bytes"] = sample["bpb"][1]
+    # lm-eval's hashes of the document, the rendered prompt and the response: compare checks them
+    return row | {"doc_hash": sample.get("doc_hash"), "prompt_hash": sample.get("prompt_hash"), "target_hash": sample.get("target_hash")}

@@ -59,7 +59,8 @@ def _local_file(data_dir: str, relative: str, name: str) -> Path:
 
 
 def truthfulqa_docs(data_dir: str | None = None, revision: str | None = None) -> list[dict]:
-    """TruthfulQA generation/validation: instruction = Question, response = Best Answer."""
+    """TruthfulQA generation/validation: instruction = Question, response = Best Answer, foils = Incorrect Answers
+    (``;``-separated in the CSV, a list on the hub; None when the CSV has no such column)."""
     if data_dir:
         path = _local_file(data_dir, "truthfulqa/TruthfulQA.csv", "truthfulqa")
         with open(path, newline="", encoding="utf-8") as f:
@@ -73,16 +74,17 @@ def truthfulqa_docs(data_dir: str | None = None, revision: str | None = None) ->
             for line, r in enumerate(reader, start=2):
                 if r.get("Question") is None or r.get("Best Answer") is None:
                     raise UserError(f"{path}:{line}: the row has fewer columns than the header (no 'Best Answer').")
-                rows.append((r["Question"], r["Best Answer"]))
+                incorrect = r.get("Incorrect Answers")
+                rows.append((r["Question"], r["Best Answer"], None if incorrect is None else incorrect.split(";")))
         if not rows:
             raise UserError(f"{path}: no rows after the header.")
     else:
-        rows = [(r["question"], r["best_answer"]) for r in _hub_rows("truthfulqa", revision)]
-    return [{"id": i, "instruction": q.strip(), "response": a.strip()} for i, (q, a) in enumerate(rows)]
+        rows = [(r["question"], r["best_answer"], list(r.get("incorrect_answers") or [])) for r in _hub_rows("truthfulqa", revision)]
+    return [{"id": i, "instruction": q.strip(), "response": a.strip(), "foils": wrong} for i, (q, a, wrong) in enumerate(rows)]
 
 
 def winogrande_docs(data_dir: str | None = None, revision: str | None = None) -> list[dict]:
-    """WinoGrande xl/validation: the fill-in instruction; response = the correct option's text."""
+    """WinoGrande xl/validation: the fill-in instruction; response = the correct option's text, foil = the other option's."""
     where = []
     if data_dir:
         path = _local_file(data_dir, "winogrande/dev.jsonl", "winogrande")
@@ -110,12 +112,13 @@ def winogrande_docs(data_dir: str | None = None, revision: str | None = None) ->
         if answer not in ("1", "2"):
             raise UserError(f"{place}: answer must be '1' or '2', got {answer!r}.")
         instruction = WINOGRANDE_INSTRUCTION.format(sentence=sentence, option1=option1, option2=option2)
-        docs.append({"id": i, "instruction": instruction, "response": option1 if answer == "1" else option2})
+        right, wrong = (option1, option2) if answer == "1" else (option2, option1)
+        docs.append({"id": i, "instruction": instruction, "response": right, "foils": [wrong]})
     return docs
 
 
 def pku_docs(pku_path: str | list[str] | None = None, revision: str | None = None) -> list[dict]:
-    """PKU processed-hh-rlhf test: instruction = the rendered context, response = chosen.
+    """PKU processed-hh-rlhf test: instruction = the rendered context, response = chosen, foil = rejected.
 
     Rows whose chosen and rejected texts are identical are dropped (as are transcripts
     that do not end with an Assistant turn).
@@ -129,7 +132,7 @@ def pku_docs(pku_path: str | list[str] | None = None, revision: str | None = Non
             result = parse_record(row, f"pku:{i}", for_training=False)
             if not isinstance(result, str):
                 pairs.append(result)
-    return [{"id": i, "instruction": p.instruction, "response": p.chosen} for i, p in enumerate(pairs)]
+    return [{"id": i, "instruction": p.instruction, "response": p.chosen, "foils": [p.rejected]} for i, p in enumerate(pairs)]
 
 
 def preference_docs(path: str | list[str] | None = None, data_dir: str | None = None, revision: str | None = None) -> list[dict]:
@@ -154,16 +157,30 @@ def preference_docs(path: str | list[str] | None = None, data_dir: str | None = 
 
 
 # Documents with an empty response, skipped per dataset by the last load_docs (read by dpo-align eval for its
-# results; plain lm_eval users get the warning).
+# results; plain lm_eval users get the warning); with foils, those left without one.
 SKIPPED_EMPTY: dict[str, int] = {}
+SKIPPED_NO_FOIL: dict[str, int] = {}
 
 
-def load_docs(name: str, *, data_dir: str | None = None, pku_path: str | list[str] | None = None, revision: str | None = None) -> list[dict]:
+def clean_foils(foils: list[str], reference: str) -> list[str]:
+    """A document's foils, stripped, without empty ones, repeats, or copies of the reference."""
+    kept = []
+    for foil in (f.strip() for f in foils):
+        if foil and foil != reference and foil not in kept:
+            kept.append(foil)
+    return kept
+
+
+def load_docs(name: str, *, data_dir: str | None = None, pku_path: str | list[str] | None = None, revision: str | None = None,
+              foils: bool = False) -> list[dict]:
     """Documents of one scoring dataset; ``data_dir`` falls back to env DPO_ALIGN_DATA_DIR.
 
     A document whose response is empty is skipped and counted (``SKIPPED_EMPTY``): scoring it would score only
     the template's separator. Document ids stay the row numbers of the source. ``revision`` pins the hub
     dataset (branch, tag or commit) when the set is read from the hub; the commit read is in ``hub.COMMITS``.
+    With ``foils`` each document keeps its ``foils`` (the wrong answers scored beside the reference, see
+    ``clean_foils``) and one left without any is skipped and counted (``SKIPPED_NO_FOIL``); without, documents
+    hold no ``foils`` field, exactly as the dpo_ppl tasks have always seen them.
     """
     data_dir = local_data_dir(data_dir)
     if name == "truthfulqa":
@@ -174,12 +191,26 @@ def load_docs(name: str, *, data_dir: str | None = None, pku_path: str | list[st
         docs = pku_docs(pku_path, revision)
     else:
         raise UserError(f"Unknown scoring dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    import warnings
+
     kept = [d for d in docs if d["response"]]
     SKIPPED_EMPTY[name] = len(docs) - len(kept)
     if not kept:
         raise UserError(f"{name}: all {len(docs)} documents have an empty response; there is nothing to score.")
     if len(kept) < len(docs):
-        import warnings
-
         warnings.warn(f"{name}: {len(docs) - len(kept)} document(s) with an empty response skipped (of {len(docs)}).", stacklevel=2)
-    return kept
+    if not foils:
+        return [{k: v for k, v in d.items() if k != "foils"} for d in kept]
+    if any(d["foils"] is None for d in kept):
+        raise UserError(f"{name}: the data has no 'Incorrect Answers' column, which the dpo_contrast tasks score as foils. Use the "
+                        "full TruthfulQA.csv, or score with the dpo_ppl tasks alone (dpo-align eval --no-controls).")
+    for d in kept:
+        d["foils"] = clean_foils(d["foils"], d["response"])
+    with_foil = [d for d in kept if d["foils"]]
+    SKIPPED_NO_FOIL[name] = len(kept) - len(with_foil)
+    if not with_foil:
+        raise UserError(f"{name}: no document has a foil (a wrong answer different from its reference); there is no control to score.")
+    if len(with_foil) < len(kept):
+        warnings.warn(f"{name}: {len(kept) - len(with_foil)} document(s) without a foil skipped by the contrast task (of {len(kept)}).",
+                      stacklevel=2)
+    return with_foil

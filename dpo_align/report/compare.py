@@ -9,7 +9,10 @@ Reads per-document results of the suite, from either kind of folder:
 
 The first model found is the baseline; every other model is compared with it, per dataset
 and for the mean, by ``paired.compare_documents`` (paired bootstrap interval, paired
-permutation p-value with Holm's adjustment, verdict), for ce and bpb.
+permutation p-value with Holm's adjustment, verdict), for ce and bpb. Where both models were
+scored with their controls (the ``dpo_contrast_*`` tasks), ``controls.compare_controlled`` reads
+ce beside its foils and gives the verdict (better, format shift, worse, no detectable change);
+without them the ce verdict stands alone, and the output says that no control was scored.
 
 Only like with like is compared: the same documents (by document id and, where the files
 carry them, lm-eval's hashes of each document, prompt and target), the same template and the
@@ -25,9 +28,9 @@ from pathlib import Path
 from dpo_align.core.errors import UserError
 from dpo_align.core.files import slug
 from dpo_align.core.plots import png_bytes
-from dpo_align.data.suite import PPL, display_name
+from dpo_align.data.suite import CONTRAST, PPL, display_name, document_row
 from dpo_align.data.templates import DEFAULT_TEMPLATE  # the tasks' default when metadata names none
-from dpo_align.report import paired
+from dpo_align.report import controls, paired
 
 TASKS = PPL.tasks
 
@@ -80,17 +83,15 @@ def _from_lm_eval(results_file: Path) -> Scored:
         raise UserError(f"{results_file}: not an lm-eval results file.") from None
     stamp = results_file.stem.removeprefix("results_")
     documents, templates = {}, set()
-    for task in TASKS.values():
+    for task in [*TASKS.values(), *CONTRAST.tasks.values()]:
         if task not in configs:
             continue
         path = results_file.with_name(f"samples_{task}_{stamp}.jsonl")
         if not path.is_file():
             raise UserError(f"{results_file}: scored {task} but {path.name} is missing; run lm_eval with --log_samples.")
-        documents[task] = [{"doc_id": s["doc_id"], "nll": s["ce"][0], "tokens": s["ce"][1], "bytes": s["bpb"][1],
-                            "doc_hash": s.get("doc_hash"), "prompt_hash": s.get("prompt_hash"), "target_hash": s.get("target_hash")}
-                           for s in _read_jsonl(path)]
+        documents[task] = [document_row(task, s) for s in _read_jsonl(path)]
         templates.add(configs[task].get("metadata", {}).get("template", DEFAULT_TEMPLATE))
-    if not documents:
+    if not any(task in documents for task in TASKS.values()):
         raise UserError(f"{results_file}: holds none of the suite's tasks ({', '.join(TASKS.values())}).")
     args = results.get("config", {}).get("model_args", {})
     if isinstance(args, str):  # older lm-eval keeps the raw string
@@ -134,10 +135,13 @@ def check_comparable(base: Scored, other: Scored) -> None:
         a, b = base.versions[task], other.versions[task]
         if a is not None and b is not None and str(a) != str(b):
             raise UserError(f"{task}: suite version {b} in {other.source} against {a} for the baseline; score both with the same suite.")
-    if set(base.documents) != set(other.documents):
-        raise UserError(f"{other.label} was scored on {sorted(other.documents)}, the baseline on {sorted(base.documents)}: "
+    mine, theirs = set(base.documents) & set(TASKS.values()), set(other.documents) & set(TASKS.values())
+    if mine != theirs:
+        raise UserError(f"{other.label} was scored on {sorted(theirs)}, the baseline on {sorted(mine)}: "
                         "compare models scored on the same datasets.")
     for task, docs in base.documents.items():
+        if task not in other.documents:
+            continue  # a control only one side has: compared only where both have it
         theirs = {d["doc_id"]: d for d in other.documents[task]}
         for d in docs:
             mine = theirs.get(d["doc_id"])
@@ -161,20 +165,60 @@ def compare(models: list[Scored], *, replicates: int = 10_000, permutations: int
     def ordered(docs):  # the reference table's order
         return {task: docs[task] for task in TASKS.values() if task in docs}
 
-    return {metric: {m.label: paired.compare_documents(ordered(base.documents), ordered(m.documents), metric=metric,
-                                                       replicates=replicates, permutations=permutations, seed=seed)
-                     for m in models[1:]} for metric in ("ce", "bpb")}
+    out = {metric: {m.label: paired.compare_documents(ordered(base.documents), ordered(m.documents), metric=metric,
+                                                      replicates=replicates, permutations=permutations, seed=seed)
+                    for m in models[1:]} for metric in ("ce", "bpb")}
+    if all(has_controls(base, m) for m in models[1:]):
+        out["controls"] = {m.label: controls.compare_controlled(contrast_documents(base), contrast_documents(m), replicates=replicates,
+                                                                permutations=permutations, seed=seed) for m in models[1:]}
+    return out
+
+
+def contrast_documents(model: Scored) -> dict[str, list[dict]]:
+    """The contrast tasks' rows of a model, in the reference table's order, for the datasets its ppl tasks cover."""
+    return {CONTRAST.tasks[key]: model.documents[CONTRAST.tasks[key]] for key, task in TASKS.items()
+            if task in model.documents and CONTRAST.tasks[key] in model.documents}
+
+
+def has_controls(base: Scored, other: Scored) -> bool:
+    """Both models were scored with the foils of every dataset they were scored on."""
+    datasets = [key for key, task in TASKS.items() if task in base.documents]
+    return all(CONTRAST.tasks[key] in m.documents for key in datasets for m in (base, other))
 
 
 # --------------------------------------------------------------------------- outputs
 
 
+CONTROL_RULE = ("The verdict reads ce together with its control, the foils (wrong answers scored like the reference): **better** when "
+                "ce falls significantly and the specific change Δlog ce − Δlog ce_foil is significantly below 0 (the reference got "
+                "cheaper than its foils did); **format shift** when ce falls significantly but the specific change is not below 0 (the "
+                "foils got as cheap, or cheaper); **worse** when ce rises significantly; **no detectable change** otherwise. Δacc "
+                "(the reference has the lowest NLL of its document's responses) has its own exact McNemar test and verdict.")
+NO_CONTROL = ("No control was scored (these folders hold no dpo_contrast tasks: scored with --no-controls, by an older dpo-align, or "
+              "by lm_eval without them), so nothing here can tell a better model from a change of format: the verdicts below read "
+              "ce alone.")
+
+
+def as_json(changes: dict) -> dict:
+    """compare.json's and the sweep's comparison.json's changes: ce and bpb alone, and the controlled verdicts where scored."""
+    return {metric: (controls.as_json(c) if metric == "controls" else paired.as_json(c)) for metric, c in changes.items()}
+
+
+def control_section(changes: dict) -> list[str]:
+    """The controlled comparison, or the plain statement that there was none."""
+    if "controls" not in changes:
+        return [f"**{NO_CONTROL}**", ""]
+    return ["## Did it get better, or only cheaper? ce beside its control", "", CONTROL_RULE, "",
+            controls.markdown(changes["controls"], names=display_name)]
+
+
 def markdown(models: list[Scored], changes: dict, *, replicates: int, permutations: int) -> str:
     lines = [f"# {' vs '.join(m.label for m in models[1:])} against {models[0].label}", "",
              f"Paired over documents: bootstrap 95% intervals ({replicates:,} replicates) and permutation p-values "
-             f"({permutations:,} permutations, Holm-adjusted across the datasets). Negative change = lower loss = better.", ""]
-    for metric, title in (("ce", "Cross-entropy (nats per response token)"), ("bpb", "Bits per byte")):
-        lines += [f"## {title}", "", paired.markdown(changes[metric], metric=metric, names=display_name)]
+             f"({permutations:,} permutations, Holm-adjusted across the datasets). Negative change = lower loss.", ""]
+    lines += control_section(changes)
+    for metric, title in (("ce", "Cross-entropy (nats per response token), alone"), ("bpb", "Bits per byte, alone")):
+        lines += [f"## {title}", "", paired.markdown(changes[metric], metric=metric, names=display_name, verdict="verdict (ce alone)")]
     return "\n".join(lines)
 
 
@@ -186,12 +230,14 @@ def plot(changes: dict, metric: str = "ce") -> bytes:
     import matplotlib.pyplot as plt
 
     rows = changes[metric]
+    verdicts = {label: [c.verdict for c in row] for label, row in changes.get("controls", {}).items()}  # the controlled verdict where scored
     datasets = [c.dataset for c in next(iter(rows.values()))]
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(datasets) * len(rows)))
     y, ticks, labels = 0, [], []
     for label, row in rows.items():
-        for c in row:
-            color = {"better": "tab:green", "worse": "tab:red"}.get(c.verdict, "tab:gray")
+        for j, c in enumerate(row):
+            verdict = verdicts[label][j] if label in verdicts else c.verdict
+            color = {"better": "tab:green", "worse": "tab:red", "format shift": "tab:orange"}.get(verdict, "tab:gray")
             ax.errorbar(100 * c.relative, y, xerr=[[100 * (c.relative - c.low)], [100 * (c.high - c.relative)]], fmt="o",
                         color=color, capsize=3)
             ticks.append(y)

@@ -134,6 +134,25 @@ def run_blocks(folder: Path, generations: int = 3, generate=None, progress=print
 # --------------------------------------------------------------------------- a sweep
 
 
+def control_blocks(comparison: dict) -> list:
+    """The controlled verdicts (ce beside its foils), or the plain statement that no control was scored."""
+    from dpo_align.report.compare import CONTROL_RULE, NO_CONTROL
+
+    if "controls" not in comparison:
+        return [Heading("Did it get better, or only cheaper?"), Para(NO_CONTROL)]
+
+    def pct(change):
+        return f"{100 * change['relative']:+.2f}% [{100 * change['low']:+.2f}, {100 * change['high']:+.2f}]"
+
+    rows = [[label, display_name(c["dataset"]), pct(c["ce"]), pct(c["foil"]),
+             f"{c['specific']:+.4f} [{c['specific_low']:+.4f}, {c['specific_high']:+.4f}]", _fmt(c.get("specific_p_holm")), c["verdict"],
+             f"{100 * c['acc_base']:.1f}% → {100 * c['acc_other']:.1f}%", _fmt(c.get("acc_p_holm")), c["acc_verdict"]]
+            for label, changes in comparison["controls"].items() for c in changes]
+    return [Heading("Did it get better, or only cheaper? ce beside its control"), Para(CONTROL_RULE),
+            Table(["model", "dataset", "Δce [95%]", "Δce_foil [95%]", "specific Δlog ce − Δlog ce_foil [95%]", "p (Holm)", "verdict",
+                   "acc", "p (McNemar, Holm)", "acc verdict"], rows)]
+
+
 def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=print) -> list:
     results = _read_json(folder / "results.json") or {}
     settings, models = results.get("settings", {}), results.get("models", [])
@@ -152,19 +171,20 @@ def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=pri
             blocks += [Heading(title), Table(["dataset"] + [m["label"] for m in models], rows)]
     comparison = _read_json(folder / "comparison.json")
     if comparison is None and len(models) > 1:  # a folder written before sweeps wrote comparison.json
-        from dpo_align.report import compare, paired
+        from dpo_align.report import compare
 
         changes = compare.compare(compare.load([str(folder)]))
-        comparison = {metric: paired.as_json(c) for metric, c in changes.items()}
+        comparison = compare.as_json(changes)
         comparison_png = compare.plot(changes)
     else:
         comparison_png = (folder / "comparison.png").read_bytes() if (folder / "comparison.png").is_file() else None
     if comparison:
+        blocks += control_blocks(comparison)
         rows = [[label, display_name(c["dataset"]), f"{100 * c['relative']:+.2f}%",
                  f"[{100 * c['low']:+.2f}%, {100 * c['high']:+.2f}%]", _fmt(c.get("p_holm")), c["verdict"]]
                 for label, changes in comparison["ce"].items() for c in changes]
-        blocks += [Heading("Against the baseline (ce, paired over documents)"),
-                   Table(["model", "dataset", "change", "95% interval (bootstrap)", "p (permutation, Holm)", "verdict"], rows)]
+        blocks += [Heading("Against the baseline (ce alone, paired over documents)"),
+                   Table(["model", "dataset", "change", "95% interval (bootstrap)", "p (permutation, Holm)", "verdict (ce alone)"], rows)]
         if comparison_png:
             blocks.append(Image("comparison.png", comparison_png, "ce change against the baseline, 95% intervals"))
     preference = _read_json(folder / "preference.json")

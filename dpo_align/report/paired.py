@@ -170,10 +170,10 @@ def compare_documents(docs_a: dict[str, list[dict]], docs_b: dict[str, list[dict
     return changes
 
 
-def markdown(changes: dict[str, list[Change]], *, metric: str = "ce", names=lambda dataset: dataset) -> str:
+def markdown(changes: dict[str, list[Change]], *, metric: str = "ce", names=lambda dataset: dataset, verdict: str = "verdict") -> str:
     """One row per (model, dataset): levels, relative change with its 95% interval, p-values, verdict."""
     lines = [f"| model | dataset | {metric} baseline | {metric} model | change | 95% interval (paired bootstrap) | "
-             "p (paired permutation) | p (Holm) | verdict |",
+             f"p (paired permutation) | p (Holm) | {verdict} |",
              "|---|---|---|---|---|---|---|---|---|"]
 
     def p_text(p):

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files, write_jsonl
 from dpo_align.core.plots import png_bytes
-from dpo_align.data.suite import DATASETS, MEAN, PPL, display_name
+from dpo_align.data.suite import CONTRAST, DATASETS, MEAN, PPL, display_name
+
+
+def delta(metric: str, value: float, base: float) -> str:
+    """A change against the baseline: in points for a share (acc, acc_norm), else relative."""
+    if metric.startswith("acc"):
+        return f"{100 * (value - base):+.1f} pts"
+    return f"{100 * (value - base) / base:+.2f}%" if base else "n/a"
 
 
 def markdown_table(runs: list[dict], metric: str = "ce") -> str:
@@ -26,25 +33,37 @@ def markdown_table(runs: list[dict], metric: str = "ce") -> str:
         name = display_name(key)
         row = [name] + [(f"{c[0]:.3f} ± {c[1]:.3f}" if c[1] is not None else f"{c[0]:.3f} ± n/a") if c else "" for c in cells]
         base = cells[0]
-        row += [f"{100 * (c[0] - base[0]) / base[0]:+.2f}%" if (c and base) else "" for c in cells[1:]]
+        row += [delta(metric, c[0], base[0]) if (c and base) else "" for c in cells[1:]]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def sweep_table(runs: list[dict], changes: dict, failed: dict[str, str], replicates: int) -> str:
     """A sweep's table.md: ce ± stderr, each adapter's paired change against the baseline, the same in bpb, failed runs."""
-    from dpo_align.report import paired
+    from dpo_align.report import compare, paired
 
     table = ["## Cross-entropy (nats per response token, lower is better; ± is the standard error)", "", markdown_table(runs, "ce")]
+    table += controls_tables(runs)
     if changes:
-        table += [f"## Change against the baseline: paired over documents ({replicates:,} bootstrap replicates and permutations)", "",
-                  paired.markdown(changes["ce"], metric="ce", names=display_name)]
+        table += compare.control_section(changes)
+        table += [f"## Change against the baseline, ce alone: paired over documents ({replicates:,} bootstrap replicates and "
+                  "permutations)", "", paired.markdown(changes["ce"], metric="ce", names=display_name, verdict="verdict (ce alone)")]
     table += ["## Bits per byte (lower is better)", "", markdown_table(runs, "bpb")]
     if changes:
-        table += [paired.markdown(changes["bpb"], metric="bpb", names=display_name)]
+        table += [paired.markdown(changes["bpb"], metric="bpb", names=display_name, verdict="verdict (ce alone)")]
     if failed:
         table += ["## Failed runs (not scored)", ""] + [f"* {name}: {reason}" for name, reason in failed.items()] + [""]
     return "\n".join(table)
+
+
+def controls_tables(runs: list[dict]) -> list[str]:
+    """The controls' levels where they were scored: the foils' cross-entropy and the share of documents whose
+    reference beats every foil (acc, and per byte acc_norm)."""
+    if not any("ce_foil" in row for run in runs for row in run["table"].values()):
+        return []
+    return ["## The controls: the foils' cross-entropy (nats per foil token; ± standard error)", "", markdown_table(runs, "ce_foil"),
+            "## The reference beats every foil: acc (summed NLL) and acc_norm (NLL per byte), higher is better", "",
+            markdown_table(runs, "acc"), markdown_table(runs, "acc_norm")]
 
 
 def csv_table(runs: list[dict]) -> str:
@@ -53,7 +72,7 @@ def csv_table(runs: list[dict]) -> str:
     writer.writerow(["model", "dataset", "metric", "value", "stderr", "documents"])
     for run in runs:
         for key, row in run["table"].items():
-            for metric in PPL.metrics:
+            for metric in [*PPL.metrics, *(m for m in CONTRAST.metrics if m not in PPL.metrics and m in row)]:
                 value, stderr = row[metric]
                 writer.writerow([run["label"], key, metric, f"{value:.6f}", "" if stderr is None else f"{stderr:.6f}", row.get("n", "")])
     return buffer.getvalue()
@@ -90,6 +109,6 @@ def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
             for task, rows in run.pop("documents", {}).items():
                 write_jsonl(staging / "samples" / slug(run["label"]) / f"{task}.jsonl", rows)
         atomic_write_json(staging / "results.json", {"settings": settings, "models": runs})
-        atomic_write_text(staging / "table.md", markdown_table(runs))
+        atomic_write_text(staging / "table.md", "\n".join([markdown_table(runs), *controls_tables(runs)]))
         atomic_write_text(staging / "table.csv", csv_table(runs))
         atomic_write_bytes(staging / "table.png", bar_chart_png(runs))
