@@ -123,3 +123,25 @@ def test_controls_are_read_where_both_models_have_them_and_their_absence_is_said
     assert result.exit_code == 0, result.output
     assert "No control was scored" in result.output and "verdict (ce alone)" in result.output
 
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("tokens", -3, "tokens is -3; token and byte counts are whole numbers >= 1"),
+    ("nll", float("nan"), "nll is nan; a negative log-likelihood is a finite number >= 0"),
+    ("nll", -1.5, "nll is -1.5"),
+    ("foil_tokens", 0, "foil_tokens is 0"),
+])
+def test_impossible_numbers_in_a_samples_file_name_the_file_and_line(scored, tmp_path, field, value, message):
+    edited = tmp_path / "edited"
+    subprocess.run(["cp", "-r", str(scored["tuned"]), str(edited)], check=True)
+    task = "dpo_contrast_winogrande" if field.startswith("foil") else "dpo_ppl_winogrande"
+    sample = next((edited / "samples").iterdir()) / f"{task}.jsonl"
+    rows = [json.loads(line) for line in sample.read_text().splitlines()]
+    rows[1][field] = value
+    sample.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(edited)])
+    assert result.exit_code == 2 and f"{task}.jsonl:2: {message}" in result.output and "Traceback" not in result.output, result.output
+
+
+def test_the_same_folder_twice_is_refused(scored):
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["base"])])
+    assert result.exit_code == 2 and "is given twice" in result.output

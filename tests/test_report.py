@@ -81,3 +81,12 @@ def test_report_refuses_a_folder_that_is_neither(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no such folder" in result.output
 
+
+def test_the_learning_rate_is_shown_as_written(tmp_path):
+    from dpo_align.report.html import run_blocks, to_markdown
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: m\nlearning_rate: 1.0e-05\nbeta: 0.1\n")
+    markdown, _ = to_markdown(run_blocks(run, generations=0))
+    assert "| learning rate | 1e-05 |" in markdown and "0.0000" not in markdown

@@ -47,15 +47,44 @@ class Scored:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, convert=None) -> list[dict]:
+    """The rows of a samples file (``convert``ed from lm-eval's form where given), each checked by ``check_document``."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise UserError(f"{path}:{number}: not valid JSON; is the file complete?") from None
+                row = json.loads(line)
+                row = convert(row) if convert else row
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise UserError(f"{path}:{number}: not a scored document of the suite (invalid JSON or missing fields); "
+                                "is the file complete?") from None
+            check_document(row, f"{path}:{number}")
+            rows.append(row)
     return rows
+
+
+COUNTS = ("tokens", "bytes", "foil_tokens", "foil_bytes")
+
+
+def check_document(row: dict, where: str) -> None:
+    """A document's numbers are possible ones: every NLL finite and >= 0, every token and byte count a whole number >= 1.
+
+    Nothing read back is trusted because it parses: a damaged or edited samples file would otherwise give a
+    verdict on numbers no model produced."""
+    import math
+
+    if not isinstance(row, dict) or "doc_id" not in row or "nll" not in row or "tokens" not in row:
+        raise UserError(f"{where}: a document needs doc_id, nll and tokens; this row has {sorted(row) if isinstance(row, dict) else row!r}.")
+    for key in ("nll", "foil_nll"):
+        value = row.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise UserError(f"{where}: {key} is {value!r}; a negative log-likelihood is a finite number >= 0. The file was damaged "
+                            "or edited: score the model again.")
+    for key in COUNTS:
+        value = row.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+            raise UserError(f"{where}: {key} is {value!r}; token and byte counts are whole numbers >= 1. The file was damaged or "
+                            "edited: score the model again.")
 
 
 def _from_dpo_align(folder: Path) -> list[Scored]:
@@ -89,7 +118,7 @@ def _from_lm_eval(results_file: Path) -> Scored:
         path = results_file.with_name(f"samples_{task}_{stamp}.jsonl")
         if not path.is_file():
             raise UserError(f"{results_file}: scored {task} but {path.name} is missing; run lm_eval with --log_samples.")
-        documents[task] = [document_row(task, s) for s in _read_jsonl(path)]
+        documents[task] = _read_jsonl(path, lambda sample, task=task: document_row(task, sample))
         templates.add(configs[task].get("metadata", {}).get("template", DEFAULT_TEMPLATE))
     if not any(task in documents for task in TASKS.values()):
         raise UserError(f"{results_file}: holds none of the suite's tasks ({', '.join(TASKS.values())}).")
@@ -105,11 +134,14 @@ def _from_lm_eval(results_file: Path) -> Scored:
 
 def load(paths: list[str]) -> list[Scored]:
     """Every model in the given folders, in order."""
-    models = []
+    models, seen = [], {}
     for name in paths:
         path = Path(name).expanduser()
         if not path.exists():
             raise UserError(f"{name}: no such folder.")
+        if path.resolve() in seen:  # a model compared with itself would say nothing, at p = 1
+            raise UserError(f"{name} is given twice (also as {seen[path.resolve()]}); compare different scored folders.")
+        seen[path.resolve()] = name
         if (path / "results.json").is_file():
             models += _from_dpo_align(path)
             continue

@@ -105,7 +105,8 @@ def run_blocks(folder: Path, generations: int = 3, generate=None, progress=print
     summary = [
         ["status", status], ["model", _fmt(config.get("model"))], ["data", ", ".join(config.get("data", []))],
         ["pairs trained on", _fmt(manifest.get("pairs_trained_on"))], ["optimizer steps", _fmt(manifest.get("global_steps"))],
-        ["learning rate", _fmt(config.get("learning_rate"))], ["beta / loss", f"{config.get('beta')} / {config.get('loss_type')}"],
+        # the learning rate as written (1e-05), never a fixed-point 0.0000
+        ["learning rate", str(config.get("learning_rate"))], ["beta / loss", f"{config.get('beta')} / {config.get('loss_type')}"],
         ["epochs / batch", f"{config.get('epochs')} / {config.get('batch_size')}"], ["template", _fmt(config.get("template"))],
         ["precision / device", f"{manifest.get('precision')} / {manifest.get('device')}"],
         ["wall time", f"{manifest.get('wall_time_s')} s"], ["rows read / kept", f"{data.get('rows_read')} / {data.get('rows_kept')}"],
