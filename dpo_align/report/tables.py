@@ -62,8 +62,8 @@ def controls_tables(runs: list[dict]) -> list[str]:
     if not any("ce_foil" in row for run in runs for row in run["table"].values()):
         return []
     return ["## The controls: the foils' cross-entropy (nats per foil token; ± standard error)", "", markdown_table(runs, "ce_foil"),
-            "## The reference beats every foil: acc (summed NLL) and acc_norm (NLL per byte), higher is better", "",
-            markdown_table(runs, "acc"), markdown_table(runs, "acc_norm")]
+            "## acc: the reference has the lowest summed NLL of its document's responses (higher is better)", "", markdown_table(runs, "acc"),
+            "## acc_norm: the same per UTF-8 byte", "", markdown_table(runs, "acc_norm")]
 
 
 def csv_table(runs: list[dict]) -> str:

@@ -131,7 +131,8 @@ class ResponseOnlyHFLM(HFLM):
 
     def _shared_rows(self, unique: list[int], requests) -> tuple[list[list[int]], list[int]]:
         """(rows of requests sharing a context, requests scored alone). A row holds one context and as many of its
-        continuations as fit in ``max_batch_tokens`` (at least one); a request lm-eval would truncate is scored alone."""
+        continuations as fit in ``max_batch_tokens`` (at least one); a request lm-eval would truncate, or the only one
+        of its context, is scored alone."""
         groups: dict[tuple, list[int]] = {}
         alone = []
         for i in unique:
@@ -142,6 +143,9 @@ class ResponseOnlyHFLM(HFLM):
                 groups.setdefault(tuple(context), []).append(i)
         rows = []
         for context, members in groups.items():
+            if len(members) == 1:  # nothing to share: the plain causal row (no 4D mask), as before contexts were shared
+                alone += members
+                continue
             row, used = [], len(context)
             for i in sorted(members, key=lambda i: -len(requests[i][2])):
                 if row and used + len(requests[i][2]) > self.max_batch_tokens:
