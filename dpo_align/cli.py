@@ -426,7 +426,12 @@ def merge_command(
 def sweep_command(
     ctx: typer.Context,
     *,
-    lr: Annotated[str, typer.Option("--lr", help="Learning rates to train, comma-separated.")] = "5e-6,1e-5",
+    lr: Annotated[str, typer.Option("--lr", help="Learning rates to train, comma-separated: the shortcut for --grid learning_rate=... "
+                                         "(without --grid, the default 5e-6,1e-5 applies).")] = "5e-6,1e-5",
+    grid: Annotated[list[str] | None, typer.Option("--grid", help=(
+        "Vary any training setting: NAME=V1,V2,... (repeatable; every combination is one run, named by what differs). "
+        "'+' joins the items of one list value: --grid loss_type=sigmoid,ipo,sigmoid+sft --grid loss_weights=1+1. "
+        "The settings not in the grid are the other options'."))] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML of training settings; options given here override it.")] = None,
     preference_data: Annotated[list[str] | None, typer.Option("--preference-data", help=(
         "Held-out pairs on which to measure every model's preference accuracy (implicit DPO reward; length-normalised "
@@ -446,19 +451,25 @@ def sweep_command(
 
         dpo-align sweep --lr 5e-6,1e-5 --data ../shared/data/splits/train-pool.jsonl.gz --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
-    from dpo_align.sweep import parse_lrs, sweep
+    from dpo_align.grid import parse_grid
+    from dpo_align.sweep import sweep
     from dpo_align.train.config import resolve_settings
 
     scoring = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_"), controls=ctx.params["controls"]).validate()  # before hours of training
-    lrs = parse_lrs(lr)
-    base = resolve_settings(config, given_settings(ctx))
+    lr_given = ctx.get_parameter_source("lr").name not in ("DEFAULT", "DEFAULT_MAP")
+    spanned = parse_grid(grid or [], lr=lr if (lr_given or not grid) else None)  # --grid alone: the learning rate of --config/default
+    given = given_settings(ctx)
+    both = sorted(set(given) & set(spanned))
+    if both:
+        raise UserError(f"{', '.join(both)}: given as an option and in --grid; give each setting in one place.")
+    base = resolve_settings(config, given)
     data_dir, pku_path = base.eval_suite_data_dir, base.eval_suite_pku_path  # the suite scored is the one checked for overlap
     from dpo_align.core.folder_lock import locked
     from dpo_align.train.run import Interrupted
 
     try:
         with locked(output, "dpo-align sweep"):
-            runs = sweep(base, lrs, runs_dir=runs_dir, output=output, eval_limit=scoring.limit, data_dir=data_dir, pku_path=pku_path,
+            runs = sweep(base, spanned, runs_dir=runs_dir, output=output, eval_limit=scoring.limit, data_dir=data_dir, pku_path=pku_path,
                          batch_size=scoring.batch_size, controls=scoring.controls, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
                          progress=lambda m: typer.echo(m, err=True))
     except (Interrupted, KeyboardInterrupt):  # finished runs and scores are kept; the run cut short resumes from its checkpoint

@@ -1,7 +1,9 @@
 """``dpo-align sweep``: the whole reference experiment in one command.
 
-For each learning rate: train one adapter (``RUNS/lr-<lr>``), then score the base model
-and every adapter with the suite, and write to ``OUTPUT``:
+For each point of the grid (each learning rate of ``--lr``, or each combination of ``--grid``
+settings: ``dpo_align/grid.py``): train one adapter (``RUNS/lr-<lr>``, or named by the settings
+that differ), then score the base model and every adapter with the suite and its controls, and
+write to ``OUTPUT``:
 
 * ``table.md``: the reference-style table (ce ± stderr), each adapter's relative change
   against the baseline with a paired bootstrap 95% interval over documents and a verdict
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from dpo_align.core.models import resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
 from dpo_align.data import decontaminate
 from dpo_align.data.suite import PPL
+from dpo_align.grid import points, run_names
 from dpo_align.report import compare
 from dpo_align.report.compare import Scored
 from dpo_align.report.html import write_report_safely
@@ -45,25 +47,9 @@ from dpo_align.train.config import TrainConfig, check_resumable
 from dpo_align.train.run import train
 
 
-def parse_lrs(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"--lr {text!r}: expected comma-separated numbers such as 5e-6,1e-5,1e-4.") from None
-    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        raise UserError(f"--lr {text!r}: give positive, finite learning rates (such as 5e-6,1e-5,1e-4).")
-    if len(set(values)) != len(values):
-        raise UserError(f"--lr {text!r}: a learning rate is listed twice.")
-    return values
-
-
-def run_name(lr: float) -> str:
-    return f"lr-{lr:g}"
-
-
 def sweep(
     base: TrainConfig,
-    lrs: list[float],
+    grid: dict[str, list],
     *,
     runs_dir: Path,
     output: Path,
@@ -88,8 +74,12 @@ def sweep(
     runs_dir.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
 
-    # every run's settings and folder checked before the first one trains
-    configs = {lr: dataclasses.replace(base, learning_rate=lr, output_dir=str(runs_dir / run_name(lr))).validate() for lr in lrs}
+    # every run's settings and folder checked before the first one trains (one per point of the grid)
+    names, settings_per_run = run_names(grid), points(grid)
+    if len(set(names)) != len(names):
+        raise UserError("Two runs of the grid would share a folder name: " + ", ".join(sorted(n for n in names if names.count(n) > 1)))
+    configs = {name: dataclasses.replace(base, **point, output_dir=str(runs_dir / name)).validate()
+               for name, point in zip(names, settings_per_run, strict=True)}
     for config in configs.values():
         check_resumable(Path(config.output_dir), config, how_to_fix="give the sweep another --runs-dir, or delete that folder to train it again.")
 
@@ -111,35 +101,36 @@ def sweep(
     if curve_docs and len(runs) > 1:  # the best learning rate, on a fixed subset of each dataset
         curve = _learning_curve(runs, adapters, specs[0], options, curve_docs, output / "learning-curve", base.seed, progress)
 
-    settings = {"command": "dpo-align sweep", "learning_rates": lrs, "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
+    settings = {"command": "dpo-align sweep", "grid": grid, "learning_rates": grid.get("learning_rate", [base.learning_rate]),
+                "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
                 "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
     write_sweep(output, runs, settings, adapters, changes=changes, failed=failed, preference=preference, curve=curve, beta=base.beta)
     write_report_safely(output, progress, generations=base.report_generations, generate=report_generations)
     if failed:
-        raise UserError(f"{len(failed)} of {len(lrs)} runs failed ({', '.join(failed)}); the others are scored in {output}/. "
+        raise UserError(f"{len(failed)} of {len(configs)} runs failed ({', '.join(failed)}); the others are scored in {output}/. "
                         + " ".join(failed.values()))
     return runs
 
 
-def train_all(configs: dict[float, TrainConfig], progress) -> tuple[dict[str, Path], dict[str, str]]:
-    """One adapter per learning rate: finished runs are kept, started ones resumed; a run that diverges is
-    reported as failed and the others go on. Returns ({run name: folder}, {failed run name: why})."""
+def train_all(configs: dict[str, TrainConfig], progress) -> tuple[dict[str, Path], dict[str, str]]:
+    """One adapter per grid point ({run name: config}): finished runs are kept, started ones resumed; a run that
+    diverges is reported as failed and the others go on. Returns ({run name: folder}, {failed run name: why})."""
     adapters, failed = {}, {}
-    for i, (lr, config) in enumerate(configs.items(), start=1):
+    for i, (name, config) in enumerate(configs.items(), start=1):
         run_dir = Path(config.output_dir)
         if (run_dir / "manifest.json").is_file():
-            progress(f"[train {i}/{len(configs)}] {run_name(lr)}: already finished, kept.")
+            progress(f"[train {i}/{len(configs)}] {name}: already finished, kept.")
         else:
             resume = (run_dir / "config.yaml").is_file()
-            progress(f"[train {i}/{len(configs)}] {run_name(lr)}" + (": resuming" if resume else ""))
+            progress(f"[train {i}/{len(configs)}] {name}" + (": resuming" if resume else ""))
             try:
                 train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
                 write_report_safely(run_dir, progress, generations=config.report_generations, generate=report_generations)
             except TrainingDiverged as err:
-                progress(f"[train {i}/{len(configs)}] {run_name(lr)} FAILED: {err}")
-                failed[run_name(lr)] = str(err)
+                progress(f"[train {i}/{len(configs)}] {name} FAILED: {err}")
+                failed[name] = str(err)
                 continue
-        adapters[run_name(lr)] = run_dir
+        adapters[name] = run_dir
     if not adapters:
         raise UserError("Every run of the sweep failed: " + " ".join(f"{k}: {v}" for k, v in failed.items()))
     return adapters, failed

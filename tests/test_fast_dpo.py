@@ -111,9 +111,11 @@ def build_trainers(model_path, data, tmp_path, *, max_length, **dpo_settings):
 GRADIENT_RTOL = {"discopop": 5e-4}
 
 
-def loss_metrics_and_grads(trainer, loss_type, n=4):
-    trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
-    trainer.label_smoothing = 0.1 if loss_type in ("exo_pair", "robust") else 0.0
+def loss_metrics_and_grads(trainer, loss_type, n=4, weights=None):
+    """One batch's loss, logged metrics and LoRA gradients under ``loss_type`` (a name, or a list weighed by ``weights``)."""
+    types = loss_type if isinstance(loss_type, list) else [loss_type]
+    trainer.loss_types, trainer.loss_weights = types, weights or [1.0] * len(types)
+    trainer.label_smoothing = 0.1 if {"exo_pair", "robust"} & set(types) else 0.0
     trainer._metrics["train"].clear()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
     trainer.model.zero_grad()
@@ -148,6 +150,22 @@ def test_every_loss_type_and_the_lora_gradients_equal_stock_trl(arch, head, tiny
         assert any(g.norm() > 0 for g in grads_s.values())
     # the rewards are not trivially zero: policy and reference really differ
     assert abs(metrics_s["rewards/chosen"]) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_weighted_loss_lists_equal_stock_trl_and_the_weights_scale_the_components(arch, tiny_gpt2, tiny_llama, tmp_path):
+    """--loss-type sigmoid,sft --loss-weights 1,0.5 (RPO and the like): the total and its gradients are stock TRL's, and the
+    total is the weighted sum of the components, each computed alone."""
+    stock, ours = build_trainers(tiny_gpt2 if arch == "gpt2" else tiny_llama, pairs_file(tmp_path), tmp_path, max_length=150)
+    for types, weights in ((["sigmoid", "sft"], [1.0, 1.0]), (["sigmoid", "sft"], [1.0, 0.5]), (["ipo", "sft", "hinge"], [0.3, 1.0, 2.0])):
+        loss_s, _, grads_s = loss_metrics_and_grads(stock, types, weights=weights)
+        loss_o, _, grads_o = loss_metrics_and_grads(ours, types, weights=weights)
+        assert loss_o == pytest.approx(loss_s, rel=1e-4, abs=1e-6), types
+        for name, grad in grads_s.items():
+            assert (grads_o[name] - grad).norm() / grad.norm().clamp(min=1e-12) < 1e-4, (types, name)
+        components = [loss_metrics_and_grads(ours, t)[0] for t in types]
+        assert loss_o == pytest.approx(sum(w * c for w, c in zip(weights, components, strict=True)), rel=1e-5), (types, weights)
+        assert components[0] != pytest.approx(components[1], rel=1e-3)  # the components differ, so the weights matter
 
 
 def test_packed_rows_give_the_same_numbers(tiny_llama, tmp_path):

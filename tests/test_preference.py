@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_align.score.preference import length_normalised_accuracy, load_for, model_logps, preference_table, reward_accuracy
+from dpo_align.score.preference import displacement, length_normalised_accuracy, load_for, model_logps, preference_table, reward_accuracy
 
 from .helpers import lora_adapter, transcript
 
@@ -75,3 +75,29 @@ def test_the_accuracies_by_hand():
     result = reward_accuracy(lp, ref, beta=0.5)
     assert result["accuracy"] == 0.5 and result["mean_margin"] == pytest.approx(0.5 * (2 - 1 + 2 - 1) / 4)
     assert result["stderr"] == pytest.approx(np.sqrt(0.25 / 4))
+
+
+def test_the_displacement_by_hand():
+    lp = {"chosen": np.array([-12.0, -30.0]), "rejected": np.array([-9.0, -10.0]),
+          "chosen_tokens": np.array([4, 10]), "rejected_tokens": np.array([3, 5])}
+    ref = {"chosen": np.array([-10.0, -31.0]), "rejected": np.array([-6.0, -12.0])}
+    moved = displacement(lp, ref)
+    # per token: chosen -2/4 and +1/10, rejected -3/3 and +2/5; pair 0's chosen and rejected both fell, pair 1's both rose
+    assert moved["chosen_per_token"] == pytest.approx((-0.5 + 0.1) / 2) and moved["rejected_per_token"] == pytest.approx((-1 + 0.4) / 2)
+    assert moved["both_fell"] == 0.5 and moved["pairs"] == 2
+
+
+def test_the_displacement_equals_an_independent_loop(tiny_llama, heldout, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    dataset, pad, _ = load_for(str(tiny_llama), [str(heldout)], template="alpaca", max_length=256)
+    adapter = str(tmp_path / "adapter")
+    tuned = independent(lora_adapter(tiny_llama, adapter, init_lora_weights=False, seed=None).eval(), dataset)
+    base = independent(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), dataset)
+    got = displacement(model_logps(str(tiny_llama), adapter, dataset, pad_token_id=pad, max_length=256, label="a"),
+                       model_logps(str(tiny_llama), None, dataset, pad_token_id=pad, max_length=256, label="b"))
+    chosen = np.mean([(t - b) / len(ex["chosen_ids"]) for t, b, ex in zip(tuned["chosen"], base["chosen"], dataset, strict=True)])
+    rejected = np.mean([(t - b) / len(ex["rejected_ids"]) for t, b, ex in zip(tuned["rejected"], base["rejected"], dataset, strict=True)])
+    both = np.mean([tc < bc and tr < br for tc, bc, tr, br in zip(tuned["chosen"], base["chosen"], tuned["rejected"], base["rejected"], strict=True)])
+    assert got["chosen_per_token"] == pytest.approx(chosen, rel=1e-4) and got["rejected_per_token"] == pytest.approx(rejected, rel=1e-4)
+    assert got["both_fell"] == both and abs(chosen) > 1e-4  # the adapter really moves the log-probs

@@ -90,3 +90,13 @@ def test_the_learning_rate_is_shown_as_written(tmp_path):
     (run / "config.yaml").write_text("model: m\nlearning_rate: 1.0e-05\nbeta: 0.1\n")
     markdown, _ = to_markdown(run_blocks(run, generations=0))
     assert "| learning rate | 1e-05 |" in markdown and "0.0000" not in markdown
+
+
+def test_training_curves_are_smoothed_as_tensorboard_does():
+    from dpo_align.core.plots import smoothed
+
+    values = [1.0, 0.0, 1.0, 0.0]
+    out = smoothed(values, weight=0.6)
+    assert out[0] == 1.0  # debiased: the first point is itself, not pulled towards 0
+    assert out[1] == pytest.approx((0.6 * 0.4 * 1.0 + 0.4 * 0.0) / (1 - 0.36))
+    assert max(out[1:]) - min(out[1:]) < max(values) - min(values)  # the swing shrinks

@@ -39,7 +39,8 @@ def test_train_writes_every_output(tiny_gpt2, pairs_file, tmp_path):
         assert (out / name).is_file(), name
     assert not list(out.glob("checkpoint-*")) and not (out / "training_args.bin").exists()
     assert {p.name for p in (out / "plots").iterdir()} == {
-        "loss.png", "rewards_chosen.png", "rewards_rejected.png", "reward_margin.png", "reward_accuracy.png"}
+        "loss.png", "rewards_chosen.png", "rewards_rejected.png", "reward_margin.png", "reward_accuracy.png", "logps_chosen.png",
+        "logps_rejected.png"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["global_steps"] == 6 and manifest["seed"] == 42
     source = manifest["data"]["sources"][0]
@@ -391,7 +392,7 @@ def test_a_sweep_computes_reference_log_probs_once(tiny_gpt2, pairs_file, tiny_d
     from dpo_align.sweep import sweep
 
     base = tiny_config(tiny_gpt2, pairs_file, tmp_path / "unused", max_steps=12, eval_data=[str(pairs_file)], eval_max_pairs=8)
-    sweep(base, [1e-3, 5e-2, 1e-1], runs_dir=tmp_path / "runs", output=tmp_path / "out", eval_limit=2, data_dir=str(tiny_data),
+    sweep(base, {"learning_rate": [1e-3, 5e-2, 1e-1]}, runs_dir=tmp_path / "runs", output=tmp_path / "out", eval_limit=2, data_dir=str(tiny_data),
           pku_path=str(tiny_data / "pku.jsonl.gz"), replicates=100, progress=lambda m: None)
     reports = [json.loads((tmp_path / "runs" / name / "manifest.json").read_text())["reference_logps"]
                for name in ("lr-0.001", "lr-0.05", "lr-0.1")]
@@ -490,3 +491,22 @@ def test_resume_refuses_an_edited_config_naming_the_key(tiny_gpt2, pairs_file, t
     config.write_text(original)  # restored: the resume goes ahead
     result = runner.invoke(app, ["train", "-o", str(out), "--resume"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_warmup_that_covers_the_whole_run_is_said(tiny_gpt2, pairs_file, tmp_path):
+    from dpo_align.train.run import warmup_warning
+
+    messages = []
+    train(tiny_config(tiny_gpt2, pairs_file, tmp_path / "one", max_steps=1, warmup_ratio=0.1), progress=messages.append)
+    assert any("--warmup-ratio 0.1 of a 1-step run" in m and "trains at 0" in m for m in messages), messages
+    from safetensors.torch import load_file
+
+    # what the warning says: the only step ran at learning rate 0, so LoRA's B (initialised at 0) never moved
+    assert all(not w.any() for k, w in load_file(tmp_path / "one" / "adapter_model.safetensors").items() if "lora_B" in k)
+    train(tiny_config(tiny_gpt2, pairs_file, tmp_path / "trained", max_steps=1, warmup_ratio=0.0), progress=lambda m: None)
+    assert any(w.any() for k, w in load_file(tmp_path / "trained" / "adapter_model.safetensors").items() if "lora_B" in k)
+    # a warmup shorter than the run, or none: no word
+    assert warmup_warning(tiny_config(tiny_gpt2, pairs_file, tmp_path / "x", max_steps=20, warmup_ratio=0.1), 48) is None
+    assert warmup_warning(tiny_config(tiny_gpt2, pairs_file, tmp_path / "x", max_steps=1, warmup_ratio=0.0), 48) is None
+    # epochs: 48 pairs at batch 4 is 12 steps; a warmup ratio of 0.95 covers them all
+    assert "12-step run" in warmup_warning(tiny_config(tiny_gpt2, pairs_file, tmp_path / "x", max_steps=-1, epochs=1.0, warmup_ratio=0.95), 48)

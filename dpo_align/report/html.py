@@ -159,8 +159,11 @@ def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=pri
     settings, models = results.get("settings", {}), results.get("models", [])
     train = settings.get("train", {})
     blocks = [Heading(f"dpo-align sweep: {folder.name}", 1),
-              Para(f"Model `{train.get('model')}`, learning rates {', '.join(f'{lr:g}' for lr in settings.get('learning_rates', []))}, "
-                   f"data {', '.join(train.get('data', []))}"
+              Para(f"Model `{train.get('model')}`, "
+                   + ("; ".join(f"{name} {', '.join(map(str, values))}" for name, values in settings["grid"].items()) + ", "
+                      if settings.get("grid") else
+                      f"learning rates {', '.join(f'{lr:g}' for lr in settings.get('learning_rates', []))}, ")
+                   + f"data {', '.join(train.get('data', []))}"
                    + (f" ({train.get('max_pairs')} pairs, {train.get('pair_sample', 'first')})" if train.get("max_pairs") else "")
                    + f", template `{settings.get('template')}`, scored in {settings.get('dtype')}"
                    + (f" with lm-eval model `{settings['lm_eval_model']}`." if settings.get("lm_eval_model") else "."))]
@@ -192,11 +195,14 @@ def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=pri
     if preference:
         rows = []
         for label, row in preference["table"].items():
-            reward, norm = row.get("reward"), row["length_normalised"]
+            reward, norm, moved = row.get("reward"), row["length_normalised"], row.get("displacement")
             rows.append([label, f"{100 * reward['accuracy']:.1f}% ± {100 * reward['stderr']:.1f}" if reward else "(reference)",
-                         f"{100 * norm['accuracy']:.1f}% ± {100 * norm['stderr']:.1f}"])
-        blocks += [Heading(f"Held-out preference accuracy ({preference['pairs']} pairs)"),
-                   Table(["model", "implicit-reward accuracy", "length-normalised likelihood accuracy"], rows)]
+                         f"{100 * norm['accuracy']:.1f}% ± {100 * norm['stderr']:.1f}",
+                         f"{moved['chosen_per_token']:+.4f} / {moved['rejected_per_token']:+.4f}" if moved else "",
+                         f"{100 * moved['both_fell']:.1f}%" if moved else ""])
+        blocks += [Heading(f"Held-out preference accuracy and likelihood displacement ({preference['pairs']} pairs)"),
+                   Table(["model", "implicit-reward accuracy", "length-normalised likelihood accuracy",
+                          "Δ log p per token against the base: chosen / rejected", "both fell"], rows)]
     if (folder / "learning-curve.png").is_file():
         curve = _read_json(folder / "learning-curve.json") or {}
         blocks += [Heading(f"Learning curve of {curve.get('run', 'the best run')}"),

@@ -78,27 +78,44 @@ def reward_accuracy(lp: dict, ref: dict, *, beta: float) -> dict:
     return {**_rate(_wins(chosen, rejected)), "mean_margin": float((chosen - rejected).mean())}
 
 
+def displacement(lp: dict, ref: dict) -> dict:
+    """Likelihood displacement against the base model: the mean change per token of the chosen and of the rejected
+    log-prob (policy - reference, over each response's tokens, averaged over pairs), and the share of pairs where
+    both fell. DPO can lower the chosen responses' likelihood too (arXiv 2410.08847): a rising margin alone hides it."""
+    chosen = (lp["chosen"] - ref["chosen"]) / lp["chosen_tokens"]
+    rejected = (lp["rejected"] - ref["rejected"]) / lp["rejected_tokens"]
+    both = (lp["chosen"] < ref["chosen"]) & (lp["rejected"] < ref["rejected"])
+    return {"chosen_per_token": float(chosen.mean()), "rejected_per_token": float(rejected.mean()), "both_fell": float(both.mean()),
+            "pairs": int(len(chosen))}
+
+
 def preference_table(logps: dict[str, dict], *, baseline: str, beta: float) -> dict[str, dict]:
-    """{label: {"length_normalised": {...}, "reward": {...} (adapters only)}}."""
+    """{label: {"length_normalised": {...}, "reward": {...} and "displacement": {...} (adapters only)}}."""
     out = {}
     for label, lp in logps.items():
         out[label] = {"length_normalised": length_normalised_accuracy(lp)}
         if label != baseline:
             out[label]["reward"] = reward_accuracy(lp, logps[baseline], beta=beta)
+            out[label]["displacement"] = displacement(lp, logps[baseline])
     return out
 
 
 def markdown(table: dict[str, dict], *, beta: float) -> str:
-    lines = ["| model | implicit-reward accuracy | mean reward margin (beta " + f"{beta:g}" + ") | length-normalised likelihood accuracy | pairs |",
-             "|---|---|---|---|---|"]
+    lines = ["| model | implicit-reward accuracy | mean reward margin (beta " + f"{beta:g}" + ") | length-normalised likelihood accuracy | "
+             "Δ log p per token, chosen | Δ log p per token, rejected | both fell | pairs |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, row in table.items():
         norm = row["length_normalised"]
-        reward = row.get("reward")
+        reward, moved = row.get("reward"), row.get("displacement")
         cells = [label,
                  f"{100 * reward['accuracy']:.1f}% ± {100 * reward['stderr']:.1f}" if reward else "n/a (it is the reference)",
                  f"{reward['mean_margin']:+.4f}" if reward else "",
-                 f"{100 * norm['accuracy']:.1f}% ± {100 * norm['stderr']:.1f}", str(norm["pairs"])]
+                 f"{100 * norm['accuracy']:.1f}% ± {100 * norm['stderr']:.1f}",
+                 f"{moved['chosen_per_token']:+.4f}" if moved else "", f"{moved['rejected_per_token']:+.4f}" if moved else "",
+                 f"{100 * moved['both_fell']:.1f}%" if moved else "", str(norm["pairs"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Δ log p: the adapter's log-prob minus the base model's, per response token, averaged over the held-out pairs; "
+              "\"both fell\": pairs whose chosen and rejected responses both became less likely (likelihood displacement)."]
     return "\n".join(lines) + "\n"
 
 

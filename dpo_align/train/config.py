@@ -57,7 +57,9 @@ class TrainConfig:
     eval_steps: int = setting(50, "Evaluate on --eval-data every N optimizer steps (and at the end).")
     # DPO (Rafailov et al. 2023: sigmoid loss, beta 0.1)
     beta: float = setting(0.1, "DPO beta: strength of the KL penalty to the reference (the base model).")
-    loss_type: str = setting("sigmoid", "TRL DPO loss: sigmoid (the paper's), ipo, hinge, ... (TRL's list).")
+    loss_type: str = setting("sigmoid", "TRL DPO loss: sigmoid (the paper's), ipo, hinge, ... (TRL's list); several, comma-separated, "
+                             "are summed with --loss-weights (sigmoid,sft is DPO plus NLL on the chosen responses: RPO).")
+    loss_weights: str | None = setting(None, "Weights of the --loss-type components, comma-separated, one per loss type (default: 1 each).")
     # optimisation (the reference experiment: 1 epoch, lr 1e-5, cosine with warmup)
     learning_rate: float = setting(1e-5, "Peak learning rate (cosine schedule with warmup).", "--lr")
     lr_scheduler: str = setting("cosine", "Learning-rate schedule (a transformers scheduler name).")
@@ -121,8 +123,8 @@ class TrainConfig:
         if finite:
             raise UserError(f"Invalid training option: {', '.join(option_name(k) for k in finite)} must be a finite number "
                             f"(got {', '.join(repr(getattr(self, k)) for k in finite)}).")
+        self.check_losses()
         checks = [
-            (self.loss_type in LOSS_TYPES, f"--loss-type {self.loss_type!r} is not one of TRL's: {', '.join(LOSS_TYPES)}"),
             (self.logging_steps >= 1, "--logging-steps must be at least 1"),
             (self.eval_steps >= 1, "--eval-steps must be at least 1"),
             (self.lora_alpha >= 1, "--lora-alpha must be at least 1"),
@@ -157,6 +159,34 @@ class TrainConfig:
                 raise UserError(f"--report-to {self.report_to} needs the {module} package: pip install {module} (or use --report-to none).")
         return self
 
+    def loss_types(self) -> list[str]:
+        """The loss components (``sigmoid,sft`` -> ["sigmoid", "sft"])."""
+        return [part.strip() for part in self.loss_type.split(",")]
+
+    def loss_weight_values(self) -> list[float] | None:
+        """The components' weights, or None (TRL weighs each 1)."""
+        return None if self.loss_weights is None else [float(part) for part in self.loss_weights.split(",")]
+
+    def check_losses(self) -> None:
+        types = self.loss_types()
+        unknown = [t for t in types if t not in LOSS_TYPES]
+        if unknown or not all(types):
+            which = "" if len(types) == 1 else f": {', '.join(repr(t) for t in unknown) or 'an empty name'}"
+            raise UserError(f"Invalid training option: --loss-type {self.loss_type!r}{which} is not one of TRL's: {', '.join(LOSS_TYPES)}.")
+        if len(set(types)) != len(types):
+            raise UserError(f"Invalid training option: --loss-type {self.loss_type!r} names a loss twice.")
+        if self.loss_weights is None:
+            return
+        try:
+            weights = self.loss_weight_values()
+        except ValueError:
+            raise UserError(f"Invalid training option: --loss-weights {self.loss_weights!r}: expected comma-separated numbers such as 1,0.5.") from None
+        if len(weights) != len(types):
+            raise UserError(f"Invalid training option: --loss-weights {self.loss_weights!r} gives {len(weights)} weight(s) for "
+                            f"{len(types)} loss type(s) ({self.loss_type}); give one per loss type.")
+        if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
+            raise UserError(f"Invalid training option: --loss-weights {self.loss_weights!r}: weights are finite, >= 0, and not all 0.")
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
@@ -181,6 +211,11 @@ def load_config_file(path: str | Path) -> dict:
     for key in ("data", "eval_data"):
         if isinstance(loaded.get(key), str):
             loaded[key] = [loaded[key]]
+    for key in ("loss_type", "loss_weights"):  # a YAML list of components: the comma string the option takes
+        if isinstance(loaded.get(key), list):
+            loaded[key] = ",".join(str(v) for v in loaded[key])
+        elif key == "loss_weights" and isinstance(loaded.get(key), int | float) and not isinstance(loaded.get(key), bool):
+            loaded[key] = str(loaded[key])
     return loaded
 
 

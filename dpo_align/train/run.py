@@ -10,6 +10,7 @@ asked), then write the adapter, curves, model card and the run manifest, in that
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -136,7 +137,8 @@ def dpo_args(config: TrainConfig, output: Path, *, precision: str, use_cuda: boo
         output_dir=str(output),
         **{arg: getattr(config, name) for name, arg in DPO_ARGS.items()},
         per_device_eval_batch_size=config.batch_size,
-        loss_type=[config.loss_type],
+        loss_type=config.loss_types(),
+        loss_weights=config.loss_weight_values(),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not use_cuda,
@@ -201,6 +203,19 @@ def datasets_for(config: TrainConfig, prepared: PreparedPairs, tokenizer, progre
         eval_pairs, _ = fit_to_length(eval_pairs, tokenizer, config.template, config.max_length)
         eval_dataset = to_dataset(eval_pairs, config.template, tokenizer).remove_columns("instruction")
     return train_dataset, truncation, eval_dataset, eval_report
+
+
+def warmup_warning(config: TrainConfig, pairs: int, processes: int = 1) -> str | None:
+    """A warmup that covers the whole run trains nothing: the learning rate is 0 at the first step and never leaves
+    the warmup (``--max-steps 1`` with the default ``--warmup-ratio 0.1``)."""
+    per_step = config.batch_size * config.grad_accum * processes
+    steps = config.max_steps if config.max_steps > 0 else math.ceil(math.ceil(pairs / (config.batch_size * processes)) / config.grad_accum
+                                                                   * config.epochs)
+    warmup = math.ceil(config.warmup_ratio * steps)
+    if config.warmup_ratio > 0 and warmup >= steps:
+        return (f"--warmup-ratio {config.warmup_ratio:g} of a {steps}-step run ({pairs} pairs, {per_step} per step) is a warmup of "
+                f"{warmup} step(s): the learning rate never leaves it, and the first step trains at 0. Give --warmup-ratio 0 or more steps.")
+    return None
 
 
 def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset, eval_dataset, *, output: Path, precision: str,
@@ -281,6 +296,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
     interrupt = GracefulInterrupt()
     trainer = build_trainer(config, model_path, tokenizer, train_dataset, eval_dataset, output=output, precision=precision,
                             use_cuda=use_cuda, interrupt=interrupt, progress=progress)
+    warning = warmup_warning(config, len(train_dataset), state.num_processes)
+    if warning:
+        progress(f"Warning: {warning}")
 
     # Set up without error: only now is the run folder made (a replaced run removed) and the settings written.
     if main:

@@ -1,0 +1,133 @@
+"""The sweep's grid: which settings each run takes, and the name of its folder.
+
+``--grid NAME=V1,V2,...`` (repeatable) spans any ``TrainConfig`` setting; the runs are every
+combination, in the order given. Commas separate grid points; ``+`` joins the items of one
+value that is itself a list: ``--grid loss_type=sigmoid,ipo,sigmoid+sft --grid
+loss_weights=1+1``. ``--lr 5e-6,1e-5`` is the shortcut for ``--grid learning_rate=5e-6,1e-5``.
+
+A run is named by the settings that differ between runs (``lr-1e-05``, ``loss_type-sigmoid+sft``,
+``beta-0.5_lr-0.0001``), so a sweep over learning rates keeps the folder names it always had; every
+cached result stays keyed on a hash of its weights and settings, not on the name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+import typing
+
+from dpo_align.core.errors import UserError
+from dpo_align.train.config import NOT_COMPARED, TrainConfig
+
+SHORT = {"learning_rate": "lr"}  # names runs have always had
+NOT_GRIDDED = ("output_dir",)  # where a run goes is the grid's to decide
+
+
+def _value(name: str, text: str, kind, parse=None) -> object:
+    """One grid value of setting ``name``, typed as its field is (``parse``: the field's own command-line parser)."""
+    kind_text = str(kind)
+    try:
+        if name in ("loss_type", "loss_weights"):  # lists written with "+", stored as TrainConfig's comma string
+            return ",".join(part.strip() for part in text.split("+"))
+        if "list[str]" in kind_text:
+            return [part for part in text.split("+") if part]
+        if "None" in kind_text and text.lower() == "none":
+            return None
+        if parse is not None:
+            return parse(text)
+        base = kind_text.split("|")[0].strip()
+        if base == "bool" or kind is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        if base == "int" or kind is int:
+            return int(text)
+        if base == "float" or kind is float:
+            number = float(text)
+            if not math.isfinite(number):
+                raise ValueError(text)
+            return number
+        return text
+    except ValueError:
+        raise UserError(f"--grid {name}={text}: {text!r} is not a value of {name} ({kind_text}).") from None
+
+
+def parse_grid(items: list[str], *, lr: str | None = None) -> dict[str, list]:
+    """{setting: [values]} from ``--grid NAME=V1,V2`` items (and ``--lr``), checked before anything trains."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_GRIDDED]
+    aliases = {short: name for name, short in SHORT.items()}
+    grid: dict[str, list] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = aliases.get(name.strip(), name.strip().replace("-", "_"))
+        if not sep or not values.strip():
+            raise UserError(f"--grid {item!r}: write NAME=V1,V2,... (for example --grid beta=0.1,0.5).")
+        if name not in fields:
+            raise UserError(f"--grid {item!r}: {name!r} is not a training setting. Known: {', '.join(fields)}.")
+        if name in grid:
+            raise UserError(f"--grid {name} is given twice; list all its values in one --grid {name}=V1,V2,...")
+        parse = next(f for f in dataclasses.fields(TrainConfig) if f.name == name).metadata.get("parse")
+        parsed = [_value(name, text.strip(), hints[name], parse) for text in values.split(",") if text.strip()]
+        if len({repr(v) for v in parsed}) != len(parsed):
+            raise UserError(f"--grid {item!r}: a value is listed twice (a duplicate grid point).")
+        grid[name] = parsed
+    if lr is not None:
+        if "learning_rate" in grid:
+            raise UserError("--lr and --grid learning_rate=... both give learning rates; give one of them.")
+        grid = {"learning_rate": parse_lrs(lr), **grid}
+    if not grid:
+        raise UserError("The sweep has nothing to vary: give --lr RATES or --grid NAME=V1,V2,...")
+    return grid
+
+
+def parse_lrs(text: str) -> list[float]:
+    """``--lr 5e-6,1e-5``: positive, finite, distinct learning rates."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--lr {text!r}: expected comma-separated numbers such as 5e-6,1e-5,1e-4.") from None
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        raise UserError(f"--lr {text!r}: give positive, finite learning rates (such as 5e-6,1e-5,1e-4).")
+    if len(set(values)) != len(values):
+        raise UserError(f"--lr {text!r}: a learning rate is listed twice.")
+    return values
+
+
+def points(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid's values, the first setting varying slowest."""
+    names = list(grid)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(grid[n] for n in names))]
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "+".join(value)
+    return str(value).replace(",", "+")
+
+
+def run_names(grid: dict[str, list]) -> list[str]:
+    """A folder name per point: the settings that differ between runs (all of them for a single run)."""
+    varied = [name for name, values in grid.items() if len(values) > 1] or list(grid)
+    return [folder_name("_".join(f"{SHORT.get(name, name)}-{_shown(point[name])}" for name in sorted(varied, key=_order)))
+            for point in points(grid)]
+
+
+def folder_name(text: str) -> str:
+    """A run name as a folder name: letters, digits and ``._+-`` kept (``lr-1e+30``, ``loss_type-sigmoid+sft``)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "run"
+
+
+def _order(name: str) -> tuple:
+    """Names list their settings alphabetically, learning rate last (lr-... stays a suffix it always was)."""
+    return (name == "learning_rate", name)
+
+
+def compared(grid: dict[str, list]) -> list[str]:
+    """Grid settings that change what a run computes (a grid over report_generations alone trains one run twice)."""
+    return [name for name in grid if name not in NOT_COMPARED]
