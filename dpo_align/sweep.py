@@ -104,7 +104,8 @@ def sweep(
     settings = {"command": "dpo-align sweep", "grid": grid, "learning_rates": grid.get("learning_rate", [base.learning_rate]),
                 "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
                 "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
-    write_sweep(output, runs, settings, adapters, changes=changes, failed=failed, preference=preference, curve=curve, beta=base.beta)
+    write_sweep(output, runs, settings, adapters, changes=changes, failed=failed, preference=preference, curve=curve, beta=base.beta,
+                betas={name: configs[name].beta for name in adapters})
     write_report_safely(output, progress, generations=base.report_generations, generate=report_generations)
     if failed:
         raise UserError(f"{len(failed)} of {len(configs)} runs failed ({', '.join(failed)}); the others are scored in {output}/. "
@@ -150,7 +151,7 @@ def score_all(base: TrainConfig, adapters: dict[str, Path], options: ScoreOption
 
 
 def write_sweep(output: Path, runs: list[dict], settings: dict, adapters: dict[str, Path], *, changes: dict, failed: dict[str, str],
-                preference: dict | None, curve: dict | None, beta: float) -> None:
+                preference: dict | None, curve: dict | None, beta: float, betas: dict[str, float] | None = None) -> None:
     """Tables, comparison, preference, learning curve, training curves and manifests, all written aside and moved
     into place together, results.json last: a full disk leaves no half set."""
     with staged_files(output, last="results.json") as stage:
@@ -168,7 +169,8 @@ def write_sweep(output: Path, runs: list[dict], settings: dict, adapters: dict[s
             atomic_write_bytes(stage / "learning-curve.png",
                                learning_curve.plot(curve["points"], curve["total_steps"],
                                                    f"{curve['run']}: ce on {settings['curve_docs']} fixed documents per dataset"))
-        plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, stage / "curves")
+        plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, stage / "curves",
+                  betas=betas)
         manifests = stage / "manifests"
         manifests.mkdir(exist_ok=True)
         for name, path in adapters.items():

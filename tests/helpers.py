@@ -50,6 +50,20 @@ def noisy_adapter(base, directory) -> Path:
     return directory
 
 
+def with_chat_template(model, directory: Path) -> Path:
+    """A copy of ``model`` whose tokenizer has a small chat template (for --apply_chat_template)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def tiny_config(model, data, out, **overrides) -> TrainConfig:
     settings = dict(model=str(model), data=[str(data)], output_dir=str(out), max_steps=6, batch_size=4, max_length=96,
                     logging_steps=1, save_steps=2, precision="fp32", learning_rate=5e-3, warmup_ratio=0.0,

@@ -100,3 +100,11 @@ def test_training_curves_are_smoothed_as_tensorboard_does():
     assert out[0] == 1.0  # debiased: the first point is itself, not pulled towards 0
     assert out[1] == pytest.approx((0.6 * 0.4 * 1.0 + 0.4 * 0.0) / (1 - 0.36))
     assert max(out[1:]) - min(out[1:]) < max(values) - min(values)  # the swing shrinks
+
+
+def test_the_reference_log_prob_comes_from_what_trl_logs():
+    from dpo_align.core.plots import reference_series
+
+    # reward = beta * (policy - reference): policy -10 with reward 0.2 at beta 0.1 means a reference of -12
+    rows = [{"step": 1, "logps/chosen": -10.0, "rewards/chosen": 0.2}, {"step": 2, "loss": 0.69}, {"step": 3, "logps/chosen": -9.0, "rewards/chosen": -0.1}]
+    assert reference_series(rows, "chosen", 0.1) == ([1, 3], [pytest.approx(-12.0), pytest.approx(-8.0)])

@@ -21,7 +21,7 @@ from dpo_align.eval_run import run_eval
 from dpo_align.score import metrics
 
 from .conftest import REPO, SHARED_DATA, needs_shared_data
-from .helpers import lora_adapter
+from .helpers import lora_adapter, with_chat_template
 
 ALPACA = (
     "Below is an instruction that describes a task.\nWrite a response that appropriately completes the request."
@@ -236,20 +236,14 @@ def test_real_model_matches_independent_computation(default_model_path, tmp_path
 def test_apply_chat_template_counts_tokens_against_the_chat_context(tiny_gpt2, tiny_data, tmp_path):
     """With --apply_chat_template lm-eval wraps the prompt in the model's chat template;
     the token counts (and so ce) must follow the context actually scored."""
-    import shutil
-
     import lm_eval
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
     from dpo_align.score.evaluate import include_path
 
-    model_dir = tmp_path / "chatty"
-    shutil.copytree(tiny_gpt2, model_dir)
+    model_dir = with_chat_template(tiny_gpt2, tmp_path / "chatty")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    tokenizer.save_pretrained(model_dir)
 
     metadata = {"pretrained": str(model_dir), "data_dir": str(tiny_data)}
     results = lm_eval.simple_evaluate(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 
 from dpo_align.score.lm_eval_model import ResponseOnlyHFLM
+
+from .helpers import with_chat_template
 
 
 def requests_of(tokenizer, seed: int = 0) -> list[tuple]:
@@ -62,16 +63,10 @@ def test_a_request_lm_eval_would_truncate_is_scored_alone_and_truncated_the_same
 def test_with_apply_chat_template_the_contrast_suite_is_hf_s(tiny_gpt2, tiny_data, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
 
     from dpo_align.score.evaluate import include_path
 
-    model_dir = tmp_path / "chatty"
-    shutil.copytree(tiny_gpt2, model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    tokenizer.save_pretrained(model_dir)
+    model_dir = with_chat_template(tiny_gpt2, tmp_path / "chatty")
     metadata = {"pretrained": str(model_dir), "data_dir": str(tiny_data), "pku_path": str(tiny_data / "pku.jsonl.gz")}
     got = {}
     for name in ("hf", "dpo-hf"):

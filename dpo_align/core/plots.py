@@ -47,8 +47,16 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_runs(runs: dict[str, list[dict]], output_dir: Path) -> list[Path]:
-    """One PNG per statistic with every run overlaid (train solid, held-out dashed)."""
+def reference_series(rows: list[dict], side: str, beta: float) -> tuple[list[int], list[float]]:
+    """The reference model's log-prob of ``side`` ("chosen"/"rejected") at each logged step, from what TRL logs:
+    the policy's log-prob minus the reward over beta (reward = beta * (policy - reference))."""
+    points = [(r["step"], r[f"logps/{side}"] - r[f"rewards/{side}"] / beta) for r in rows if f"logps/{side}" in r and f"rewards/{side}" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_runs(runs: dict[str, list[dict]], output_dir: Path, betas: dict[str, float] | None = None) -> list[Path]:
+    """One PNG per statistic with every run overlaid (train solid, held-out dashed); with each run's ``betas``,
+    the log-prob figures draw the reference's log-prob too (dotted), so a fall of the chosen one shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,12 +73,15 @@ def plot_runs(runs: dict[str, list[dict]], output_dir: Path) -> list[Path]:
                 steps, values = series(rows, prefix + key)
                 if not steps:
                     continue
-                label = f"{run} {suffix}" if len(runs) > 1 else suffix
+                shown = f"{run} {suffix}" if len(runs) > 1 else suffix
                 if prefix:  # held-out: every evaluation, as it is
-                    ax.plot(steps, values, style, color=color, marker="o", markersize=3, label=label)
+                    ax.plot(steps, values, style, color=color, marker="o", markersize=3, label=shown)
                 else:  # train: the raw values faint, the smoothed trend on top
                     ax.plot(steps, values, style, color=color, alpha=0.25, linewidth=0.8)
-                    ax.plot(steps, smoothed(values), style, color=color, label=f"{label} (smoothed {SMOOTHING})")
+                    ax.plot(steps, smoothed(values), style, color=color, label=f"{shown} (smoothed {SMOOTHING})")
+                    if key.startswith("logps/") and betas and run in betas:
+                        ref_steps, ref_values = reference_series(rows, key.removeprefix("logps/"), betas[run])
+                        ax.plot(ref_steps, smoothed(ref_values), ":", color=color, label=f"{shown}: the reference's")
                 drawn = True
         if not drawn:
             plt.close(fig)

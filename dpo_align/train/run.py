@@ -376,7 +376,7 @@ def _write_outputs(config: TrainConfig, trainer, tokenizer, run: RunResult, *, o
         tokenizer.save_pretrained(str(staging))
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml holds the settings
         rows = read_metrics(output / "metrics.jsonl")
-        plots = plot_runs({output.name: rows}, staging / "plots")
+        plots = plot_runs({output.name: rows}, staging / "plots", betas={output.name: config.beta})
         final_train = next((r for r in reversed(rows) if "loss" in r), {})
         final_eval = next((r for r in reversed(rows) if "eval_loss" in r), {})
         manifest = {
