@@ -19,7 +19,7 @@ import re
 import typing
 
 from dpo_align.core.errors import UserError
-from dpo_align.train.config import NOT_COMPARED, TrainConfig
+from dpo_align.train.config import TrainConfig
 
 SHORT = {"learning_rate": "lr"}  # names runs have always had
 NOT_GRIDDED = ("output_dir",)  # where a run goes is the grid's to decide
@@ -126,8 +126,3 @@ def folder_name(text: str) -> str:
 def _order(name: str) -> tuple:
     """Names list their settings alphabetically, learning rate last (lr-... stays a suffix it always was)."""
     return (name == "learning_rate", name)
-
-
-def compared(grid: dict[str, list]) -> list[str]:
-    """Grid settings that change what a run computes (a grid over report_generations alone trains one run twice)."""
-    return [name for name in grid if name not in NOT_COMPARED]

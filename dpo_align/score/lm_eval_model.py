@@ -96,9 +96,12 @@ class ResponseOnlyHFLM(HFLM):
         backbone, head, softcap, scale = setup
         batch_size = int(override_bs or self.batch_size)
         # A request sent twice (the dpo_ppl and dpo_contrast tasks both send each reference) is computed once.
+        def same(i: int) -> tuple:  # what makes two requests one computation (plain: nothing does)
+            return (i,) if self.plain_requests else (tuple(requests[i][1]), tuple(requests[i][2]))
+
         first: dict[tuple, int] = {}
-        for i, (_, context, continuation) in enumerate(requests):
-            first.setdefault((i,) if self.plain_requests else (tuple(context), tuple(continuation)), i)
+        for i in range(len(requests)):
+            first.setdefault(same(i), i)
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
         # progress in documents (distinct contexts: a document's reference and foils share one), with rate and ETA
         pending = Counter(tuple(requests[i][1]) for i in first.values())
@@ -123,8 +126,8 @@ class ResponseOnlyHFLM(HFLM):
                 for i, answer in zip(part, self._score(part, requests, backbone, head, softcap, scale), strict=True):
                     done(i, answer)
         bar.close()
-        for i, (cache_key, context, continuation) in enumerate(requests):
-            answers[i] = answers[first[(i,) if self.plain_requests else (tuple(context), tuple(continuation))]]
+        for i, (cache_key, _, _) in enumerate(requests):
+            answers[i] = answers[first[same(i)]]
             if cache_key is not None:
                 self.cache_hook.add_partial("loglikelihood", cache_key, answers[i])
         return answers
