@@ -1,8 +1,10 @@
 """Results the sweep keeps between runs: reused only when the same weights and settings made them.
 
 Each cached result (a model's scores, its held-out log-probs, a learning-curve point) is a JSON file
-holding a ``key``: the sha256 of the model's and adapter's weight files, the label and the settings.
-A file whose key differs is recomputed, with a word; an unreadable one is recomputed too.
+holding a ``key`` (the sha256 of the model's and adapter's weight files, the label and the settings)
+and a ``checksum`` of its values. A read checks both, and that the values are possible ones (every
+per-document NLL finite and >= 0 with whole token and byte counts >= 1, every log-prob finite and
+<= 0, every table number finite). A file that fails any check is recomputed, with a word saying why.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from dpo_align.core.files import atomic_write_json
+from dpo_align.core.errors import UserError
+from dpo_align.core.files import atomic_write_json, content_checksum
 from dpo_align.core.provenance import model_revision
 from dpo_align.score.evaluate import ModelSpec, ScoreOptions
 
@@ -49,19 +52,50 @@ def cached(path: Path, key: str, progress, where: str, kept_message: str, comput
         return kept
     progress(where)
     result = compute()
-    atomic_write_json(path, {**result, "key": key})
+    atomic_write_json(path, {**result, "key": key, "checksum": content_checksum(result)})
     return result
 
 
 def _reuse(path: Path, key: str, progress) -> dict | None:
-    """A cached result when it was made from the same weights and settings; None otherwise (it is recomputed)."""
+    """A cached result when it was made from the same weights and settings and passes its checks; None otherwise
+    (it is recomputed)."""
     if not path.is_file():
         return None
     try:
-        cached = json.loads(path.read_text())
-    except ValueError:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        progress(f"{path}: unreadable ({type(err).__name__}); recomputing it.")
         return None
-    if cached.get("key") != key:
+    if not isinstance(kept, dict) or kept.get("key") != key:
         progress(f"{path}: made from other weights or settings; recomputing it.")
         return None
-    return cached
+    result = {k: v for k, v in kept.items() if k not in ("key", "checksum")}
+    problem = "its values do not match their checksum (changed or damaged after it was written)" \
+        if kept.get("checksum") != content_checksum(result) else impossible_values(result)
+    if problem:
+        progress(f"{path}: {problem}; recomputing it.")
+        return None
+    return result
+
+
+def impossible_values(result: dict) -> str | None:
+    """What in a cached result no model could have produced, or None."""
+    import math
+
+    from dpo_align.report.compare import check_document
+
+    for task, docs in (result.get("documents") or {}).items():
+        for i, doc in enumerate(docs):
+            try:
+                check_document(doc, f"{task} document {i + 1}")
+            except UserError as err:
+                return str(err).split(";")[0]
+    for side, values in (result.get("logps") or {}).items():
+        if not all(isinstance(v, int | float) and math.isfinite(v) and v <= 0 for v in values):
+            return f"its {side} log-probs are not all finite and <= 0"
+    for name, row in (result.get("table") or {}).items():
+        for metric, value in row.items():
+            number = value[0] if isinstance(value, list) and value else value  # [value, stderr]: a stderr may be NaN
+            if isinstance(number, float) and not math.isfinite(number):
+                return f"its table's {name} {metric} is not finite"
+    return None

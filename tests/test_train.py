@@ -387,6 +387,46 @@ def test_reference_log_probs_are_cached_reused_and_keyed_on_what_they_depend_on(
     assert [r["loss"] for r in rows_damaged if "loss" in r] == [r["loss"] for r in rows_first if "loss" in r]
 
 
+def test_a_damaged_reference_cache_is_recomputed_and_trains_as_a_clean_run(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    """A cache file is not trusted because it parses: flipped bytes in its values, a cut-off file, and a file of
+    another pair count each fail their check, are recomputed with a word, and give the clean run's losses."""
+    cache = tmp_path / "ref-cache"
+    monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(cache))
+
+    def run(name, **overrides):
+        said = []
+        settings = {"max_steps": 12, **overrides}
+        manifest = train(tiny_config(tiny_gpt2, pairs_file, tmp_path / name, **settings), progress=said.append)
+        losses = [(r["loss"], r["rewards/chosen"]) for r in read_rows(tmp_path / name) if "loss" in r]
+        return manifest["reference_logps"]["train"], losses, " ".join(said)
+
+    from dpo_align.train import ref_logps
+
+    clean, clean_losses, _ = run("clean")
+    path = cache / f"{clean['key']}.safetensors"
+    pristine = path.read_bytes()
+
+    def flip_values(data: bytes) -> bytes:  # the header stays valid: only the stored floats change
+        header = 8 + int.from_bytes(data[:8], "little")
+        body = bytearray(data[header:])
+        for i in range(0, len(body), 7):
+            body[i] ^= 0x5A
+        return data[:header] + bytes(body)
+
+    _, _, _ = run("fewer", max_pairs=40, max_steps=10)  # a cache file of 40 pairs
+    other = next(p for p in cache.glob("*.safetensors") if p != path)
+    damages = {"flipped": flip_values(pristine), "truncated": pristine[: len(pristine) - 50], "other pair count": other.read_bytes()}
+    for name, damaged in damages.items():
+        path.write_bytes(damaged)
+        report, losses, said = run(name.replace(" ", "-"))
+        assert report["cached"] is False, name
+        assert "is not used" in said and "Recomputing" in said, (name, said)
+        assert losses == clean_losses, name
+        assert ref_logps.load(clean["key"], 48) is not None, name  # rewritten whole by the recomputation
+    reused, losses, said = run("reused")
+    assert reused["cached"] is True and losses == clean_losses and "is not used" not in said
+
+
 def test_a_sweep_computes_reference_log_probs_once(tiny_gpt2, pairs_file, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(tmp_path / "ref-cache"))
     from dpo_align.sweep import sweep
@@ -456,6 +496,37 @@ def test_sweep_never_reuses_work_made_with_other_settings(tiny_gpt2, pairs_file,
     # the base model's score is still valid (same weights, same scoring settings); the new adapter's is not
     assert retrained.output.count("already scored, kept") == 1 and "[score 1/2] baseline" in retrained.output
     assert retrained.output.count("made from other weights or settings; recomputing it") == 1
+
+
+def test_sweep_recomputes_a_cached_score_that_fails_its_checks(tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    """A score cache is not trusted because it parses and its key matches: an edited value fails the checksum, and a
+    value no model gives (nll < 0, written with a valid checksum) fails the range check. Both are scored again, with
+    a word, and the results equal the clean run's."""
+    from dpo_align.core.files import content_checksum
+
+    args = ["sweep", "--lr", "1e-3", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--max-steps", "2", "--max-length", "96",
+            "--precision", "fp32", "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
+            "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "out"), "--bootstrap", "100", "--eval-limit", "2"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    clean = json.loads((tmp_path / "out" / "results.json").read_text())["models"]
+    cache = next((tmp_path / "out" / "scores").glob("baseline*.json"))
+    stored = json.loads(cache.read_text())
+    task = next(iter(stored["documents"]))
+
+    edited = json.loads(json.dumps(stored))
+    edited["documents"][task][0]["nll"] *= 0.5  # still a possible value, but not the one written
+    impossible = json.loads(json.dumps(stored))
+    impossible["documents"][task][0]["nll"] = -3.0
+    impossible["checksum"] = content_checksum({k: v for k, v in impossible.items() if k not in ("key", "checksum")})
+    for damaged, said in ((edited, "do not match their checksum"), (impossible, "nll is -3.0")):
+        cache.write_text(json.dumps(damaged))
+        again = runner.invoke(app, args)
+        assert again.exit_code == 0, again.output
+        assert said in again.output and "recomputing it" in again.output, again.output
+        assert again.output.count("already scored, kept") == 1  # the adapter's cache was sound
+        assert json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]["table"] == clean[0]["table"]
+    assert json.loads(cache.read_text())["documents"] == stored["documents"]  # rewritten with the model's own numbers
 
 
 def test_ctrl_c_while_the_outputs_are_written_finishes_them(tiny_gpt2, pairs_file, tmp_path, monkeypatch):

@@ -40,6 +40,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def content_checksum(obj) -> str:
+    """sha256 of a JSON value as written (keys sorted): a cache stores it beside its values and checks it on every read,
+    so a file edited or damaged after it was written is recomputed rather than trusted because it parses."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
-from dpo_align.core.files import atomic_write_json
+from dpo_align.core.files import atomic_write_json, content_checksum
 from dpo_align.data.templates import render_prompt
 
 DEFAULT_PROMPTS = [
@@ -135,9 +135,9 @@ def report_generations(folder: Path, model_path: str, adapters: list[str], templ
         cached = json.loads((folder / "generations.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cached = None
-    if cached and cached.get("key") == key:
+    if isinstance(cached, dict) and cached.get("key") == key and cached.get("checksum") == content_checksum(cached.get("rows")):
         return cached["rows"]
     progress(f"Generating {len(prompts)} responses per model for the report (greedy, 64 tokens)")
     rows = generate(model_path, adapters, prompts, template=template, sampling=Sampling(max_new_tokens=64))
-    atomic_write_json(folder / "generations.json", {"key": key, "rows": rows})
+    atomic_write_json(folder / "generations.json", {"key": key, "rows": rows, "checksum": content_checksum(rows)})
     return rows

@@ -93,7 +93,7 @@ class SharedPromptDPOTrainer(DPOTrainer):
                                   max_length=self.args.max_length, device_type=self.accelerator.device.type,
                                   autocast_dtype=autocast_dtype)
         with self.accelerator.main_process_first():
-            cached = ref_logps.load(key)
+            cached = ref_logps.load(key, len(dataset), report=self._log)
             hit = cached is not None
             if cached is None:
                 cached = ref_logps.compute(model, dataset, max_length=self.args.max_length, pad_token_id=self.data_collator.pad_token_id,

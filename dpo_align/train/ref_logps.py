@@ -15,6 +15,10 @@ The key is a sha256 of everything the numbers depend on:
 
 Change any of them and the key changes, so a stale file is never read. The runs of a
 sweep, a ``--resume`` and a re-run share one file.
+
+A file is not trusted because it parses: it records its key, its pair count and a sha256
+of its values, and a read checks all three and that every value is a finite log-prob
+(<= 0). A file that fails is recomputed, with a word (``check``).
 """
 
 from __future__ import annotations
@@ -78,18 +82,51 @@ def compute(model, dataset, *, max_length: int | None, pad_token_id: int, device
     return sums["chosen"], sums["rejected"]
 
 
-def load(key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    from safetensors.torch import load_file
+def _checksum(chosen: torch.Tensor, rejected: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for values in (chosen, rejected):
+        digest.update(values.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check(tensors: dict, metadata: dict | None, *, key: str, pairs: int) -> str | None:
+    """What is wrong with a cache file's contents, or None: it must say which key and how many pairs it holds, hold
+    exactly that many finite log-probs (<= 0) per side, and match the checksum written with them."""
+    metadata = metadata or {}
+    if metadata.get("key") != key:
+        return f"it was written for key {metadata.get('key')!r}"
+    if metadata.get("pairs") != str(pairs):
+        return f"it holds {metadata.get('pairs')} pairs, not {pairs}"
+    if set(tensors) != {"chosen", "rejected"} or any(t.shape != (pairs,) for t in tensors.values()):
+        return f"its tensors are {({k: tuple(t.shape) for k, t in tensors.items()})}, not chosen and rejected of {pairs} values"
+    if metadata.get("checksum") != _checksum(tensors["chosen"], tensors["rejected"]):
+        return "its values do not match their checksum (the file was changed or damaged after it was written)"
+    for side, values in tensors.items():
+        if not torch.isfinite(values).all() or (values > 0).any():
+            return f"its {side} log-probs are not all finite and <= 0"
+    return None
+
+
+def load(key: str, pairs: int, report=lambda message: None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached log-probs of these ``pairs`` pairs, or None when there is no file or it fails its checks (then
+    ``report`` says why, and the caller recomputes: a damaged file is never trained on)."""
+    from safetensors import safe_open
 
     root = cache_dir()
     path = root / f"{key}.safetensors" if root else None
     if path is None or not path.is_file():
         return None
     try:
-        tensors = load_file(path)
-        return tensors["chosen"], tensors["rejected"]
-    except Exception:  # a damaged cache file is recomputed, never trusted
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        problem = check(tensors, metadata, key=key, pairs=pairs)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed, whatever the reader raised
+        problem = f"it cannot be read ({type(err).__name__}: {err})"
+    if problem:
+        report(f"Reference log-probs cache {path} is not used: {problem}. Recomputing them.")
         return None
+    return tensors["chosen"], tensors["rejected"]
 
 
 def save(key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> Path | None:
@@ -102,7 +139,9 @@ def save(key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> Path | None:
         root.mkdir(parents=True, exist_ok=True)
         path = root / f"{key}.safetensors"
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
+        chosen, rejected = chosen.to(torch.float32).contiguous(), rejected.to(torch.float32).contiguous()
+        metadata = {"key": key, "pairs": str(len(chosen)), "checksum": _checksum(chosen, rejected), "layout": str(LAYOUT_VERSION)}
+        save_file({"chosen": chosen, "rejected": rejected}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
         return path
     except OSError:  # a cache that cannot be written only costs time next run
