@@ -529,6 +529,45 @@ def test_sweep_recomputes_a_cached_score_that_fails_its_checks(tiny_gpt2, pairs_
     assert json.loads(cache.read_text())["documents"] == stored["documents"]  # rewritten with the model's own numbers
 
 
+def test_ctrl_c_stops_a_real_sweep_in_its_training_and_the_rerun_equals_an_uninterrupted_one(tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    """SIGINT to a sweep process while it trains: exit 130 with the command to run again, no results.json and no
+    tables; the re-run resumes the cut run from its checkpoint and ends with the uninterrupted sweep's numbers."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+
+    def command(name):
+        return [sys.executable, "-m", "dpo_align", "sweep", "--lr", "1e-3", "--model", str(tiny_gpt2), "--data", str(pairs_file),
+                "--max-steps", "12", "--save-steps", "2", "--max-length", "96", "--precision", "fp32", "--report-generations", "0",
+                "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"), "--eval-limit", "2", "--bootstrap", "100",
+                "--runs-dir", str(tmp_path / name / "runs"), "-o", str(tmp_path / name / "out")]
+
+    whole = subprocess.run(command("whole"), env=env, capture_output=True, text=True, timeout=900)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    proc = subprocess.Popen(command("cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "cut" / "runs" / "lr-0.001" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "Sweep interrupted" in output and "Traceback" not in output
+    out = tmp_path / "cut" / "out"
+    assert not (out / "results.json").exists() and not list(out.glob("table.*")) and not (out / "scores").exists()
+    assert not (tmp_path / "cut" / "runs" / "lr-0.001" / "manifest.json").exists()
+    again = subprocess.run(command("cut"), env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr
+    expected = json.loads((tmp_path / "whole" / "out" / "results.json").read_text())["models"]
+    resumed = json.loads((out / "results.json").read_text())["models"]
+    for before, after in zip(expected, resumed, strict=True):
+        for name, row in before["table"].items():
+            assert after["table"][name]["ce"][0] == pytest.approx(row["ce"][0], rel=1e-5), (before["label"], name)
+
+
 def test_ctrl_c_while_the_outputs_are_written_finishes_them(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
     """Aimed at the window between the adapter being saved and the manifest being written."""
     out = tmp_path / "run"
@@ -562,6 +601,28 @@ def test_resume_refuses_an_edited_config_naming_the_key(tiny_gpt2, pairs_file, t
     config.write_text(original)  # restored: the resume goes ahead
     result = runner.invoke(app, ["train", "-o", str(out), "--resume"])
     assert result.exit_code == 0, result.output
+
+
+def test_resume_refuses_data_that_changed_and_accepts_the_same_file_by_another_path(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    """Provenance checked against the call: the checkpoint records the data's sha256, so a resume on an edited file
+    is refused naming both digests; the same file spelt as a relative path is the same setting and resumes."""
+    import shutil
+
+    data = tmp_path / "pairs.jsonl"
+    shutil.copyfile(pairs_file, data)
+    out = tmp_path / "run"
+    killed_before_outputs(monkeypatch, tiny_config(tiny_gpt2, data, out, max_steps=4, save_steps=2))
+    original = data.read_bytes()
+    data.write_bytes(b"".join(original.splitlines(keepends=True)[::-1]))  # the same pairs in another order: other bytes
+    refused = runner.invoke(app, ["train", "-o", str(out), "--resume"])
+    assert refused.exit_code == 2, refused.output
+    assert "the data changed since" in refused.output and "sha256" in refused.output and "restore the file" in refused.output
+    assert not (out / "manifest.json").exists()
+    data.write_bytes(original)
+    monkeypatch.chdir(tmp_path)
+    resumed = runner.invoke(app, ["train", "-o", str(out), "--resume", "--data", "pairs.jsonl"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
 def test_a_warmup_that_covers_the_whole_run_is_said(tiny_gpt2, pairs_file, tmp_path):

@@ -267,7 +267,23 @@ def settings_diff(saved: dict, wanted: TrainConfig) -> list[str]:
     """
     defaults = dataclasses.asdict(TrainConfig())
     current = dataclasses.asdict(wanted)
-    return sorted(k for k in current if k not in NOT_COMPARED and saved.get(k, defaults[k]) != current[k])
+    return sorted(k for k in current if k not in NOT_COMPARED and _located(k, saved.get(k, defaults[k])) != _located(k, current[k]))
+
+
+# Settings naming local files or folders: ../data/x and /home/me/data/x are the same setting when they are the same file.
+PATH_SETTINGS = ("model", "data", "eval_data", "eval_suite_data_dir", "eval_suite_pku_path")
+
+
+def _located(key: str, value):
+    """A path setting with each existing local path made absolute (hub ids and missing paths as written)."""
+    if key not in PATH_SETTINGS or value is None:
+        return value
+    import os
+
+    def one(item):
+        return os.path.realpath(item) if isinstance(item, str) and os.path.exists(item) else item
+
+    return [one(v) for v in value] if isinstance(value, list) else one(value)
 
 
 def check_resumable(run_dir: Path, wanted: TrainConfig, *, how_to_fix: str) -> None:

@@ -30,6 +30,8 @@ from dpo_align.train.callbacks import CheckpointMarker, GracefulInterrupt, Metri
 from dpo_align.train.config import TrainConfig
 from dpo_align.train.model_card import model_card
 from dpo_align.train.run_folder import (
+    DATA_KEY,
+    check_checkpoint_data,
     check_checkpoint_settings,
     check_output_dir,
     is_final,
@@ -219,7 +221,7 @@ def warmup_warning(config: TrainConfig, pairs: int, processes: int = 1) -> str |
 
 
 def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset, eval_dataset, *, output: Path, precision: str,
-                  use_cuda: bool, interrupt: GracefulInterrupt, progress):
+                  use_cuda: bool, interrupt: GracefulInterrupt, progress, data_sha256: list | None = None):
     """The model in its precision, its LoRA, and the shared-prompt DPO trainer (tokenization and the reference pass run here)."""
     import torch
     from peft import LoraConfig
@@ -245,7 +247,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker(dataclasses.asdict(config)), interrupt],
+        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker({**dataclasses.asdict(config), DATA_KEY: data_sha256}), interrupt],
     )
     trainer.setup_s = round(time.time() - setup_started, 1)  # tokenization and the reference pass (or its cache)
     for callback in (ProgressCallback, PrinterCallback):
@@ -289,13 +291,16 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
 
     # 1. the data
     prepared = prepare_pairs(config, progress)
+    data_sha256 = [s.sha256 for s in prepared.report.sources]
+    if resume_from is not None:
+        check_checkpoint_data(resume_from, data_sha256, config)
     train_dataset, truncation, eval_dataset, eval_report = datasets_for(config, prepared, tokenizer, progress)
 
     # 2. the trainer
     precision = resolve_precision(config.precision)
     interrupt = GracefulInterrupt()
     trainer = build_trainer(config, model_path, tokenizer, train_dataset, eval_dataset, output=output, precision=precision,
-                            use_cuda=use_cuda, interrupt=interrupt, progress=progress)
+                            use_cuda=use_cuda, interrupt=interrupt, progress=progress, data_sha256=data_sha256)
     warning = warmup_warning(config, len(train_dataset), state.num_processes)
     if warning:
         progress(f"Warning: {warning}")

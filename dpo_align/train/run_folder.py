@@ -19,6 +19,7 @@ from dpo_align.train.config import TrainConfig, settings_diff
 RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl")
 COMPLETE_MARKER = "dpo-align-checkpoint-complete"
 SETTINGS_FILE = "dpo-align-settings.json"
+DATA_KEY = "data_sha256"  # in SETTINGS_FILE: the sha256 of each data file read, in order (None for a hub split)
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -91,6 +92,20 @@ def check_checkpoint_settings(checkpoint: Path, config: TrainConfig, output: Pat
         raise UserError(f"--resume: the settings differ from those {checkpoint} was trained with ({detail}). A resumed run "
                         f"continues exactly as it started: restore them in {output / 'config.yaml'}, or start a new run "
                         "(--overwrite, or another --output-dir).")
+
+
+def check_checkpoint_data(checkpoint: Path, data_sha256: list, config: TrainConfig) -> None:
+    """The same settings on other data are another run: a resume reads the files the checkpoint was trained on,
+    byte for byte, or refuses (the manifest would otherwise record the new file's sha256 for an adapter trained
+    mostly on the old one)."""
+    if not (checkpoint / SETTINGS_FILE).is_file():
+        return
+    stored = json.loads((checkpoint / SETTINGS_FILE).read_text()).get(DATA_KEY)
+    if stored is not None and stored != data_sha256:
+        raise UserError(f"--resume: the data changed since {checkpoint} was saved ({', '.join(config.data)}: sha256 "
+                        f"{', '.join(str(s)[:12] for s in stored)} then, {', '.join(str(s)[:12] for s in data_sha256)} now). "
+                        "A resumed run continues on the pairs it started on: restore the file, or start a new run (--overwrite, "
+                        "or another --output-dir).")
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
