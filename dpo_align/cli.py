@@ -42,12 +42,30 @@ def _root(
     _state["debug"] = debug
 
 
+def _refuse_non_finite(kwargs: dict) -> None:
+    """No command has a use for nan or inf in a float option (--temperature inf samples noise, nan fails deep inside
+    transformers): refused at the option, before any work, for every command."""
+    import math
+
+    # the command's context, where it takes one (Typer passes its vendored click's Context, so it is recognised by shape)
+    ctx = next((v for v in kwargs.values() if hasattr(v, "command") and hasattr(v, "get_parameter_source")), None)
+    params = {p.name: p for p in ctx.command.params} if ctx else {}
+    for name, value in kwargs.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                opts = getattr(params.get(name), "opts", None) or ["--" + name.replace("_", "-")]
+                flag = next((o for o in opts if o.startswith("--")), opts[0])  # as declared first: --lr, not --learning-rate
+                raise UserError(f"{flag} must be a finite number (got {item}).")
+
+
 def user_errors(fn):
-    """Print a UserError as one paragraph and exit 2; keep tracebacks for --debug."""
+    """Print a UserError as one paragraph and exit 2; keep tracebacks for --debug. Float options are checked first."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _refuse_non_finite(kwargs)
             return fn(*args, **kwargs)
         except UserError as err:
             if _state["debug"]:
@@ -232,17 +250,25 @@ def compare_command(
 
     if bootstrap < 100 or permutations < 100:
         raise UserError("--bootstrap and --permutations need at least 100 draws each.")
+    if seed < 0:
+        raise UserError(f"--seed {seed}: a seed is a whole number >= 0.")
+    from dpo_align.core.folder_lock import check_output_folder, locked
+
+    if output is not None:
+        check_output_folder(output)
     models = compare.load(results)
     changes = compare.compare(models, replicates=bootstrap, permutations=permutations, seed=seed)
     text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations)
     typer.echo(text)
-    if output is not None:
+    if output is None:
+        return
+    with locked(output, "dpo-align compare"):
         atomic_write_text(output / "compare.md", text)
         atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
                                                     "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
                                                     **compare.as_json(changes)})
         atomic_write_bytes(output / "compare.png", compare.plot(changes))
-        typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png.")
+    typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png.")
 
 
 # --------------------------------------------------------------------------- generate
@@ -275,7 +301,8 @@ def generate_command(
     import json as json_module
 
     from dpo_align.core.files import atomic_write_text
-    from dpo_align.core.models import check_adapter_folder, check_weights_safe, resolve_model
+    from dpo_align.core.models import adapter_base, check_adapter_folder, check_weights_safe, resolve_model
+    from dpo_align.core.provenance import same_model, template_warning
     from dpo_align.score import generate as gen
     from dpo_align.score.evaluate import resolve_device
 
@@ -283,14 +310,28 @@ def generate_command(
         raise UserError(f"--format {output_format!r} is not one of: md, json.")
     if prompt and prompts:
         raise UserError("Give --prompt or --prompts, not both.")
+    if output is not None:
+        from dpo_align.core.folder_lock import check_output_file
+
+        check_output_file(output)
     options = ScoreOptions(**settings_of(ctx, ScoreOptions)).validate()
     template = options.template
+    sampling = gen.Sampling(max_new_tokens, temperature, top_p, seed).validate()
+    path = resolve_model(model, progress=lambda m: typer.echo(m, err=True))
     for adapter in peft or []:
         check_adapter_folder(adapter)
         check_weights_safe(adapter, options.allow_pickle)
-    sampling = gen.Sampling(max_new_tokens, temperature, top_p, seed).validate()
+        trained_on = adapter_base(adapter)
+        if trained_on and not same_model(trained_on, path):  # LoRA deltas learned for other weights: noise, or a shape error
+            if Path(trained_on).exists() == Path(path).exists():  # two folders here, or two hub ids: two models
+                raise UserError(f"--peft {adapter} was trained on {trained_on}, and MODEL is {path}. Its responses beside "
+                                f"another model's would not be the adapter's: pass {trained_on} as MODEL.")
+            typer.echo(f"Warning: --peft {adapter} was trained on {trained_on} (a hub id or a folder not on this machine); "
+                       f"it is applied to MODEL {path} as given. If that is not the same model, its responses are not the adapter's.",
+                       err=True)
+        if warning := template_warning(adapter, template):
+            typer.echo(warning, err=True)
     texts = list(prompt) if prompt else gen.read_prompts(prompts) if prompts else list(gen.DEFAULT_PROMPTS)
-    path = resolve_model(model, progress=lambda m: typer.echo(m, err=True))
     rows = gen.generate(path, peft or [], texts, template=template, sampling=sampling, device=resolve_device(options.device),
                         trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle)
     if output_format == "json":
@@ -322,14 +363,18 @@ def report_command(
     held-out preference accuracies, the learning curve, training curves and generations.
     `train` and `sweep` write it at the end; run this to rebuild it.
     """
+    from dpo_align.core.folder_lock import check_output_file, locked
     from dpo_align.report.html import write_report
     from dpo_align.score.generate import report_generations
 
     if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder.")
+        raise UserError(f"{folder}: a file, not a folder. Give a run or sweep folder." if folder.exists() else f"{folder}: no such folder.")
     if generations < 0:
         raise UserError("--generations must be 0 or more.")
-    path = write_report(folder, output, generations=generations, generate=report_generations, progress=lambda m: typer.echo(m, err=True))
+    if output is not None:
+        check_output_file(output)
+    with locked(folder, "dpo-align report", "FOLDER"):  # a folder a train or sweep is writing is refused, not reported half-way
+        path = write_report(folder, output, generations=generations, generate=report_generations, progress=lambda m: typer.echo(m, err=True))
     typer.echo(f"Wrote {path} and {path.with_suffix('.md')}.")
 
 
@@ -451,10 +496,13 @@ def sweep_command(
 
         dpo-align sweep --lr 5e-6,1e-5 --data ../shared/data/splits/train-pool.jsonl.gz --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
+    from dpo_align.core.folder_lock import check_output_folder
     from dpo_align.grid import parse_grid
     from dpo_align.sweep import sweep
     from dpo_align.train.config import resolve_settings
 
+    for folder, option in ((runs_dir, "--runs-dir"), (output, "--output")):  # before hours of training
+        check_output_folder(folder, option)
     scoring = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_"), controls=ctx.params["controls"]).validate()  # before hours of training
     lr_given = ctx.get_parameter_source("lr").name not in ("DEFAULT", "DEFAULT_MAP")
     spanned = parse_grid(grid or [], lr=lr if (lr_given or not grid) else None)  # --grid alone: the learning rate of --config/default
@@ -468,7 +516,7 @@ def sweep_command(
     from dpo_align.train.run import Interrupted
 
     try:
-        with locked(output, "dpo-align sweep"):
+        with locked(runs_dir, "dpo-align sweep", "--runs-dir"), locked(output, "dpo-align sweep"):
             runs = sweep(base, spanned, runs_dir=runs_dir, output=output, eval_limit=scoring.limit, data_dir=data_dir, pku_path=pku_path,
                          batch_size=scoring.batch_size, controls=scoring.controls, preference_data=preference_data, curve_docs=curve_docs, replicates=bootstrap,
                          progress=lambda m: typer.echo(m, err=True))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dpo_align.core.errors import UserError
 from dpo_align.core.models import check_weights_safe
+from dpo_align.core.provenance import template_warning
 from dpo_align.report.tables import write_outputs
 from dpo_align.score.evaluate import ScoreOptions, model_specs, quiet_lm_eval, score_spec, suite_tasks
 
@@ -39,12 +40,18 @@ def run_eval(
         for path in (spec.pretrained, spec.peft):
             if path:
                 check_weights_safe(path, options.allow_pickle)
+        if spec.peft and (warning := template_warning(spec.peft, options.template)):
+            progress(warning)
     runs = []
     for i, spec in enumerate(specs, start=1):
         progress(f"[{i}/{len(specs)}] scoring {spec.label}: {spec.pretrained}" + (f" + adapter {spec.peft}" if spec.peft else ""))
         runs.append(score_spec(spec, options))
     if any(run is None for run in runs):  # not the first process under `accelerate launch`: it writes nothing
         return []
+    short = {task: len(docs) for task, docs in runs[0]["documents"].items() if options.limit and len(docs) < options.limit}
+    if short:
+        progress(f"Note: --limit {options.limit} is above the size of " + ", ".join(f"{t} ({n} documents)" for t, n in short.items())
+                 + ": all of them were scored, and results.json records documents_scored as such.")
     try:
         write_outputs(output, runs, {"command": "dpo-align eval", **options.settings()})
     except OSError as err:

@@ -26,11 +26,13 @@ from lm_eval.api.task import ConfigurableTask
 
 from dpo_align.data.suite_docs import preference_docs
 from dpo_align.data.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
+from dpo_align.score.suite_requests import check_metadata
 
 TIE = 1e-4  # nats
 
 
 def heldout(**metadata):
+    check_metadata(metadata)
     template = check_template(metadata.get("template") or DEFAULT_TEMPLATE, option="metadata 'template'")
     tokenizer = None
     if template == "chat":

@@ -193,6 +193,50 @@ def _cases() -> list[Case]:
         c("generate adapter without config", "generate", ["generate", "{model}", "--peft", "{ws}/noconfig", "--prompt", "hi"], r"noconfig: no adapter_config", output=""),
         c("generate prompts file missing", "generate", ["generate", "{model}", "--prompts", "{ws}/nop.txt"], r"nop\.txt", output=""),
         c("generate negative temperature", "generate", ["generate", "{model}", "--prompt", "hi", "--temperature", "-1"], r"--temperature", output=""),
+        # ---- issue 20: non-finite and meaningless numbers, refused at the option
+        c("generate temperature nan", "generate", ["generate", "{model}", "--prompt", "hi", "--temperature", "nan"],
+          r"--temperature must be a finite number \(got nan\)", output=""),
+        c("generate temperature inf", "generate", ["generate", "{model}", "--prompt", "hi", "--temperature", "inf"],
+          r"--temperature must be a finite number \(got inf\)", output=""),
+        c("generate top-p nan", "generate", ["generate", "{model}", "--prompt", "hi", "--temperature", "1", "--top-p", "nan"],
+          r"--top-p must be a finite number", output=""),
+        c("generate top-p with greedy decoding", "generate", ["generate", "{model}", "--prompt", "hi", "--top-p", "0.5"],
+          r"--top-p 0.5 has no effect with greedy decoding", output=""),
+        c("generate max-new-tokens past the context", "generate", ["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "10000000"],
+          r"--max-new-tokens 10000000 is beyond the model's context window of 256", output=""),
+        c("generate a prompt longer than the context", "generate", ["generate", "{model}", "--prompts", "{ws}/long-prompt.txt"],
+          r"prompt 1 is \d+ tokens once rendered.*context window of 256", output=""),
+        c("compare seed -1", "compare", ["compare", "{ws}/noresults", "{ws}/noresults2", "--seed", "-1"], r"--seed -1", output=""),
+        c("sweep beta nan", "sweep", [*sweep, "--beta", "nan"], r"--beta must be a finite number"),
+        # ---- issue 20: one output-folder rule, before any work
+        c("eval output is a file", "eval", [*evaluate[:-1], "{ws}/afile"], r"--output .*afile is a file, not a folder", output=""),
+        c("compare output is a file", "compare", ["compare", "{ws}/noresults", "{ws}/noresults2", "-o", "{ws}/afile"],
+          r"--output .*afile is a file", output=""),
+        c("sweep runs-dir is a file", "sweep", [*sweep[:-4], "--runs-dir", "{ws}/afile", "-o", "{out}"], r"--runs-dir .*afile is a file"),
+        c("sweep output is a file", "sweep", [*sweep[:-2], "-o", "{ws}/afile"], r"--output .*afile is a file", output=""),
+        c("merge output is a file", "merge", ["merge", "{ws}/adapter", "-o", "{ws}/afile"], r"--output .*afile is a file", output=""),
+        c("report output is a folder", "report", ["report", "{ws}/notempty", "-o", "{ws}/notempty"], r"--output .*notempty is a folder", output=""),
+        c("generate output is a folder", "generate", ["generate", "{model}", "--prompt", "hi", "-o", "{ws}/notempty"],
+          r"--output .*notempty is a folder", output=""),
+        # ---- issue 20: one UTF-8 reader, regular files only, each input once
+        c("generate Latin-1 prompts", "generate", ["generate", "{model}", "--prompts", "{ws}/latin1.txt"],
+          r"latin1\.txt:2: not UTF-8 text \(byte 0xe9 at column 7\)", output=""),
+        c("train Latin-1 YAML", "train", ["train", "--config", "{ws}/latin1.yaml", "-o", "{out}"], r"latin1\.yaml:1: not UTF-8 text"),
+        c("train empty YAML", "train", ["train", "--config", "{ws}/empty.yaml", "-o", "{out}"], r"--config .*empty\.yaml: the file holds no settings"),
+        c("eval Latin-1 TruthfulQA", "eval", scored_on("latin1csv", "truthfulqa"), r"TruthfulQA\.csv:2: not UTF-8 text"),
+        c("data inspect a FIFO", "data inspect", ["data", "inspect", "{ws}/fifo.jsonl", "--model", "{model}"], r"fifo\.jsonl: not a regular file", output=""),
+        c("train on a FIFO", "train", ["train", "--model", "{model}", "--data", "{ws}/fifo.jsonl", "-o", "{out}"], r"fifo\.jsonl: not a regular file"),
+        c("generate prompts from a FIFO", "generate", ["generate", "{model}", "--prompts", "{ws}/fifo.txt"], r"fifo\.txt: not a regular file", output=""),
+        c("data inspect a symlink loop", "data inspect", ["data", "inspect", "{ws}/loop.jsonl", "--model", "{model}"],
+          r"loop\.jsonl: a broken symbolic link or a link loop", output=""),
+        c("data inspect the same file twice", "data inspect", ["data", "inspect", "{pairs}", "{pairs}", "--model", "{model}"],
+          r"given twice", output=""),
+        c("train on the same file twice", "train", ["train", "--model", "{model}", "--data", "{pairs}", "--data", "{pairs}", "-o", "{out}"], r"given twice"),
+        # ---- issue 20: the wrong kind of folder, a model the adapter was not trained on
+        c("report a file", "report", ["report", "{ws}/afile"], r"afile: a file, not a folder", output=""),
+        c("report an eval folder", "report", ["report", "{ws}/evalfolder"], r"results written by `dpo-align eval`, not a run or a sweep", output=""),
+        c("generate an adapter on another base", "generate", ["generate", "{ws}/garbage", "--peft", "{ws}/adapter", "--prompt", "hi"],
+          r"--peft .*adapter was trained on .*, and MODEL is .*garbage", output=""),
         # ---- a diverging run is not a success
         c("training diverges (lr 1e30)", "train", [*train[:-4], "--max-steps", "4", "--lr", "1e30", "--logging-steps", "1", "--precision", "fp32",
                                                   "--max-length", "96", "--report-generations", "0"], r"Training diverged at step \d+"),
@@ -220,6 +264,15 @@ class Workspace:
         (root / "list.yaml").write_text("- 1\n- 2\n")
         (root / "invalid.yaml").write_text("a: [1,\n")
         (root / "afile").write_text("x")
+        (root / "latin1.txt").write_bytes("hello\nun caf\xe9 noir\n".encode("latin-1"))
+        (root / "latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
+        (root / "empty.yaml").write_text("# nothing here\n")
+        (root / "long-prompt.txt").write_text(" ".join(["word"] * 400) + "\n")
+        os.mkfifo(root / "fifo.jsonl")
+        os.mkfifo(root / "fifo.txt")
+        (root / "loop.jsonl").symlink_to(root / "loop.jsonl")
+        (root / "evalfolder").mkdir()
+        (root / "evalfolder" / "results.json").write_text(json.dumps({"settings": {"command": "dpo-align eval"}, "models": []}))
         (root / "notempty").mkdir()
         (root / "notempty" / "notes.txt").write_text("mine")
         (root / "p.txt").write_text("hi\n")
@@ -260,6 +313,9 @@ class Workspace:
             with open(self.root / name / "truthfulqa" / "TruthfulQA.csv", "w", newline="") as f:
                 if header:
                     csv.writer(f).writerows([header, *rows])
+        (self.root / "latin1csv" / "truthfulqa").mkdir(parents=True)
+        (self.root / "latin1csv" / "truthfulqa" / "TruthfulQA.csv").write_bytes(
+            "Question,Best Answer,Incorrect Answers\nWhere is the caf\xe9?,Here.,There.\n".encode("latin-1"))
         (self.root / "nooption2" / "winogrande").mkdir(parents=True)
         rows = [{"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "1"}, {"sentence": "A _ b.", "option1": "x", "answer": "1"}]
         (self.root / "nooption2" / "winogrande" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -13,6 +13,46 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def input_file(path: str | Path, what: str = "") -> Path:
+    """A path given as an input file, checked before it is opened: there, a regular file (a FIFO would hang the
+    reader, a folder is another mistake), with a message naming the option (``what``) and the path."""
+    import stat
+
+    from dpo_align.core.errors import UserError
+
+    prefix = f"{what} {path}" if what else str(path)
+    file = Path(path).expanduser()
+    if not os.path.exists(file):
+        if os.path.lexists(file):
+            raise UserError(f"{prefix}: a broken symbolic link or a link loop (it points at {os.readlink(file)}).")
+        raise UserError(f"{prefix}: no such file.")
+    mode = os.stat(file).st_mode
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{prefix}: a folder, not a file.")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{prefix}: not a regular file (a FIFO, socket or device). Save the input to a file and give that.")
+    return file
+
+
+def decode_utf8(raw: bytes, where: str) -> str:
+    """Text from bytes; a byte that is not UTF-8 names the file, line and column (one rule for every text input)."""
+    from dpo_align.core.errors import UserError
+
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise UserError(f"{where}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}). Save the file as "
+                        "UTF-8 and run the command again.") from None
+
+
+def read_text(path: str | Path, what: str = "") -> str:
+    """The UTF-8 text of an input file (checked by ``input_file``; decoded by ``decode_utf8``)."""
+    file = input_file(path, what)
+    return decode_utf8(file.read_bytes(), f"{what} {path}" if what else str(path))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the target."""
     path = Path(path)

@@ -1,4 +1,10 @@
-"""One command per output folder: an advisory lock held for the life of the command.
+"""One rule for every output folder: checked before any work, then locked for the life of the command.
+
+``locked`` first checks the folder (``check_output_folder``: not a file, and somewhere this
+user can write), then holds the lock; ``check_output_file`` is the same rule for a command
+that writes one file (``report -o``, ``generate -o``).
+
+The lock is one command per output folder: an advisory lock held for the life of the command.
 
 The lock is ``flock`` on a small file *beside* the folder (``.<name>.lock``), so the folder itself
 stays exactly what the command writes. The operating system drops the lock when its process
@@ -21,9 +27,34 @@ def lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.lock"
 
 
+def _writable_ancestor(path: Path, option: str) -> None:
+    path = Path(path).expanduser().absolute()
+    parent = next(p for p in [path, *path.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: cannot write there ({parent} is not a writable folder). Choose a writable location.")
+
+
+def check_output_folder(folder: Path, option: str = "--output") -> None:
+    """An output folder: a folder or nothing yet (never a file), in a place this user can write."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder} is a file, not a folder. Give a folder (a new one, or one this command wrote).")
+    _writable_ancestor(folder, option)
+
+
+def check_output_file(path: Path, option: str = "--output") -> None:
+    """An output file: a file or nothing yet (never a folder), in a place this user can write."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; this option takes the path of the file to write (e.g. {path / 'report.html'}).")
+    _writable_ancestor(path.parent, option)
+
+
 @contextlib.contextmanager
-def locked(folder: Path, command: str):
-    """Hold the lock of ``folder`` while the block runs; exit 2 (UserError) when another process holds it."""
+def locked(folder: Path, command: str, option: str = "--output"):
+    """Check ``folder`` (``check_output_folder``), then hold its lock while the block runs; exit 2 (UserError) when
+    another process holds it."""
+    check_output_folder(folder, option)
     path = lock_path(folder)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,3 +61,41 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names are one model: the same folder (however spelt) or the same hub id."""
+    import os
+
+    def where(name: str) -> str:
+        path = Path(name).expanduser()
+        return os.path.realpath(path) if path.exists() else name
+
+    return where(a) == where(b)
+
+
+def trained_template(adapter: str | Path) -> str | None:
+    """The template an adapter was trained with, from the run's config.yaml (beside it, or one folder up for a
+    checkpoint); None when the adapter was not written by `dpo-align train`."""
+    import yaml
+
+    folder = Path(adapter).expanduser()
+    for config in (folder / "config.yaml", folder.parent / "config.yaml"):
+        if config.is_file():
+            try:
+                template = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("template")
+            except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+                return None
+            return template if isinstance(template, str) else None
+    return None
+
+
+def template_warning(adapter: str | Path, template: str) -> str | None:
+    """A warning when an adapter is used with another template than it was trained with. Not refused: reading an
+    adapter under another template is a legitimate question (how much of its effect is the template's), but a
+    number read that way is not the adapter's own."""
+    trained = trained_template(adapter)
+    if trained and trained != template:
+        return (f"Warning: {adapter} was trained with template {trained!r} and is used here with {template!r}: its numbers "
+                f"are not those of the layout it learned. Pass --template {trained} for those.")
+    return None

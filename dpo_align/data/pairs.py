@@ -18,13 +18,14 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
-from dpo_align.core.files import sha256_file
+from dpo_align.core.files import decode_utf8, input_file, sha256_file
 from dpo_align.data.templates import DEFAULT_TEMPLATE, render_prompt, render_response
 from dpo_align.data.transcripts import ASSISTANT, HUMAN, Turn, normalise_role, render_instruction, split_transcript
 
@@ -184,7 +185,7 @@ def data_files(path: Path) -> list[Path]:
         return files
     if not path.name.endswith(SUFFIXES):
         raise UserError(f"{path}: unsupported file type. Use one of {', '.join(SUFFIXES)}.")
-    return [path]
+    return [input_file(path)]
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, object]]:
@@ -212,9 +213,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, object]]:
 
     if path.name.endswith((".json", ".json.gz")) and raw.lstrip()[:1] == b"[":
         try:
-            rows = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise UserError(f"{path}: not UTF-8 text (byte {err.start}).") from None
+            rows = json.loads(decode_utf8(raw, str(path)))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg}).") from None
         for i, row in enumerate(rows, start=1):
@@ -262,10 +261,19 @@ def read_pairs(
     """Read and parse preference pairs from files, directories or hub ids, in order."""
     if not sources:
         raise UserError("No data given. Pass a file, a directory or a hub id such as Anthropic/hh-rlhf.")
+    seen = {}
+    for source in sources:  # the same file twice would count every pair twice, with no word
+        same = os.path.realpath(Path(source).expanduser()) if Path(source).expanduser().exists() else source
+        if same in seen:
+            raise UserError(f"{source}: given twice (as {seen[same]!r} and {source!r}); every pair would be read twice. "
+                            "Give each data source once.")
+        seen[same] = source
     report = LoadReport()
     pairs: list[Pair] = []
     for source in sources:
         path = Path(source).expanduser()
+        if os.path.lexists(path) and not path.exists():
+            input_file(path)  # a broken link or a link loop, named as such
         # (what is read, its rows): the rows are generated lazily; a hub source records the commit it read in its info
         if path.exists():
             streams = [(SourceInfo(str(p), sha256=sha256_file(p) if hash_files else None), iter_records(p)) for p in data_files(path)]

@@ -11,11 +11,13 @@ hh-rlhf JSONL, or hh-rlhf transcripts converted by the foundation's rule).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
+from dpo_align.core.files import read_text
 from dpo_align.data.pairs import parse_record, read_pairs
 from dpo_align.data.suite import DATASETS
 
@@ -63,7 +65,7 @@ def truthfulqa_docs(data_dir: str | None = None, revision: str | None = None) ->
     (``;``-separated in the CSV, a list on the hub; None when the CSV has no such column)."""
     if data_dir:
         path = _local_file(data_dir, "truthfulqa/TruthfulQA.csv", "truthfulqa")
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(read_text(path), newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in ("Question", "Best Answer") if c not in (reader.fieldnames or [])]
             if missing:
@@ -89,7 +91,7 @@ def winogrande_docs(data_dir: str | None = None, revision: str | None = None) ->
     if data_dir:
         path = _local_file(data_dir, "winogrande/dev.jsonl", "winogrande")
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with io.StringIO(read_text(path)) as f:
             for line_number, line in enumerate(f, start=1):
                 if line.strip():
                     try:

@@ -209,6 +209,12 @@ def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=pri
                    Image("learning-curve.png", (folder / "learning-curve.png").read_bytes(), "ce change against the base model over training")]
     blocks += [Heading("Training curves")] + (_images(folder / "curves", "curve", "Training curve") or [Para("No curves.")])
     adapters = [m["peft"] for m in models if m.get("peft") and Path(m["peft"]).is_dir()]
+    missing = [m["peft"] for m in models if m.get("peft") and not Path(m["peft"]).is_dir()]
+    if missing:  # the tables come from results.json; what needs the run folders is said to be missing, not left out quietly
+        note = (f"Run folder(s) not found (moved or deleted): {', '.join(missing)}. Their scores above come from results.json; "
+                "their generations are left out.")
+        progress(f"Warning: {note}")
+        blocks.append(Para(note))
     if generate and generations and models and adapters:
         rows = generate(folder, models[0]["pretrained"], adapters, settings.get("template", DEFAULT_TEMPLATE), generations, progress)
         blocks += generation_blocks(rows, "Greedy, at most 64 new tokens; default prompts are hh-rlhf held-out first turns.")
@@ -287,6 +293,10 @@ def write_report(folder: Path, output: Path | None = None, *, generations: int =
     from dpo_align.core.errors import UserError
 
     folder = Path(folder)
+    command = ((_read_json(folder / "results.json") or {}).get("settings") or {}).get("command")
+    if command and command != "dpo-align sweep" and not (folder / "manifests").is_dir():
+        raise UserError(f"{folder}: results written by `{command}`, not a run or a sweep. `dpo-align report` reads those two; "
+                        f"an eval folder's table is {folder / 'table.md'}, and `dpo-align compare` compares eval folders.")
     if (folder / "manifests").is_dir() or ((folder / "results.json").is_file() and not (folder / "config.yaml").is_file()):
         blocks = sweep_blocks(folder, generations, generate, progress)
     elif (folder / "config.yaml").is_file():

@@ -104,6 +104,9 @@ def bar_chart_png(runs: list[dict], metric: str = "ce") -> bytes:
 def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
     """results.json, the tables and per-document samples, staged and moved into ``output``
     together (results.json last): a write error leaves none of them behind."""
+    # what was scored, not what was asked: a --limit above a dataset's size scores all of it
+    scored = {task: len(rows) for task, rows in (runs[0].get("documents") or {}).items()} if runs else {}
+    settings = {**settings, "documents_scored": scored}
     with staged_files(output, last="results.json") as staging:
         for run in runs:
             for task, rows in run.pop("documents", {}).items():

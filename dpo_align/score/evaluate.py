@@ -28,7 +28,7 @@ from dpo_align.core.models import (
     check_weights_safe,
     locate_model,
 )
-from dpo_align.core.provenance import git_commit, machine, model_revision, package_versions
+from dpo_align.core.provenance import git_commit, machine, model_revision, package_versions, same_model
 from dpo_align.core.settings import setting
 from dpo_align.data.suite import CONTRAST, PPL, document_row
 from dpo_align.data.templates import DEFAULT_TEMPLATE, TEMPLATES, check_template
@@ -70,7 +70,13 @@ def model_specs(models: list[str], adapters: list[str], progress=print) -> list[
         base = adapter_base(path) or (specs[0].pretrained if specs else None)
         if base is None:
             raise UserError(f"--peft {adapter}: the adapter names no base model; pass the base as MODEL.")
-        specs.append(ModelSpec(f"{path.name} (LoRA)", _base(base, progress), str(path)))
+        on = _base(base, progress)
+        label = f"{path.name} (LoRA)"
+        if specs and not same_model(on, specs[0].pretrained):  # scored on its own base, and its row says which
+            label = f"{path.name} (LoRA on {Path(on).name})"
+            progress(f"Warning: --peft {adapter} was trained on {on}, not on {specs[0].pretrained}: it is scored on its own base "
+                     "and its row is labelled with it. A change against the first model compares two bases, not the adapter.")
+        specs.append(ModelSpec(label, on, str(path)))
     if not specs:
         raise UserError("Nothing to score: pass at least one MODEL or --peft ADAPTER.")
     labels = [s.label for s in specs]

@@ -51,6 +51,11 @@ class Sampling:
             raise UserError("--temperature must be 0 (greedy) or positive.")
         if not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1].")
+        if self.temperature == 0 and self.top_p != 1:
+            raise UserError(f"--top-p {self.top_p:g} has no effect with greedy decoding (--temperature 0): give a temperature "
+                            "above 0 to sample, or drop --top-p.")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed}: a seed is a whole number >= 0.")
         return self
 
     def generate_kwargs(self) -> dict:
@@ -63,10 +68,10 @@ def read_prompts(path: str) -> list[str]:
     """One prompt per line of a text file, or a JSON/JSONL file of strings or {"prompt": ...} objects."""
     from pathlib import Path
 
+    from dpo_align.core.files import read_text
+
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"--prompts {path}: no such file.")
-    text = file.read_text(encoding="utf-8")
+    text = read_text(path, "--prompts")
     prompts = []
     if file.suffix in (".json", ".jsonl"):
         try:
@@ -85,6 +90,21 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def check_context(config, prompt_tokens: list[int], max_new_tokens: int) -> None:
+    """Every prompt and its new tokens fit the model's context window (past it a model gives noise or an index error,
+    after minutes of work); otherwise the option or the prompt is named."""
+    window = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not window:
+        return
+    if max_new_tokens >= window:
+        raise UserError(f"--max-new-tokens {max_new_tokens} is beyond the model's context window of {window} tokens "
+                        "(prompt included). Give fewer.")
+    for number, tokens in enumerate(prompt_tokens, start=1):
+        if tokens + max_new_tokens > window:
+            raise UserError(f"prompt {number} is {tokens} tokens once rendered; with --max-new-tokens {max_new_tokens} it does "
+                            f"not fit the model's context window of {window}. Shorten the prompt or give fewer new tokens.")
+
+
 def generate(model_path: str, adapters: list[str], prompts: list[str], *, template: str, sampling: Sampling,
              device: str = "cpu", trust_remote_code: bool = False, allow_pickle: bool = False) -> list[dict]:
     """[{prompt, held_out, responses: {model label: text}}] for the base model and each adapter."""
@@ -97,6 +117,7 @@ def generate(model_path: str, adapters: list[str], prompts: list[str], *, templa
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     base = load_model(model_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, dtype=torch.float32).to(device).eval()
     rendered = [render_prompt(p, template, tokenizer) for p in prompts]
+    check_context(base.config, [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered], sampling.max_new_tokens)
     rows = [{"prompt": p, "held_out": is_held_out(p), "responses": {}} for p in prompts]
     models = [("base", None)] + [(f"adapter {a}", a) for a in adapters]
     with tqdm(total=len(models) * len(prompts), desc="Generating", unit="response") as bar:

@@ -13,6 +13,7 @@ import datasets
 import lm_eval.api.metrics
 import lm_eval.evaluator_utils
 
+from dpo_align.core.errors import UserError, install_error_boundary
 from dpo_align.data.suite_docs import load_docs
 from dpo_align.data.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
 
@@ -43,6 +44,35 @@ def use_aggregation_stderr() -> None:
 
 
 use_aggregation_stderr()
+install_error_boundary()  # a UserError from the tasks ends plain `lm_eval` with its message, not a traceback
+
+
+# --------------------------------------------------------------------------- metadata
+
+# the keys the suite's tasks read from --metadata; lm-eval also copies every --model_args key into it
+OWN_KEYS = ("template", "data_dir", "pku_path", "dataset_revisions", "tokenizer", "pref_path", "reference_device")
+MODEL_KEYS = ("pretrained", "peft", "gguf_file", "revision", "trust_remote_code")  # model args the tasks read too
+
+
+def check_metadata(metadata: dict) -> dict:
+    """Refuse a key that is a misspelling of one of ours (``data_dri`` would quietly score the hub's copy instead of
+    the local files), and values of the wrong type. Other unknown keys are lm-eval's --model_args, merged into the
+    same dict, and pass."""
+    import difflib
+
+    for key in metadata:
+        if key in OWN_KEYS or key in MODEL_KEYS:
+            continue
+        close = difflib.get_close_matches(key, OWN_KEYS, n=1, cutoff=0.75)
+        if close:
+            raise UserError(f"--metadata: unknown key {key!r} (did you mean {close[0]!r}?). The suite reads: {', '.join(OWN_KEYS)}.")
+    for key in ("template", "data_dir", "pku_path", "tokenizer", "pref_path"):
+        if metadata.get(key) is not None and not isinstance(metadata[key], str):
+            raise UserError(f"--metadata: {key} is {metadata[key]!r}; it takes a string (a path or a name).")
+    if metadata.get("dataset_revisions") is not None and not isinstance(metadata["dataset_revisions"], dict):
+        raise UserError(f"--metadata: dataset_revisions is {metadata['dataset_revisions']!r}; it takes an object such as "
+                        '{"winogrande": "SHA"}.')
+    return metadata
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -53,7 +83,7 @@ def _tokenizer_source(metadata: dict) -> tuple[str, dict]:
     base model's), honouring ``gguf_file``, ``revision`` and ``trust_remote_code``."""
     source = metadata.get("tokenizer") or metadata.get("pretrained")
     if not isinstance(source, str) or not source:
-        raise ValueError(
+        raise UserError(
             "dpo_ppl tasks count response tokens with the run's tokenizer, but no model path was found. "
             "Pass --model_args pretrained=MODEL (or tokenizer=...), or with a model object, "
             "--metadata '{\"tokenizer\": \"PATH\"}'."
@@ -130,6 +160,7 @@ def suite_dataset(name: str, metadata: dict, *, foils: bool = False) -> dict:
     """One scoring dataset as lm-eval's ``custom_dataset``: each document's ``context`` (the templated prompt) and
     ``continuation`` (``"\n" + response``); with ``foils``, also ``choices``: the reference continuation first, then
     every foil rendered the same way (the dpo_contrast tasks)."""
+    check_metadata(metadata)
     template = check_template(metadata.get("template") or DEFAULT_TEMPLATE, option="metadata 'template'")
     tokenizer = tokenizer_for(metadata) if template == "chat" else None
     docs = load_docs(

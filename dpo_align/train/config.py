@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,13 +197,17 @@ FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 def load_config_file(path: str | Path) -> dict:
     """Settings from a YAML file; unknown keys are an error naming the file and the key."""
+    from dpo_align.core.files import read_text
+
     path = Path(path)
+    text = read_text(path, "--config")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UserError(f"--config {path}: no such file.") from None
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"--config {path}: not valid YAML ({err}).") from None
+    if loaded is None:
+        raise UserError(f"--config {path}: the file holds no settings (it is empty or only comments). Write settings such as "
+                        "`learning_rate: 1.0e-05`, or drop --config.")
     if not isinstance(loaded, dict):
         raise UserError(f"--config {path}: expected a mapping of option names to values.")
     unknown = sorted(set(loaded) - FIELDS)
@@ -211,6 +216,10 @@ def load_config_file(path: str | Path) -> dict:
     for key in ("data", "eval_data"):
         if isinstance(loaded.get(key), str):
             loaded[key] = [loaded[key]]
+    for f in dataclasses.fields(TrainConfig):  # YAML 1.1 reads 1e-5 (no dot) as a string; it is the number the user meant
+        value = loaded.get(f.name)
+        if "float" in str(f.type) and isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+            loaded[f.name] = float(value)
     for key in ("loss_type", "loss_weights"):  # a YAML list of components: the comma string the option takes
         if isinstance(loaded.get(key), list):
             loaded[key] = ",".join(str(v) for v in loaded[key])

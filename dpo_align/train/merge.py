@@ -7,6 +7,7 @@ from pathlib import Path
 from dpo_align.core.errors import UserError
 from dpo_align.core.files import atomic_directory
 from dpo_align.core.models import adapter_base, check_adapter_folder, check_weights_safe, load_model, load_tokenizer, locate_model
+from dpo_align.core.provenance import same_model
 
 
 def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bool = False,
@@ -18,7 +19,10 @@ def merge(adapter: Path, output: Path, *, base: str | None = None, overwrite: bo
         raise UserError(f"--output {output} is not empty. Pass --overwrite or choose another folder.")
     check_adapter_folder(adapter, "adapter")
     check_weights_safe(str(adapter), allow_pickle)
-    base = base or adapter_base(adapter)
+    recorded = adapter_base(adapter)
+    if base and recorded and not same_model(base, recorded):  # legitimate when the base moved; a wrong one fails on shapes below
+        progress(f"Warning: {adapter} was trained on {recorded}; merging it into --base {base} as asked.")
+    base = base or recorded
     if not base:
         raise UserError(f"{adapter / 'adapter_config.json'} names no base model (base_model_name_or_path); pass --base.")
     base_path = locate_model(base, progress=progress)

@@ -116,7 +116,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` the main process holds the lock
         return _train(config, resume=resume, overwrite=overwrite, progress=progress)
-    with locked(Path(config.output_dir), "dpo-align train"):
+    with locked(Path(config.output_dir), "dpo-align train", "--output-dir"):
         return _train(config, resume=resume, overwrite=overwrite, progress=progress)
 
 
