@@ -450,9 +450,34 @@ def test_lm_eval_itself_ends_with_the_same_message(workspace, tmp_path):
          str(repo / "lm_eval_tasks"), "--tasks", "dpo_ppl_truthfulqa", "--metadata", json.dumps({"data_dir": str(workspace.root / "nobest")}),
          "--output_path", str(tmp_path / "out")],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
-    last = (result.stdout + result.stderr).strip().splitlines()[-1]
-    assert result.returncode != 0 and re.search(r"nobest/truthfulqa/TruthfulQA\.csv:1: the header has no 'Best Answer' column", last), last
+    text = result.stdout + result.stderr
+    last = text.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in text, text[-3000:]  # the boundary: one line, as dpo-align's commands
+    assert re.search(r"^error: .*nobest/truthfulqa/TruthfulQA\.csv:1: the header has no 'Best Answer' column", last), last
     assert not list((tmp_path / "out").rglob("results_*.json")) if (tmp_path / "out").exists() else True
+
+
+@pytest.mark.parametrize("entry, metadata, message", [
+    ("lm_eval", {"data_dri": "DATA"}, r"unknown key 'data_dri' \(did you mean 'data_dir'\?\)"),
+    ("dpo-lm-eval", {"data_dri": "DATA"}, r"unknown key 'data_dri' \(did you mean 'data_dir'\?\)"),
+    ("lm_eval", {"data_dir": "DATA", "template": "nosuch"}, r"metadata 'template'.*nosuch"),
+    ("dpo-lm-eval", {"data_dir": "WS/nodata"}, r"nodata/truthfulqa/TruthfulQA\.csv"),
+    ("dpo-lm-eval", [1, 2], r"--metadata .*a JSON object is needed"),
+], ids=["lm_eval misspelt key", "dpo-lm-eval misspelt key", "lm_eval unknown template", "dpo-lm-eval data dir missing",
+        "dpo-lm-eval metadata not an object"])
+def test_errors_inside_lm_eval_are_one_line_and_exit_2(entry, metadata, message, workspace, tmp_path):
+    """The task code's errors end plain `lm_eval` and `dpo-lm-eval` alike in one clean line naming the option, exit 2;
+    a misspelt --metadata key is refused instead of quietly falling back to the hub's copy of the data."""
+    repo = Path(__file__).resolve().parents[1]
+    text = json.dumps(metadata).replace("WS", str(workspace.root)).replace("DATA", str(workspace.data))
+    program = [sys.executable, "-m", "lm_eval"] if entry == "lm_eval" else [sys.executable, "-m", "dpo_align.score.lm_eval_cli"]
+    result = subprocess.run(
+        [*program, "--model", "hf", "--model_args", f"pretrained={workspace.model}", "--include_path", str(repo / "lm_eval_tasks"),
+         "--tasks", "dpo_ppl_truthfulqa", "--metadata", text, "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert re.search(message, output.strip().splitlines()[-1]), output[-1000:]
 
 
 # --------------------------------------------------------------------------- in-process: settings, diverging runs, broken data
@@ -619,3 +644,57 @@ def test_a_data_folder_warns_about_the_files_it_ignores(tmp_path, pairs_file):
     with pytest.warns(UserWarning, match=r"ignoring 2 file\(s\) that are not data files .*: more.csv, notes.txt$"):
         pairs, _ = read_pairs([str(folder)])
     assert len(pairs) == 48
+
+
+# --------------------------------------------------------------------------- issue 20: good inputs handled right
+
+
+def test_an_adapter_given_beside_another_base_is_scored_on_its_own_and_labelled_with_it(tiny_gpt2, tiny_data, tmp_path):
+    """eval OTHER --peft ADAPTER: the adapter is scored on the base it was trained on, its row names that base, and a
+    warning says the change compares two bases; its template is checked against the one it was trained with; and a
+    --limit above a set's size records what was scored."""
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_gpt2, other)
+    adapter = noisy_adapter(tiny_gpt2, tmp_path / "adapter")
+    (adapter / "config.yaml").write_text("template: chat\n")  # as `dpo-align train` writes it
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["eval", str(other), "--peft", str(adapter), "--data-dir", str(tiny_data), "--pku-path",
+                                 str(tiny_data / "pku.jsonl.gz"), "--limit", "100000", "--no-controls", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"was trained on {tiny_gpt2}, not on {other}" in result.output
+    assert "was trained with template 'chat' and is used here with 'alpaca'" in result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [m["label"] for m in results["models"]] == ["other-model", f"adapter (LoRA on {Path(tiny_gpt2).name})"]
+    assert results["models"][1]["pretrained"] == str(tiny_gpt2)
+    scored = results["settings"]["documents_scored"]
+    assert scored and all(0 < n < 100000 for n in scored.values()) and "--limit 100000 is above the size of" in result.output
+    for task, n in scored.items():
+        assert len((out / "samples" / "other-model" / f"{task}.jsonl").read_text().splitlines()) == n
+
+
+def test_report_refuses_a_folder_another_command_is_writing(tmp_path):
+    from dpo_align.core.folder_lock import locked
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: x\n")
+    with locked(run, "dpo-align train"):
+        result = runner.invoke(app, ["report", str(run), "--generations", "0"])
+    assert result.exit_code == 2 and "is in use by" in result.output and "dpo-align train" in result.output
+    assert not (run / "report.html").exists()
+
+
+def test_a_yaml_exponent_without_a_dot_is_the_number_it_looks_like(tmp_path):
+    """YAML 1.1 reads `1e-5` as a string; the tool writes 1.0e-05 itself and reads either back as the same float."""
+    from dpo_align.train.config import load_config_file
+
+    (tmp_path / "a.yaml").write_text("learning_rate: 1e-5\nbeta: 5E-2\n")
+    (tmp_path / "b.yaml").write_text("learning_rate: 1.0e-05\nbeta: 0.05\n")
+    assert load_config_file(tmp_path / "a.yaml") == load_config_file(tmp_path / "b.yaml") == {"learning_rate": 1e-5, "beta": 0.05}
+    (tmp_path / "c.yaml").write_text("learning_rate: fast\n")
+    with pytest.raises(Exception, match="learning_rate: expected float"):
+        from dpo_align.train.config import build_config
+
+        build_config(load_config_file(tmp_path / "c.yaml"), {})
