@@ -91,7 +91,10 @@ def impossible_values(result: dict) -> str | None:
             except UserError as err:
                 return str(err).split(";")[0]
     for side, values in (result.get("logps") or {}).items():
-        if not all(isinstance(v, int | float) and math.isfinite(v) and v <= 0 for v in values):
+        if side.endswith("_tokens"):  # the token count of each response, beside its log-prob
+            if not all(isinstance(v, int | float) and v == int(v) and v >= 1 for v in values):
+                return f"its {side} are not all whole numbers >= 1"
+        elif not all(isinstance(v, int | float) and math.isfinite(v) and v <= 0 for v in values):
             return f"its {side} log-probs are not all finite and <= 0"
     for name, row in (result.get("table") or {}).items():
         for metric, value in row.items():

@@ -304,6 +304,13 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert result.output.count("already finished, kept") == 2 and result.output.count("already scored, kept") == 3 + 3
     assert result.output.count("already computed, kept") == 3
     assert (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns == before
+    # a run folder moved away: the report is rebuilt from results.json and says which one is missing
+    import shutil
+
+    shutil.move(tmp_path / "runs" / "lr-0.001", tmp_path / "moved")
+    rebuilt = runner.invoke(app, ["report", str(out), "--generations", "0"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "Run folder(s) not found" in rebuilt.output and str(tmp_path / "runs" / "lr-0.001") in (out / "report.md").read_text()
 
 
 def test_crash_after_the_last_step_resumes_without_an_extra_step(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
