@@ -266,7 +266,7 @@ def compare_command(
         atomic_write_text(output / "compare.md", text)
         atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
                                                     "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
-                                                    **compare.as_json(changes)})
+                                                    **compare.as_json(changes), "displacement": compare.displacement_rows(models)})
         atomic_write_bytes(output / "compare.png", compare.plot(changes))
     typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png.")
 

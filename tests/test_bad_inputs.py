@@ -460,10 +460,9 @@ def test_lm_eval_itself_ends_with_the_same_message(workspace, tmp_path):
 @pytest.mark.parametrize("entry, metadata, message", [
     ("lm_eval", {"data_dri": "DATA"}, r"unknown key 'data_dri' \(did you mean 'data_dir'\?\)"),
     ("dpo-lm-eval", {"data_dri": "DATA"}, r"unknown key 'data_dri' \(did you mean 'data_dir'\?\)"),
-    ("lm_eval", {"data_dir": "DATA", "template": "nosuch"}, r"metadata 'template'.*nosuch"),
     ("dpo-lm-eval", {"data_dir": "WS/nodata"}, r"nodata/truthfulqa/TruthfulQA\.csv"),
     ("dpo-lm-eval", [1, 2], r"--metadata .*a JSON object is needed"),
-], ids=["lm_eval misspelt key", "dpo-lm-eval misspelt key", "lm_eval unknown template", "dpo-lm-eval data dir missing",
+], ids=["lm_eval misspelt key", "dpo-lm-eval misspelt key", "dpo-lm-eval data dir missing",
         "dpo-lm-eval metadata not an object"])
 def test_errors_inside_lm_eval_are_one_line_and_exit_2(entry, metadata, message, workspace, tmp_path):
     """The task code's errors end plain `lm_eval` and `dpo-lm-eval` alike in one clean line naming the option, exit 2;

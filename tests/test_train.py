@@ -280,6 +280,13 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert list(preference["table"]) == ["baseline (" + str(tiny_gpt2) + ")", "DPO lr-0.001", "DPO lr-0.05"]
     assert "reward" not in preference["table"]["baseline (" + str(tiny_gpt2) + ")"] and preference["pairs"] == 48
     assert 0 <= preference["table"]["DPO lr-0.05"]["reward"]["accuracy"] <= 1
+    # compare on the sweep folder shows each adapter's likelihood displacement, as preference.json measured it
+    compared = runner.invoke(app, ["compare", str(out), "--bootstrap", "100", "--permutations", "100", "-o", str(tmp_path / "cmp")])
+    assert compared.exit_code == 0, compared.output
+    moved = preference["table"]["DPO lr-0.05"]["displacement"]
+    assert "Likelihood displacement on the held-out pairs" in compared.output
+    assert f"| DPO lr-0.05 | {moved['chosen_per_token']:+.4f} | {moved['rejected_per_token']:+.4f} |" in compared.output
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["displacement"][1] == {"model": "DPO lr-0.05", **moved}
     # learning curve of the better run: step 0 (the base model) and each of its checkpoints, on 3 documents per dataset
     curve = json.loads((out / "learning-curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 1, 2]
@@ -400,9 +407,9 @@ def test_a_damaged_reference_cache_is_recomputed_and_trains_as_a_clean_run(tiny_
     cache = tmp_path / "ref-cache"
     monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(cache))
 
-    def run(name, **overrides):
+    def run(name, **overrides):  # 16 pairs in 4 steps: every pair, so the reference is computed up front
         said = []
-        settings = {"max_steps": 12, **overrides}
+        settings = {"max_pairs": 16, "max_steps": 4, **overrides}
         manifest = train(tiny_config(tiny_gpt2, pairs_file, tmp_path / name, **settings), progress=said.append)
         losses = [(r["loss"], r["rewards/chosen"]) for r in read_rows(tmp_path / name) if "loss" in r]
         return manifest["reference_logps"]["train"], losses, " ".join(said)
@@ -420,7 +427,7 @@ def test_a_damaged_reference_cache_is_recomputed_and_trains_as_a_clean_run(tiny_
             body[i] ^= 0x5A
         return data[:header] + bytes(body)
 
-    _, _, _ = run("fewer", max_pairs=40, max_steps=10)  # a cache file of 40 pairs
+    _, _, _ = run("fewer", max_pairs=12, max_steps=3)  # a cache file of 12 pairs
     other = next(p for p in cache.glob("*.safetensors") if p != path)
     damages = {"flipped": flip_values(pristine), "truncated": pristine[: len(pristine) - 50], "other pair count": other.read_bytes()}
     for name, damaged in damages.items():
@@ -429,7 +436,7 @@ def test_a_damaged_reference_cache_is_recomputed_and_trains_as_a_clean_run(tiny_
         assert report["cached"] is False, name
         assert "is not used" in said and "Recomputing" in said, (name, said)
         assert losses == clean_losses, name
-        assert ref_logps.load(clean["key"], 48) is not None, name  # rewritten whole by the recomputation
+        assert ref_logps.load(clean["key"], 16) is not None, name  # rewritten whole by the recomputation
     reused, losses, said = run("reused")
     assert reused["cached"] is True and losses == clean_losses and "is not used" not in said
 

@@ -244,6 +244,34 @@ def control_section(changes: dict) -> list[str]:
             controls.markdown(changes["controls"], names=display_name)]
 
 
+def displacement_rows(models: list[Scored]) -> list[dict]:
+    """Likelihood displacement of each compared adapter, where its folder holds held-out preference log-probs (a sweep's
+    preference.json): the mean change per token of the chosen and the rejected log-prob against the base, and the
+    share of pairs where both fell. A ce that fell while the chosen responses also got less likely is worth knowing."""
+    rows, read = [], {}
+    for model in models[1:]:
+        folder = Path(model.source)
+        if folder not in read:
+            try:
+                read[folder] = json.loads((folder / "preference.json").read_text(encoding="utf-8")).get("table", {})
+            except (OSError, ValueError, AttributeError):
+                read[folder] = {}
+        moved = (read[folder].get(model.label) or {}).get("displacement")
+        if moved:
+            rows.append({"model": model.label, **moved})
+    return rows
+
+
+def displacement_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## Likelihood displacement on the held-out pairs (from preference.json)", "",
+             "| model | Δ log p per token, chosen | Δ log p per token, rejected | both fell | pairs |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['chosen_per_token']:+.4f} | {r['rejected_per_token']:+.4f} | {100 * r['both_fell']:.1f}% | {r['pairs']} |"
+              for r in rows]
+    return [*lines, "", "Against the base model; \"both fell\": pairs whose chosen and rejected responses both became less likely.", ""]
+
+
 def markdown(models: list[Scored], changes: dict, *, replicates: int, permutations: int) -> str:
     lines = [f"# {' vs '.join(m.label for m in models[1:])} against {models[0].label}", "",
              f"Paired over documents: bootstrap 95% intervals ({replicates:,} replicates) and permutation p-values "
@@ -251,6 +279,7 @@ def markdown(models: list[Scored], changes: dict, *, replicates: int, permutatio
     lines += control_section(changes)
     for metric, title in (("ce", "Cross-entropy (nats per response token), alone"), ("bpb", "Bits per byte, alone")):
         lines += [f"## {title}", "", paired.markdown(changes[metric], metric=metric, names=display_name, verdict="verdict (ce alone)")]
+    lines += displacement_section(displacement_rows(models))
     return "\n".join(lines)
 
 

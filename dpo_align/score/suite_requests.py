@@ -50,7 +50,7 @@ install_error_boundary()  # a UserError from the tasks ends plain `lm_eval` with
 # --------------------------------------------------------------------------- metadata
 
 # the keys the suite's tasks read from --metadata; lm-eval also copies every --model_args key into it
-OWN_KEYS = ("template", "data_dir", "pku_path", "dataset_revisions", "tokenizer", "pref_path", "reference_device")
+OWN_KEYS = ("template", "data_dir", "pku_path", "dataset_revisions", "tokenizer", "pref_path", "reference", "reference_device")
 MODEL_KEYS = ("pretrained", "peft", "gguf_file", "revision", "trust_remote_code")  # model args the tasks read too
 
 
