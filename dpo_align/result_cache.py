@@ -45,9 +45,11 @@ def key_of(spec: ModelSpec, settings) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cached(path: Path, key: str, progress, where: str, kept_message: str, compute) -> dict:
-    """The result stored at ``path`` when its key matches; else ``compute()``, stored with its key."""
-    if (kept := _reuse(path, key, progress)) is not None:
+def cached(path: Path, key: str, progress, where: str, kept_message: str, compute, check=None) -> dict:
+    """The result stored at ``path`` when its key matches and it passes its checks (``check(result)``: a problem or
+    None, for what only the caller knows, such as how many pairs it must cover); else ``compute()``, stored with its
+    key and checksum."""
+    if (kept := _reuse(path, key, progress, check)) is not None:
         progress(f"{where}: {kept_message}.")
         return kept
     progress(where)
@@ -56,7 +58,7 @@ def cached(path: Path, key: str, progress, where: str, kept_message: str, comput
     return result
 
 
-def _reuse(path: Path, key: str, progress) -> dict | None:
+def _reuse(path: Path, key: str, progress, check=None) -> dict | None:
     """A cached result when it was made from the same weights and settings and passes its checks; None otherwise
     (it is recomputed)."""
     if not path.is_file():
@@ -71,7 +73,7 @@ def _reuse(path: Path, key: str, progress) -> dict | None:
         return None
     result = {k: v for k, v in kept.items() if k not in ("key", "checksum")}
     problem = "its values do not match their checksum (changed or damaged after it was written)" \
-        if kept.get("checksum") != content_checksum(result) else impossible_values(result)
+        if kept.get("checksum") != content_checksum(result) else impossible_values(result) or (check(result) if check else None)
     if problem:
         progress(f"{path}: {problem}; recomputing it.")
         return None

@@ -194,7 +194,10 @@ def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], f
 
         key = key_of(spec, {"sources": sources, "template": base.template, "max_length": base.max_length})
         where = f"[preference {i}/{len(specs)}] {spec.label} ({len(dataset)} held-out pairs)"
-        done = cached(folder / f"{slug(spec.label)}.json", key, progress, where, "already computed, kept", compute)
+        def covers(result, n=len(dataset)):  # what the file covers: one value per held-out pair
+            return None if all(len(v) == n for v in result["logps"].values()) else f"it covers another number of pairs than {n}"
+
+        done = cached(folder / f"{slug(spec.label)}.json", key, progress, where, "already computed, kept", compute, check=covers)
         logps[spec.label] = {k: np.array(v) for k, v in done["logps"].items()}
     return {"sources": sources, "pairs": len(dataset), "rows_read": report.rows_read,
             "skipped": dict(report.skipped), "beta": base.beta,

@@ -543,6 +543,27 @@ def test_sweep_recomputes_a_cached_score_that_fails_its_checks(tiny_gpt2, pairs_
     assert json.loads(cache.read_text())["documents"] == stored["documents"]  # rewritten with the model's own numbers
 
 
+def test_a_cached_result_covering_another_number_of_pairs_is_recomputed(tmp_path):
+    """Sound bytes, a matching key and checksum, possible values, but 3 log-probs where the held-out set has 4 pairs:
+    the caller's check refuses it, and the result is computed again and stored."""
+    from dpo_align.result_cache import cached
+
+    path, said, calls = tmp_path / "model.json", [], []
+
+    def compute():
+        calls.append(1)
+        return {"logps": {"chosen": [-1.0] * 4, "rejected": [-2.0] * 4}}
+
+    def covers(result):
+        return None if all(len(v) == 4 for v in result["logps"].values()) else "it covers another number of pairs than 4"
+
+    cached(path, "k", said.append, "here", "kept", lambda: {"logps": {"chosen": [-1.0] * 3, "rejected": [-2.0] * 3}})
+    result = cached(path, "k", said.append, "here", "kept", compute, check=covers)
+    assert calls == [1] and len(result["logps"]["chosen"]) == 4
+    assert any("covers another number of pairs than 4; recomputing it" in m for m in said)
+    assert cached(path, "k", said.append, "here", "kept", compute, check=covers) == result and calls == [1]  # now kept
+
+
 def test_ctrl_c_stops_a_real_sweep_in_its_training_and_the_rerun_equals_an_uninterrupted_one(tiny_gpt2, pairs_file, tiny_data, tmp_path):
     """SIGINT to a sweep process while it trains: exit 130 with the command to run again, no results.json and no
     tables; the re-run resumes the cut run from its checkpoint and ends with the uninterrupted sweep's numbers."""
