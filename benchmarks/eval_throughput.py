@@ -14,7 +14,10 @@ process of its own, one after another, so its peak resident memory is its own:
 * ``controls_plain``: ``dpo-hf`` with the suite and its controls fed as plain requests (every
   request its own row, the reference scored once per family): the unshared layout;
 * ``controls``: ``dpo-hf`` with the suite and its controls, each context computed once for all its
-  continuations (the default of ``dpo-align eval``).
+  continuations (the default of ``dpo-align eval``);
+* ``plain_loop``: the ceiling to beat, an independent loop written here without lm-eval or dpo-align's
+  scoring code (sorted by length, 8,192-token batches, the LM head at continuation positions only):
+  ``dpo_hf_vs_plain_loop`` is ``dpo_hf``'s seconds over its seconds.
 
 Time is the wall time of ``simple_evaluate`` (model loading included, the same for all);
 rate is scored response tokens per second. ``ce`` of ``dpo_hf`` must equal ``hf``'s
@@ -49,7 +52,9 @@ CONFIGS = {
     "hf_controls": {"lm_eval_model": "hf", "dtype": "float32", "batch": None, "controls": True},
     "controls_plain": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None, "controls": True, "plain": True},
     "controls": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None, "controls": True},
+    "plain_loop": {"independent": True},
 }
+BATCH_TOKENS = 8192  # the independent loop's padded tokens per forward
 
 
 def pick_documents(model_path: str, per_dataset: int, data_dir: str | None, pku_path: str | None) -> dict:
@@ -72,12 +77,75 @@ def pick_documents(model_path: str, per_dataset: int, data_dir: str | None, pku_
     return picked
 
 
+def plain_loop(args, samples: dict) -> dict:
+    """The ceiling to beat, written without lm-eval or dpo-align's scoring code: the same documents rendered the same
+    way, split into (context, continuation) as lm-eval does, sorted by length, right-padded batches of at most
+    BATCH_TOKENS tokens, the backbone once per batch and the LM head only where a continuation token is predicted."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_align.core.models import resolve_model
+    from dpo_align.data.suite_docs import load_docs
+    from dpo_align.data.templates import render_prompt, render_response
+
+    path = resolve_model(args.model)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rows = []  # (task, doc index, input ids, number of continuation tokens)
+    for name, task in TASK_OF.items():
+        docs = load_docs(name, data_dir=args.data_dir, pku_path=args.pku_path)
+        for i in samples[task]:
+            context = render_prompt(docs[i]["instruction"], "alpaca", None)
+            continuation = render_response(docs[i]["response"], "alpaca")
+            spaces = len(context) - len(context.rstrip())  # lm-eval moves the context's trailing whitespace over
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            context_ids = tokenizer.encode(context)
+            whole = tokenizer.encode(context + continuation)
+            rows.append((task, i, whole, len(whole) - len(context_ids)))
+    rows.sort(key=lambda r: len(r[2]))
+    nll = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch: list = []
+
+    def run(batch):
+        width = max(len(r[2]) for r in batch) - 1
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, (_, _, whole, _) in enumerate(batch):
+            ids[b, : len(whole) - 1], mask[b, : len(whole) - 1] = torch.tensor(whole[:-1]), 1
+        with torch.inference_mode():
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+            for b, (task, i, whole, n) in enumerate(batch):
+                logits = model.get_output_embeddings()(hidden[b, len(whole) - 1 - n: len(whole) - 1]).float()
+                targets = torch.tensor(whole[len(whole) - n:])
+                nll[(task, i)] = -torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum().item()
+
+    for row in rows:
+        if batch and (len(batch) + 1) * (len(row[2]) - 1) > BATCH_TOKENS:
+            run(batch)
+            batch = []
+        batch.append(row)
+    if batch:
+        run(batch)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "ce": {name: sum(nll[(t, i)] for (t, i, _, _) in rows if t == task) / sum(n for (t, _, _, n) in rows if t == task)
+                   for name, task in TASK_OF.items()},
+            "nll": {task: [nll[(task, i)] for i in samples[task]] for task in TASK_OF.values()},
+            "tokens": sum(r[3] for r in rows), "documents": len(rows)}
+
+
 def child(args) -> None:
     from dpo_align.core.models import resolve_model
     from dpo_align.score.evaluate import ModelSpec, ScoreOptions, per_document, score, summarize
 
     config = CONFIGS[args.child]
     samples = json.loads(Path(args.samples).read_text())
+    if config.get("independent"):
+        print("RESULT " + json.dumps(plain_loop(args, samples)), flush=True)
+        return
     controls = config.get("controls", False)
     if not controls:
         samples = {task: ids for task, ids in samples.items() if task in TASK_OF.values()}
@@ -158,6 +226,10 @@ def main() -> None:
     if "hf_defaults" in runs:
         numbers["speedup_vs_hf_defaults"] = round(runs["hf_defaults"]["seconds"] / ours["seconds"], 3)
     numbers["memory_ratio"] = round(ours["peak_rss_gb"] / hf["peak_rss_gb"], 3)
+    if "plain_loop" in runs:  # the ceiling: how close dpo-hf comes to a loop that does only the needed work
+        numbers["dpo_hf_vs_plain_loop"] = round(ours["seconds"] / runs["plain_loop"]["seconds"], 3)
+        numbers["plain_loop_max_rel_doc_nll_diff"] = max(rel(a, b) for task in hf["nll"]
+                                                         for a, b in zip(runs["plain_loop"]["nll"][task], hf["nll"][task], strict=True))
     if "controls" in runs:
         numbers["controls_cost"] = round(runs["controls"]["seconds"] / ours["seconds"], 3)
         numbers["foil_continuations"] = sum(len(v) for v in runs["controls"]["responses"].values()) - numbers["documents"]
