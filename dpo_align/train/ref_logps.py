@@ -93,6 +93,8 @@ def check(tensors: dict, metadata: dict | None, *, key: str, pairs: int) -> str 
     """What is wrong with a cache file's contents, or None: it must say which key and how many pairs it holds, hold
     exactly that many finite log-probs (<= 0) per side, and match the checksum written with them."""
     metadata = metadata or {}
+    if "key" not in metadata:
+        return "it records no key, pair count or checksum (written by a version that did not check its caches)"
     if metadata.get("key") != key:
         return f"it was written for key {metadata.get('key')!r}"
     if metadata.get("pairs") != str(pairs):
