@@ -40,6 +40,8 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
     _state["debug"] = debug
+    if debug:  # the error boundary inside the lm-eval tasks (core.errors.install_error_boundary) reads it
+        os.environ["DPO_ALIGN_DEBUG"] = "1"
 
 
 def _refuse_non_finite(kwargs: dict) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def key_of(spec: ModelSpec, settings) -> str:
         if settings.get("dataset_revisions") is None:  # added later: unpinned keeps the keys results already carry
             settings.pop("dataset_revisions", None)
     parts = {"label": spec.label, "base": _digest(spec.pretrained), "adapter": _digest(spec.peft), "settings": settings}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return content_checksum(parts)
 
 
 def cached(path: Path, key: str, progress, where: str, kept_message: str, compute, check=None) -> dict:

@@ -30,21 +30,15 @@ def main() -> None:
     """lm-eval's CLI inside dpo-align's error boundary: a UserError (bad --metadata, broken data) is one line, exit 2."""
     import sys
 
-    from dpo_align.core.errors import user_error_in
+    from dpo_align.core.errors import install_error_boundary
 
-    try:
-        _check_metadata_argument(sys.argv[1:])
-        from lm_eval.__main__ import cli_evaluate
+    install_error_boundary()
+    _check_metadata_argument(sys.argv[1:])
+    from lm_eval.__main__ import cli_evaluate
 
-        import dpo_align.score.lm_eval_model  # noqa: F401  (registers dpo-hf)
+    import dpo_align.score.lm_eval_model  # noqa: F401  (registers dpo-hf)
 
-        cli_evaluate()
-    except Exception as err:
-        found = user_error_in(err)
-        if found is None:
-            raise
-        print(f"error: {found}", file=sys.stderr)
-        sys.exit(2)
+    cli_evaluate()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ built), ``metrics.jsonl``, ``checkpoint-N/`` folders (each complete once it hold
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -43,7 +42,8 @@ def is_run(output: Path) -> bool:
 
 
 def check_output_dir(output: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse a folder the run may not write into; changes nothing on disk.
+    """Refuse a folder the run may not write into; changes nothing on disk. (A file there, or a place that cannot be
+    written, is refused before this by ``core.folder_lock.locked``, the rule every command's output folder follows.)
 
     An empty folder is free: a run that failed during set-up leaves its folder uncreated or
     empty (nothing is written before the trainer is built), so it is reused without --overwrite."""
@@ -53,8 +53,6 @@ def check_output_dir(output: Path, *, overwrite: bool, resume: bool) -> None:
         if not (output / "config.yaml").is_file():
             raise UserError(f"--resume: {output} holds no run to resume (no config.yaml). Start it without --resume.")
         return
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output-dir {output} is a file. Choose a directory.")
     if output.is_dir() and any(output.iterdir()):
         if not overwrite:
             raise UserError(
@@ -63,9 +61,6 @@ def check_output_dir(output: Path, *, overwrite: bool, resume: bool) -> None:
             )
         if not is_run(output):
             raise UserError(f"--overwrite: {output} does not look like a dpo-align run folder, so it is left alone. Choose another directory.")
-    parent = next((p for p in [output, *output.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):  # checked now, before hours of set-up
-        raise UserError(f"--output-dir {output}: cannot write there ({parent} is not a writable folder). Choose a writable directory.")
 
 
 def make_output_dir(output: Path, *, overwrite: bool) -> None:
