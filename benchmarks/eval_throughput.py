@@ -11,6 +11,8 @@ process of its own, one after another, so its peak resident memory is its own:
 * ``hf_defaults``: lm-eval's ``hf`` with lm-eval's own default batch size (1), fp32, the suite alone;
 * ``dpo_hf_bf16``: ``dpo-hf`` with bf16 weights, the suite alone, to state the deviation bf16 costs;
 * ``hf_controls``: lm-eval's ``hf``, the suite and its controls (dpo_ppl + dpo_contrast);
+* ``hf_controls_b1``: the same at batch 1 (no padding): the floor, how far lm-eval ``hf`` agrees with itself
+  per document in fp32 when only its batching changes (``hf_self_max_rel_doc_nll_diff``);
 * ``controls_plain``: ``dpo-hf`` with the suite and its controls fed as plain requests (every
   request its own row, the reference scored once per family): the unshared layout;
 * ``controls``: ``dpo-hf`` with the suite and its controls, each context computed once for all its
@@ -23,7 +25,9 @@ Time is the wall time of ``simple_evaluate`` (model loading included, the same f
 rate is scored response tokens per second. ``ce`` of ``dpo_hf`` must equal ``hf``'s
 (``max_rel_ce_diff``, per dataset; ``max_rel_doc_nll_diff``, per document), and every
 reference's and foil's NLL of ``controls`` must equal ``hf_controls``' (``controls_max_rel_doc_nll_diff``).
-The controls' cost is ``controls_cost`` (``controls`` seconds / ``dpo_hf`` seconds; the target is 1.5)
+The controls' cost is ``controls_cost`` (``controls`` seconds / ``dpo_hf`` seconds; the target is 1.5;
+with ``--repeats N`` every configuration runs N times in interleaved rounds, and the figure is the median of
+the N ratios taken within a round, since this host's pace drifts by 25% between runs)
 and ``plain_controls_cost`` (the same for the unshared layout). The last line is
 ``speedup=<dpo_hf rate / hf rate>``.
 
@@ -37,6 +41,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +55,7 @@ CONFIGS = {
     "hf_defaults": {"lm_eval_model": "hf", "dtype": "float32", "batch": 1},
     "dpo_hf_bf16": {"lm_eval_model": "dpo-hf", "dtype": "bfloat16", "batch": None},
     "hf_controls": {"lm_eval_model": "hf", "dtype": "float32", "batch": None, "controls": True},
+    "hf_controls_b1": {"lm_eval_model": "hf", "dtype": "float32", "batch": 1, "controls": True},
     "controls_plain": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None, "controls": True, "plain": True},
     "controls": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None, "controls": True},
     "plain_loop": {"independent": True},
@@ -177,7 +183,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--pku-path", default=None)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which of: " + ", ".join(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every configuration; times are medians over rounds")
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--raw", default=None, help="also write every configuration's per-document numbers here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--samples", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,7 +199,7 @@ def main() -> None:
     from dpo_align.core.models import resolve_model
 
     path = resolve_model(args.model)
-    runs = {}
+    runs, seconds, commands = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.json"
         samples.write_text(json.dumps(pick_documents(path, args.per_dataset, args.data_dir, args.pku_path)))
@@ -200,14 +208,31 @@ def main() -> None:
                        "--batch-size", str(args.batch_size)]
             command += ["--data-dir", args.data_dir] if args.data_dir else []
             command += ["--pku-path", args.pku_path] if args.pku_path else []
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if done.returncode != 0 or line is None:
-                sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
-            runs[name] = json.loads(line.removeprefix("RESULT "))
+            commands[name] = command
+        # --repeats rounds, each running every configuration once in turn, so that a slow spell of the host falls on
+        # all of them alike; a configuration's time is its median over the rounds, a ratio the median of the rounds'
+        for round_ in range(args.repeats):
+            for name, command in commands.items():
+                print(f"running {name} (round {round_ + 1} of {args.repeats}) ...", file=sys.stderr, flush=True)
+                done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if done.returncode != 0 or line is None:
+                    sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
+                result = json.loads(line.removeprefix("RESULT "))
+                if name in runs:  # the numbers of every round must be the same; only the time may differ
+                    if result["ce"] != runs[name]["ce"]:
+                        sys.exit(f"{name}: round {round_ + 1} scored other numbers than round 1: {result['ce']} != {runs[name]['ce']}")
+                    seconds[name].append(result["seconds"])
+                    runs[name]["peak_rss_gb"] = max(runs[name]["peak_rss_gb"], result["peak_rss_gb"])
+                else:
+                    runs[name], seconds[name] = result, [result["seconds"]]
+        for name in runs:
+            runs[name]["seconds"] = statistics.median(seconds[name])
 
-    numbers = {"model": args.model, "documents": runs["hf"]["documents"], "scored_tokens": runs["hf"]["tokens"], "batch_size": args.batch_size,
+    if "dpo_hf" not in runs:
+        sys.exit("--configs must include dpo_hf: every ratio is taken against it")
+    hf, ours = runs.get("hf"), runs["dpo_hf"]  # without hf (a timing-only run) the comparisons with it are left out
+    numbers = {"model": args.model, "documents": ours["documents"], "scored_tokens": ours["tokens"], "batch_size": args.batch_size,
                "torch_threads": torch.get_num_threads()}
     for name, run in runs.items():
         numbers[f"{name}_seconds"] = round(run["seconds"], 1)
@@ -218,20 +243,28 @@ def main() -> None:
     def rel(a, b):
         return abs(a - b) / max(abs(b), 1e-12)
 
-    hf, ours = runs["hf"], runs["dpo_hf"]
-    numbers["max_rel_ce_diff"] = max(rel(ours["ce"][k], hf["ce"][k]) for k in hf["ce"])
-    numbers["max_rel_doc_nll_diff"] = max(rel(a, b) for task in hf["nll"] for a, b in zip(ours["nll"][task], hf["nll"][task], strict=True))
-    if "dpo_hf_bf16" in runs:
-        numbers["bf16_rel_ce_deviation"] = {k: round(rel(runs["dpo_hf_bf16"]["ce"][k], hf["ce"][k]), 5) for k in hf["ce"]}
-    if "hf_defaults" in runs:
-        numbers["speedup_vs_hf_defaults"] = round(runs["hf_defaults"]["seconds"] / ours["seconds"], 3)
-    numbers["memory_ratio"] = round(ours["peak_rss_gb"] / hf["peak_rss_gb"], 3)
-    if "plain_loop" in runs:  # the ceiling: how close dpo-hf comes to a loop that does only the needed work
-        numbers["dpo_hf_vs_plain_loop"] = round(ours["seconds"] / runs["plain_loop"]["seconds"], 3)
-        numbers["plain_loop_max_rel_doc_nll_diff"] = max(rel(a, b) for task in hf["nll"]
-                                                         for a, b in zip(runs["plain_loop"]["nll"][task], hf["nll"][task], strict=True))
+    if hf is not None:
+        numbers["max_rel_ce_diff"] = max(rel(ours["ce"][k], hf["ce"][k]) for k in hf["ce"])
+        numbers["max_rel_doc_nll_diff"] = max(rel(a, b) for task in hf["nll"] for a, b in zip(ours["nll"][task], hf["nll"][task], strict=True))
+        if "dpo_hf_bf16" in runs:
+            numbers["bf16_rel_ce_deviation"] = {k: round(rel(runs["dpo_hf_bf16"]["ce"][k], hf["ce"][k]), 5) for k in hf["ce"]}
+        if "hf_defaults" in runs:
+            numbers["speedup_vs_hf_defaults"] = round(runs["hf_defaults"]["seconds"] / ours["seconds"], 3)
+        numbers["memory_ratio"] = round(ours["peak_rss_gb"] / hf["peak_rss_gb"], 3)
+        if "plain_loop" in runs:  # the ceiling: how close dpo-hf comes to a loop that does only the needed work
+            numbers["dpo_hf_vs_plain_loop"] = round(ours["seconds"] / runs["plain_loop"]["seconds"], 3)
+            numbers["plain_loop_max_rel_doc_nll_diff"] = max(rel(a, b) for task in hf["nll"]
+                                                             for a, b in zip(runs["plain_loop"]["nll"][task], hf["nll"][task], strict=True))
+    if args.repeats > 1:
+        numbers["repeats"] = args.repeats
+        for name in runs:
+            numbers[f"{name}_seconds_each_round"] = [round(x, 1) for x in seconds[name]]
     if "controls" in runs:
         numbers["controls_cost"] = round(runs["controls"]["seconds"] / ours["seconds"], 3)
+        if args.repeats > 1:  # the same ratio within each round, where the host's pace is shared; the figure is their median
+            each = [c / d for c, d in zip(seconds["controls"], seconds["dpo_hf"], strict=True)]
+            numbers["controls_cost_each_round"] = [round(x, 3) for x in each]
+            numbers["controls_cost"] = round(statistics.median(each), 3)
         numbers["foil_continuations"] = sum(len(v) for v in runs["controls"]["responses"].values()) - numbers["documents"]
     if "controls_plain" in runs:
         numbers["plain_controls_cost"] = round(runs["controls_plain"]["seconds"] / ours["seconds"], 3)
@@ -243,13 +276,27 @@ def main() -> None:
             if name in runs:
                 numbers[f"{name}_max_rel_doc_nll_diff"] = max(rel(a, b) for task in reference
                                                               for a, b in zip(runs[name]["responses"][task], reference[task], strict=True))
+        if "hf_controls_b1" in runs:  # the floor: hf against itself, only the batching changed
+            unpadded = runs["hf_controls_b1"]["responses"]
+            numbers["hf_self_max_rel_doc_nll_diff"] = max(rel(a, b) for task in reference
+                                                          for a, b in zip(unpadded[task], reference[task], strict=True))
+            for name in ("controls", "controls_plain"):
+                if name in runs:
+                    diffs = sorted(rel(a, b) for task in unpadded for a, b in zip(runs[name]["responses"][task], unpadded[task], strict=True))
+                    numbers[f"{name}_vs_hf_b1_max_rel_doc_nll_diff"] = diffs[-1]
+                    numbers[f"{name}_vs_hf_b1_share_over_1e-6"] = round(sum(d > 1e-6 for d in diffs) / len(diffs), 4)
+            diffs = sorted(rel(a, b) for task in reference for a, b in zip(reference[task], unpadded[task], strict=True))
+            numbers["hf_self_share_over_1e-6"] = round(sum(d > 1e-6 for d in diffs) / len(diffs), 4)
         if "controls" in runs:
             numbers["controls_speedup_vs_hf_controls"] = round(runs["hf_controls"]["seconds"] / runs["controls"]["seconds"], 3)
+    if args.raw:
+        Path(args.raw).write_text(json.dumps(runs) + "\n")
     for key, value in numbers.items():
         print(f"{key}={value}")
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
-    print(f"speedup={hf['seconds'] / ours['seconds']:.3f}")
+    if hf is not None:
+        print(f"speedup={hf['seconds'] / ours['seconds']:.3f}")
 
 
 if __name__ == "__main__":
