@@ -8,6 +8,8 @@ process of its own, one after another, so its peak resident memory is its own:
 
 * ``hf``: lm-eval's ``hf`` model at ``--batch-size`` (16), fp32, the suite alone (dpo_ppl);
 * ``dpo_hf``: our ``dpo-hf`` model, same batch, fp32, the suite alone;
+* ``dpo_hf_head1024``: ``dpo-hf`` with the LM head applied to 1,024 positions per call (the default before
+  256), to show what the smaller chunk changes in time and peak memory;
 * ``hf_defaults``: lm-eval's ``hf`` with lm-eval's own default batch size (1), fp32, the suite alone;
 * ``dpo_hf_bf16``: ``dpo-hf`` with bf16 weights, the suite alone, to state the deviation bf16 costs;
 * ``hf_controls``: lm-eval's ``hf``, the suite and its controls (dpo_ppl + dpo_contrast);
@@ -52,6 +54,7 @@ CONTRAST_OF = {"truthfulqa": "dpo_contrast_truthfulqa", "winogrande": "dpo_contr
 CONFIGS = {
     "hf": {"lm_eval_model": "hf", "dtype": "float32", "batch": None},
     "dpo_hf": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None},
+    "dpo_hf_head1024": {"lm_eval_model": "dpo-hf", "dtype": "float32", "batch": None, "head_chunk": 1024},
     "hf_defaults": {"lm_eval_model": "hf", "dtype": "float32", "batch": 1},
     "dpo_hf_bf16": {"lm_eval_model": "dpo-hf", "dtype": "bfloat16", "batch": None},
     "hf_controls": {"lm_eval_model": "hf", "dtype": "float32", "batch": None, "controls": True},
@@ -155,6 +158,10 @@ def child(args) -> None:
     controls = config.get("controls", False)
     if not controls:
         samples = {task: ids for task, ids in samples.items() if task in TASK_OF.values()}
+    if config.get("head_chunk"):
+        from dpo_align.score.lm_eval_model import ResponseOnlyHFLM
+
+        ResponseOnlyHFLM.head_chunk = config["head_chunk"]
     if config.get("plain"):
         from dpo_align.score.lm_eval_model import ResponseOnlyHFLM
 

@@ -54,8 +54,10 @@ def row_length(row: list[int], requests) -> int:
 
 @register_model(MODEL_NAME)
 class ResponseOnlyHFLM(HFLM):
-    # LM-head positions per call: bounds the [positions, vocab] logits (1024 x 49,152 fp32 = 200 MB)
-    head_chunk = 1024
+    # LM-head positions per call: bounds the [positions, vocab] logits and their log-softmax (256 x 49,152 fp32 =
+    # 50 MB each). 1024 held 400 MB at once and put the suite with its controls at 1.79 GB peak; at 256 it is
+    # 1.53 GB, with the same numbers (benchmarks/eval_throughput.py, dpo_hf_head1024 against dpo_hf)
+    head_chunk = 256
     # padded tokens per forward: a batch of long documents is split so that activations stay
     # bounded whatever --batch_size is (each row is computed alone anyway: right padding, causal)
     max_batch_tokens = 2048
