@@ -260,7 +260,8 @@ def compare_command(
         check_output_folder(output)
     models = compare.load(results)
     changes = compare.compare(models, replicates=bootstrap, permutations=permutations, seed=seed)
-    text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations)
+    displacement = compare.displacement_rows(models)  # each folder's preference.json, read once for the text and the JSON
+    text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations, displacement=displacement)
     typer.echo(text)
     if output is None:
         return
@@ -268,7 +269,7 @@ def compare_command(
         atomic_write_text(output / "compare.md", text)
         atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
                                                     "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
-                                                    **compare.as_json(changes), "displacement": compare.displacement_rows(models)})
+                                                    **compare.as_json(changes), "displacement": displacement})
         atomic_write_bytes(output / "compare.png", compare.plot(changes))
     typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png.")
 

@@ -272,14 +272,15 @@ def displacement_section(rows: list[dict]) -> list[str]:
     return [*lines, "", "Against the base model; \"both fell\": pairs whose chosen and rejected responses both became less likely.", ""]
 
 
-def markdown(models: list[Scored], changes: dict, *, replicates: int, permutations: int) -> str:
+def markdown(models: list[Scored], changes: dict, *, replicates: int, permutations: int, displacement: list[dict] = ()) -> str:
+    """compare.md; ``displacement``: ``displacement_rows(models)``, read once by the caller, which also writes it to JSON."""
     lines = [f"# {' vs '.join(m.label for m in models[1:])} against {models[0].label}", "",
              f"Paired over documents: bootstrap 95% intervals ({replicates:,} replicates) and permutation p-values "
              f"({permutations:,} permutations, Holm-adjusted across the datasets). Negative change = lower loss.", ""]
     lines += control_section(changes)
     for metric, title in (("ce", "Cross-entropy (nats per response token), alone"), ("bpb", "Bits per byte, alone")):
         lines += [f"## {title}", "", paired.markdown(changes[metric], metric=metric, names=display_name, verdict="verdict (ce alone)")]
-    lines += displacement_section(displacement_rows(models))
+    lines += displacement_section(list(displacement))
     return "\n".join(lines)
 
 
