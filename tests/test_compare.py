@@ -145,3 +145,23 @@ def test_impossible_numbers_in_a_samples_file_name_the_file_and_line(scored, tmp
 def test_the_same_folder_twice_is_refused(scored):
     result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["base"])])
     assert result.exit_code == 2 and "is given twice" in result.output
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a readable preference.json"),
+    ('{"table": [1, 2]}', "its 'table' is not an object"),
+    ('{"table": {"tuned": {"displacement": {"chosen_per_token": -0.1}}}}', "lacks both_fell, pairs, rejected_per_token"),
+])
+def test_a_damaged_preference_json_is_named_not_taken_for_an_absent_one(tmp_path, content, message):
+    from dpo_align.report import compare
+
+    (tmp_path / "preference.json").write_text(content, encoding="utf-8")
+    models = [compare.Scored("base", str(tmp_path), {}), compare.Scored("tuned", str(tmp_path), {})]
+    with pytest.warns(UserWarning, match=message) as caught:
+        assert compare.displacement_rows(models) == []
+    assert str(tmp_path / "preference.json") in str(caught[0].message)
+    whole = {"chosen_per_token": -0.1, "rejected_per_token": -0.2, "both_fell": 0.5, "pairs": 8}
+    (tmp_path / "preference.json").write_text(json.dumps({"table": {"tuned": {"displacement": whole}}}), encoding="utf-8")
+    assert compare.displacement_rows(models) == [{"model": "tuned", **whole}]
+    (tmp_path / "preference.json").unlink()  # no file: no section, and nothing to say
+    assert compare.displacement_rows(models) == []

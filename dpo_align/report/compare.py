@@ -22,6 +22,7 @@ same suite version. Anything else is refused with the reason.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,14 +253,34 @@ def displacement_rows(models: list[Scored]) -> list[dict]:
     for model in models[1:]:
         folder = Path(model.source)
         if folder not in read:
-            try:
-                read[folder] = json.loads((folder / "preference.json").read_text(encoding="utf-8")).get("table", {})
-            except (OSError, ValueError, AttributeError):
-                read[folder] = {}
+            read[folder] = preference_table(folder / "preference.json")
         moved = (read[folder].get(model.label) or {}).get("displacement")
-        if moved:
+        if isinstance(moved, dict) and DISPLACEMENT_KEYS <= moved.keys():
             rows.append({"model": model.label, **moved})
+        elif moved is not None:
+            warnings.warn(f"{folder / 'preference.json'}: the displacement of {model.label!r} lacks "
+                          f"{', '.join(sorted(DISPLACEMENT_KEYS - set(moved or {})))}; its row is left out of compare's output. "
+                          f"Re-run the sweep (its preference cache is checked) to rewrite the file.", stacklevel=2)
     return rows
+
+
+DISPLACEMENT_KEYS = {"chosen_per_token", "rejected_per_token", "both_fell", "pairs"}
+
+
+def preference_table(path: Path) -> dict:
+    """The per-model table of a sweep's preference.json; {} where the folder has none. A file that is there but cannot
+    be read is said, naming it, rather than taken for an absent one: its rows would vanish from compare's output."""
+    if not path.exists():
+        return {}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8")).get("table", {})
+        if not isinstance(table, dict):
+            raise ValueError("its 'table' is not an object")
+        return table
+    except (OSError, ValueError, AttributeError) as err:
+        warnings.warn(f"{path}: not a readable preference.json ({err}); the likelihood displacement is left out of compare's "
+                      f"output. Re-run the sweep to rewrite it, or delete the file.", stacklevel=3)
+        return {}
 
 
 def displacement_section(rows: list[dict]) -> list[str]:
