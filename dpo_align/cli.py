@@ -228,7 +228,10 @@ def tasks_path_command() -> None:
 def compare_command(
     results: Annotated[list[str], typer.Argument(help=(
         "Scored results: folders written by `dpo-align eval` or `sweep`, or `lm_eval --log_samples --output_path` folders "
-        "of the suite. The first model found is the baseline."))],
+        "of the suite. The first model found is the baseline, unless --baseline names another."))],
+    baseline: Annotated[str | None, typer.Option(help=(
+        "The model to compare the others against, by its label (as compare prints it) or a part of it that names one "
+        "model: e.g. --baseline sigmoid to read a sweep's arms against plain DPO instead of the base model."))] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write compare.md, compare.json and compare.png there.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Paired bootstrap replicates (resampling documents).")] = 10_000,
     permutations: Annotated[int, typer.Option(help="Paired permutations for the p-values.")] = 10_000,
@@ -246,6 +249,8 @@ def compare_command(
     Inputs scored on different documents, templates or suite versions are refused. Example:
 
         dpo-align compare runs/eval-base runs/eval-dpo -o runs/compare
+
+        dpo-align compare results/objectives --baseline "loss_type-sigmoid"
     """
     from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
     from dpo_align.report import compare
@@ -258,7 +263,7 @@ def compare_command(
 
     if output is not None:
         check_output_folder(output)
-    models = compare.load(results)
+    models = compare.with_baseline(compare.load(results), baseline)
     changes = compare.compare(models, replicates=bootstrap, permutations=permutations, seed=seed)
     displacement = compare.displacement_rows(models)  # each folder's preference.json, read once for the text and the JSON
     text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations, displacement=displacement)

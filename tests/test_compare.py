@@ -71,9 +71,21 @@ def test_an_lm_eval_folder_of_the_same_model_shows_no_change(scored):
 
 def test_a_folder_with_several_models_and_a_sweep_style_results_file(scored, tiny_gpt2, tiny_data, tmp_path):
     both = evaluate(tiny_gpt2, tiny_data, tmp_path / "both", "--peft", str(scored["root"] / "adapter"))
-    result = runner.invoke(app, ["compare", str(both), "--bootstrap", "200", "--permutations", "200"])
+    result = runner.invoke(app, ["compare", str(both), "--bootstrap", "200", "--permutations", "200", "-o", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     assert "adapter (LoRA)" in result.output
+    # --baseline turns the comparison round: the adapter becomes the baseline and each change is the inverse one
+    result = runner.invoke(app, ["compare", str(both), "--baseline", "lora", "--bootstrap", "200", "--permutations", "200",
+                                 "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    forward, backward = (json.loads((tmp_path / d / "compare.json").read_text())["ce"] for d in "ab")
+    ((adapter, there),), ((base, back),) = forward.items(), backward.items()
+    assert "LoRA" in adapter and "LoRA" not in base
+    for a, b in zip(there, back, strict=True):
+        assert a["dataset"] == b["dataset"] and (1 + a["relative"]) * (1 + b["relative"]) == pytest.approx(1, rel=1e-9)
+    for name, said in (("nothing-like-it", "names no model"), ("", "names 2 models")):
+        refused = runner.invoke(app, ["compare", str(both), "--baseline", name])
+        assert refused.exit_code != 0 and said in refused.output, refused.output
 
 
 def test_refusals_name_the_reason(scored, tiny_gpt2, tiny_data, tmp_path):

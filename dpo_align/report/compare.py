@@ -157,6 +157,19 @@ def load(paths: list[str]) -> list[Scored]:
     return models
 
 
+def with_baseline(models: list[Scored], name: str | None) -> list[Scored]:
+    """``models`` with the one ``name`` picks first (its exact label, else the one label containing it, any case)."""
+    if name is None:
+        return models
+    exact = [m for m in models if m.label == name]
+    found = exact or [m for m in models if name.casefold() in m.label.casefold()]
+    if len(found) != 1:
+        labels = ", ".join(repr(m.label) for m in models)
+        raise UserError(f"--baseline {name!r} names {'no model' if not found else f'{len(found)} models'} among {labels}; "
+                        f"give one label, or enough of it to pick one.")
+    return [found[0], *(m for m in models if m is not found[0])]
+
+
 # --------------------------------------------------------------------------- checks and comparison
 
 
@@ -250,7 +263,7 @@ def displacement_rows(models: list[Scored]) -> list[dict]:
     preference.json): the mean change per token of the chosen and the rejected log-prob against the base, and the
     share of pairs where both fell. A ce that fell while the chosen responses also got less likely is worth knowing."""
     rows, read = [], {}
-    for model in models[1:]:
+    for model in models:  # the base model has no displacement; an adapter given as --baseline keeps its own
         folder = Path(model.source)
         if folder not in read:
             read[folder] = preference_table(folder / "preference.json")
