@@ -266,7 +266,7 @@ def displacement_rows(models: list[Scored]) -> list[dict]:
     for model in models:  # the base model has no displacement; an adapter given as --baseline keeps its own
         folder = Path(model.source)
         if folder not in read:
-            read[folder] = preference_table(folder / "preference.json")
+            read[folder] = read_preference_table(folder / "preference.json")
         moved = (read[folder].get(model.label) or {}).get("displacement")
         if isinstance(moved, dict) and DISPLACEMENT_KEYS <= moved.keys():
             rows.append({"model": model.label, **moved})
@@ -280,7 +280,7 @@ def displacement_rows(models: list[Scored]) -> list[dict]:
 DISPLACEMENT_KEYS = {"chosen_per_token", "rejected_per_token", "both_fell", "pairs"}
 
 
-def preference_table(path: Path) -> dict:
+def read_preference_table(path: Path) -> dict:
     """The per-model table of a sweep's preference.json; {} where the folder has none. A file that is there but cannot
     be read is said, naming it, rather than taken for an absent one: its rows would vanish from compare's output."""
     if not path.exists():
