@@ -265,8 +265,10 @@ def compare_command(
         check_output_folder(output)
     models = compare.with_baseline(compare.load(results), baseline)
     changes = compare.compare(models, replicates=bootstrap, permutations=permutations, seed=seed)
-    displacement = compare.displacement_rows(models)  # each folder's preference.json, read once for the text and the JSON
-    text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations, displacement=displacement)
+    preference = compare.preference_rows(models)  # each folder's preference.json, read once for the text and the JSON
+    displacement = compare.displacement_rows(models, preference)
+    text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations, displacement=displacement,
+                            preference=preference)
     typer.echo(text)
     if output is None:
         return
@@ -274,7 +276,8 @@ def compare_command(
         atomic_write_text(output / "compare.md", text)
         atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
                                                     "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
-                                                    **compare.as_json(changes), "displacement": displacement})
+                                                    **compare.as_json(changes), "displacement": displacement,
+                                                    "scorecard": compare.scorecard_json(models, changes, preference)})
         atomic_write_bytes(output / "compare.png", compare.plot(changes))
     typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png.")
 

@@ -34,7 +34,7 @@ from dpo_align.core.plots import plot_runs, read_metrics
 from dpo_align.data import decontaminate
 from dpo_align.data.suite import PPL
 from dpo_align.grid import points, run_names
-from dpo_align.report import compare
+from dpo_align.report import compare, scorecard
 from dpo_align.report.compare import Scored
 from dpo_align.report.html import write_report_safely
 from dpo_align.report.tables import sweep_table, write_outputs
@@ -156,7 +156,12 @@ def write_sweep(output: Path, runs: list[dict], settings: dict, adapters: dict[s
     into place together, results.json last: a full disk leaves no half set."""
     with staged_files(output, last="results.json") as stage:
         write_outputs(stage, [dict(r) for r in runs], settings)
-        atomic_write_text(stage / "table.md", sweep_table(runs, changes, failed, settings["bootstrap_replicates"]))
+        table = sweep_table(runs, changes, failed, settings["bootstrap_replicates"])
+        if changes and preference is not None:  # the three questions per adapter, and the pick (scorecard.py)
+            cards = scorecard.cards(changes, preference["table"], [r["label"] for r in runs[1:]])
+            table += "\n" + "\n".join(scorecard.markdown(cards, baseline=runs[0]["label"], baseline_is_reference=True))
+            atomic_write_json(stage / "scorecard.json", scorecard.as_json(cards, baseline_is_reference=True))
+        atomic_write_text(stage / "table.md", table)
         if changes:
             atomic_write_json(stage / "comparison.json", compare.as_json(changes))
             atomic_write_bytes(stage / "comparison.png", compare.plot(changes))

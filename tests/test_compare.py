@@ -177,3 +177,34 @@ def test_a_damaged_preference_json_is_named_not_taken_for_an_absent_one(tmp_path
     assert compare.displacement_rows(models) == [{"model": "tuned", **whole}]
     (tmp_path / "preference.json").unlink()  # no file: no section, and nothing to say
     assert compare.displacement_rows(models) == []
+
+
+def test_compare_prints_the_scorecard_and_picks_only_against_the_base_model(scored, tmp_path):
+    import shutil
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    shutil.copytree(scored["base"], base)
+    shutil.copytree(scored["tuned"], tuned)
+    labels = [json.loads((f / "results.json").read_text())["models"][0]["label"] for f in (base, tuned)]
+    # what a sweep writes: the base model's row has no reward (it is the reference), the adapter's has
+    (base / "preference.json").write_text(json.dumps({"table": {labels[0]: {"length_normalised": {}}}}))
+    (tuned / "preference.json").write_text(json.dumps({"table": {labels[1]: {
+        "reward": {"accuracy": 0.9, "stderr": 0.01, "pairs": 8},
+        "displacement": {"chosen_per_token": 0.2, "rejected_per_token": -0.3, "both_fell": 0.0, "pairs": 8}}}}))
+    args = ["--bootstrap", "300", "--permutations", "300"]
+    result = runner.invoke(app, ["compare", str(base), str(tuned), "-o", str(tmp_path / "cmp"), *args])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())["scorecard"]
+    (answers,) = report["cards"]
+    mean = json.loads((tmp_path / "cmp" / "compare.json").read_text())["controls"][labels[1]][-1]
+    assert answers["verdict"] == mean["verdict"] and answers["q1"] == (mean["verdict"] == "better")
+    assert answers["q2"] is True and answers["q3"] is True and report["pick"] == labels[1]
+    assert "## Scorecard" in result.output and f"**{labels[1]}**" in result.output
+    # read against the adapter, Q1 is no longer against the base model: the table is there, the pick is not
+    result = runner.invoke(app, ["compare", str(base), str(tuned), "--baseline", labels[1], "-o", str(tmp_path / "cmp2"), *args])
+    assert result.exit_code == 0, result.output
+    assert "No pick here" in result.output
+    assert json.loads((tmp_path / "cmp2" / "compare.json").read_text())["scorecard"]["pick"] is None
+    # without a preference table there is no scorecard at all
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["tuned"]), *args])
+    assert result.exit_code == 0 and "## Scorecard" not in result.output

@@ -287,6 +287,11 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert "Likelihood displacement on the held-out pairs" in compared.output
     assert f"| DPO lr-0.05 | {moved['chosen_per_token']:+.4f} | {moved['rejected_per_token']:+.4f} |" in compared.output
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["displacement"][1] == {"model": "DPO lr-0.05", **moved}
+    # the scorecard: the sweep's table and compare give the same answers and the rule's pick
+    card = json.loads((tmp_path / "cmp" / "compare.json").read_text())["scorecard"]
+    assert [c["model"] for c in card["cards"]] == ["DPO lr-0.001", "DPO lr-0.05"] and card["pick"] in ("DPO lr-0.001", "DPO lr-0.05")
+    assert card["cards"][1]["q3"] == (moved["chosen_per_token"] >= 0) and card["cards"][1]["verdict"] == comparison["controls"]["DPO lr-0.05"][-1]["verdict"]
+    assert "## Scorecard" in table and card["reason"] in table and card["pick"] in card["reason"]
     # learning curve of the better run: step 0 (the base model) and each of its checkpoints, on 3 documents per dataset
     curve = json.loads((out / "learning-curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 1, 2]
@@ -295,9 +300,10 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert (out / "learning-curve.png").read_bytes()[:4] == b"\x89PNG"
     # the report: every section, and the generations of the base model beside each adapter
     page = (out / "report.html").read_text()
-    for section in ("Cross-entropy", "Against the baseline", "Held-out preference accuracy", "Learning curve", "Training curves",
-                    "Generations, side by side", "Runs"):
+    for section in ("Scorecard: did each adapter do the job?", "Cross-entropy", "Against the baseline", "Held-out preference accuracy",
+                    "Learning curve", "Training curves", "Generations, side by side", "Runs"):
         assert section in page, section
+    assert f"{card['pick']}</b>" in page  # the pick, in bold in both renderings
     assert page.count("<img ") >= 4 and "DPO lr-0.05" in (out / "report.md").read_text()
     # the curve's checkpoints keep their adapters, not the optimizer state (only --resume needs that)
     kept = sorted(p.name for p in (tmp_path / "runs" / "lr-0.05" / "checkpoint-1").iterdir())

@@ -31,7 +31,7 @@ from dpo_align.core.files import slug
 from dpo_align.core.plots import png_bytes
 from dpo_align.data.suite import CONTRAST, PPL, display_name, document_row
 from dpo_align.data.templates import DEFAULT_TEMPLATE  # the tasks' default when metadata names none
-from dpo_align.report import controls, paired
+from dpo_align.report import controls, paired, scorecard
 
 TASKS = PPL.tasks
 
@@ -258,20 +258,33 @@ def control_section(changes: dict) -> list[str]:
             controls.markdown(changes["controls"], names=display_name)]
 
 
-def displacement_rows(models: list[Scored]) -> list[dict]:
-    """Likelihood displacement of each compared adapter, where its folder holds held-out preference log-probs (a sweep's
-    preference.json): the mean change per token of the chosen and the rejected log-prob against the base, and the
-    share of pairs where both fell. A ce that fell while the chosen responses also got less likely is worth knowing."""
-    rows, read = [], {}
-    for model in models:  # the base model has no displacement; an adapter given as --baseline keeps its own
+def preference_rows(models: list[Scored]) -> dict[str, dict]:
+    """Each model's row of its folder's preference.json (a sweep's held-out preference table), read once per folder:
+    {label: {"length_normalised", "reward", "displacement"}}; models whose folder has none are left out."""
+    rows, read = {}, {}
+    for model in models:
         folder = Path(model.source)
         if folder not in read:
             read[folder] = read_preference_table(folder / "preference.json")
-        moved = (read[folder].get(model.label) or {}).get("displacement")
+        row = read[folder].get(model.label)
+        if isinstance(row, dict):
+            rows[model.label] = row
+    return rows
+
+
+def displacement_rows(models: list[Scored], preference: dict[str, dict] | None = None) -> list[dict]:
+    """Likelihood displacement of each compared adapter, where its folder holds held-out preference log-probs (a sweep's
+    preference.json): the mean change per token of the chosen and the rejected log-prob against the base, and the
+    share of pairs where both fell. A ce that fell while the chosen responses also got less likely is worth knowing.
+    ``preference``: ``preference_rows(models)``, where the caller has read it already."""
+    preference = preference_rows(models) if preference is None else preference
+    rows = []
+    for model in models:  # the base model has no displacement; an adapter given as --baseline keeps its own
+        moved = (preference.get(model.label) or {}).get("displacement")
         if isinstance(moved, dict) and DISPLACEMENT_KEYS <= moved.keys():
             rows.append({"model": model.label, **moved})
         elif moved is not None:
-            warnings.warn(f"{folder / 'preference.json'}: the displacement of {model.label!r} lacks "
+            warnings.warn(f"{Path(model.source) / 'preference.json'}: the displacement of {model.label!r} lacks "
                           f"{', '.join(sorted(DISPLACEMENT_KEYS - set(moved or {})))}; its row is left out of compare's output. "
                           f"Re-run the sweep (its preference cache is checked) to rewrite the file.", stacklevel=2)
     return rows
@@ -306,16 +319,39 @@ def displacement_section(rows: list[dict]) -> list[str]:
     return [*lines, "", "Against the base model; \"both fell\": pairs whose chosen and rejected responses both became less likely.", ""]
 
 
-def markdown(models: list[Scored], changes: dict, *, replicates: int, permutations: int, displacement: list[dict] = ()) -> str:
-    """compare.md; ``displacement``: ``displacement_rows(models)``, read once by the caller, which also writes it to JSON."""
+def markdown(models: list[Scored], changes: dict, *, replicates: int, permutations: int, displacement: list[dict] = (),
+             preference: dict[str, dict] | None = None) -> str:
+    """compare.md; ``displacement``: ``displacement_rows(models)`` and ``preference``: ``preference_rows(models)``, read
+    once by the caller, which also writes them to JSON. With controls and a preference table, the scorecard comes first."""
     lines = [f"# {' vs '.join(m.label for m in models[1:])} against {models[0].label}", "",
              f"Paired over documents: bootstrap 95% intervals ({replicates:,} replicates) and permutation p-values "
              f"({permutations:,} permutations, Holm-adjusted across the datasets). Negative change = lower loss.", ""]
+    lines += scorecard_section(models, changes, preference or {})
     lines += control_section(changes)
     for metric, title in (("ce", "Cross-entropy (nats per response token), alone"), ("bpb", "Bits per byte, alone")):
         lines += [f"## {title}", "", paired.markdown(changes[metric], metric=metric, names=display_name, verdict="verdict (ce alone)")]
     lines += displacement_section(list(displacement))
     return "\n".join(lines)
+
+
+def scorecard_section(models: list[Scored], changes: dict, preference: dict[str, dict]) -> list[str]:
+    """The three questions per adapter (scorecard.py), where a sweep's preference table answers two of them."""
+    table, is_reference = _scorecard(models, changes, preference)
+    return scorecard.markdown(table, baseline=models[0].label, baseline_is_reference=is_reference) if preference else []
+
+
+def scorecard_json(models: list[Scored], changes: dict, preference: dict[str, dict]) -> dict | None:
+    """compare.json's scorecard: each adapter's answers, and the rule's pick where the baseline is the base model."""
+    if not preference:
+        return None
+    table, is_reference = _scorecard(models, changes, preference)
+    return scorecard.as_json(table, baseline_is_reference=is_reference)
+
+
+def _scorecard(models: list[Scored], changes: dict, preference: dict[str, dict]) -> tuple[list[scorecard.Card], bool]:
+    base = models[0].label
+    # the pick reads Q1 against the model the adapters started from: the preference table's reference, which has no reward row
+    return scorecard.cards(changes, preference, [m.label for m in models[1:]]), base in preference and "reward" not in preference[base]
 
 
 def plot(changes: dict, metric: str = "ce") -> bytes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,11 @@ def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return "" if value is None else str(value)
+
+
+def _bold(text: str) -> str:
+    """Markdown's **strong** as <b> (the paragraphs are written once, for both renderings)."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
 
 
 def _cell(pair) -> str:
@@ -154,6 +160,19 @@ def control_blocks(comparison: dict) -> list:
                    "acc", "p (McNemar, Holm)", "acc verdict"], rows)]
 
 
+def scorecard_blocks(card: dict) -> list:
+    """The sweep's scorecard.json: three answers per adapter, the rule, and its pick (report/scorecard.py)."""
+    def answer(value, detail):
+        return "n/a" if value is None else ("yes" if value else "no") + f": {detail}"
+
+    rows = [[c["model"], answer(c["q1"], f"{c['verdict']} ({_fmt(c['specific'])})"),
+             answer(c["q2"], f"{100 * (c['accuracy'] or 0):.1f}% ± {100 * (c['stderr'] or 0):.1f}"),
+             answer(c["q3"], _fmt(c["chosen_per_token"])), str(c["yes"])] for c in card.get("cards", [])]
+    return [Heading("Scorecard: did each adapter do the job?"),
+            Table(["model", "Q1 ce falls specifically", "Q2 held-out preference rises", "Q3 chosen likelihood holds", "yes"], rows),
+            Para("The rule: " + card.get("rule", "")), *([Para(card["reason"])] if card.get("reason") else [])]
+
+
 def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=print) -> list:
     results = _read_json(folder / "results.json") or {}
     settings, models = results.get("settings", {}), results.get("models", [])
@@ -182,6 +201,9 @@ def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=pri
         comparison_png = compare.plot(changes)
     else:
         comparison_png = (folder / "comparison.png").read_bytes() if (folder / "comparison.png").is_file() else None
+    card = _read_json(folder / "scorecard.json")
+    if card:
+        blocks += scorecard_blocks(card)
     if comparison:
         blocks += control_blocks(comparison)
         rows = [[label, display_name(c["dataset"]), f"{100 * c['relative']:+.2f}%",
@@ -269,7 +291,7 @@ def to_html(blocks: list, title: str) -> str:
         if isinstance(b, Heading):
             parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
         elif isinstance(b, Para):
-            parts.append(f"<p>{html.escape(b.text)}</p>")
+            parts.append(f"<p>{_bold(html.escape(b.text))}</p>")
         elif isinstance(b, Table):
             head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.header)
             body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in b.rows)

@@ -1,0 +1,128 @@
+"""Did each adapter do the job? Three questions per adapter, and the pick they make.
+
+A fall in ce alone is not the answer to "which objective should I run" (the seed reproduction's
+lr 1e-4 fell 4.86%, all of it a format shift), so each adapter is asked three questions, each
+with a yes or a no that can be checked in the tables it comes from:
+
+* **Q1 ce falls specifically**: the mean row's controlled verdict against the baseline is
+  ``better`` (``controls.py``: ce falls and the reference got cheaper than its foils did);
+* **Q2 held-out preference rises**: the implicit-reward accuracy on the held-out pairs exceeds
+  50% by more than 2 standard errors (``score/preference.py``);
+* **Q3 the chosen likelihood holds**: the mean per-token change of the chosen responses'
+  log-prob against the base model is >= 0 (no likelihood displacement of the chosen side).
+
+The rule that turns the table into a pick, fixed before the objectives study was scored
+(results/objectives/README.md quotes it): the adapter with Q1 = yes and the most yes answers,
+ties by the mean's specific change (most negative wins). If no adapter has Q1 = yes, that is
+said (none beats the baseline specifically), and the fallback pick is the adapter with the most
+yes answers on Q2 + Q3, ties the same way. An unanswerable question (no controls scored, no
+preference data) counts as no, and the table says n/a.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+RULE = ("Q1 ce falls specifically: the mean row's controlled verdict against the baseline is **better**. Q2 held-out preference "
+        "rises: implicit-reward accuracy on the held-out pairs exceeds 50% by more than 2 stderr. Q3 the chosen likelihood holds: "
+        "the mean per-token change of the chosen log-prob against the base model is >= 0. The pick: the adapter with Q1 = yes and "
+        "the most yes answers, ties by the mean's specific change (most negative wins); if no adapter has Q1 = yes, none beats "
+        "the baseline specifically, and the fallback pick is the one with the most yes answers on Q2 + Q3, ties the same way. "
+        "n/a counts as no.")
+
+
+@dataclass(frozen=True)
+class Card:
+    model: str
+    verdict: str | None = None  # the mean row's controlled verdict against the baseline; None without controls
+    specific: float | None = None  # the mean's specific change, Δlog ce − Δlog ce_foil
+    accuracy: float | None = None  # implicit-reward accuracy on the held-out pairs
+    stderr: float | None = None
+    chosen_per_token: float | None = None  # mean Δ log p per token of the chosen responses, against the base model
+
+    @property
+    def q1(self) -> bool | None:
+        return None if self.verdict is None else self.verdict == "better"
+
+    @property
+    def q2(self) -> bool | None:
+        return None if self.accuracy is None or self.stderr is None else self.accuracy - 0.5 > 2 * self.stderr
+
+    @property
+    def q3(self) -> bool | None:
+        return None if self.chosen_per_token is None else self.chosen_per_token >= 0
+
+    @property
+    def yes(self) -> int:
+        return sum(bool(q) for q in (self.q1, self.q2, self.q3))
+
+
+def cards(changes: dict, preference: dict[str, dict], labels: list[str]) -> list[Card]:
+    """One Card per adapter in ``labels`` (compared against the baseline in ``changes``), from the mean row of
+    ``changes["controls"]`` and each adapter's row of a preference table ({label: {"reward", "displacement"}})."""
+    out = []
+    for label in labels:
+        rows = changes.get("controls", {}).get(label) or []
+        mean = next((c for c in rows if c.dataset == "mean"), rows[0] if len(rows) == 1 else None)
+        row = preference.get(label) or {}
+        reward, moved = row.get("reward") or {}, row.get("displacement") or {}
+        out.append(Card(label, verdict=mean.verdict if mean else None, specific=mean.specific if mean else None,
+                        accuracy=reward.get("accuracy"), stderr=reward.get("stderr"), chosen_per_token=moved.get("chosen_per_token")))
+    return out
+
+
+def recommend(table: list[Card]) -> tuple[Card | None, str]:
+    """The rule's pick and the sentence that says how it was made."""
+    if not table:
+        return None, "No adapter was compared, so there is nothing to recommend."
+
+    def order(card: Card, answers: int):  # most yes first, then the most negative specific change
+        return (-answers, card.specific if card.specific is not None and math.isfinite(card.specific) else math.inf)
+
+    specific = [c for c in table if c.q1]
+    if specific:
+        pick = min(specific, key=lambda c: order(c, c.yes))
+        ties = [c.model for c in specific if c is not pick and c.yes == pick.yes]
+        return pick, (f"**Recommended: {pick.model}**: its ce falls specifically (Q1 = yes), with {pick.yes} of 3 yes answers"
+                      + (f"; tied on answers with {', '.join(ties)}, it has the most negative specific change "
+                         f"({pick.specific:+.4f})." if ties else "."))
+    pick = min(table, key=lambda c: order(c, int(bool(c.q2)) + int(bool(c.q3))))
+    answers = int(bool(pick.q2)) + int(bool(pick.q3))
+    return pick, ("**No adapter's ce falls specifically against the baseline** (Q1 = no or n/a for every one): none is better "
+                  f"than the baseline by this measure. The fallback pick, most yes answers on Q2 + Q3 ({answers}) and then the most "
+                  f"negative specific change, is **{pick.model}**.")
+
+
+def as_json(table: list[Card], *, baseline_is_reference: bool) -> dict:
+    """The answers and the pick (only where the baseline is the base model), as compare.json and a sweep's scorecard.json hold them."""
+    pick, reason = recommend(table) if baseline_is_reference else (None, None)
+    return {"rule": RULE, "pick": pick.model if pick else None, "reason": reason,
+            "cards": [{**asdict(c), "q1": c.q1, "q2": c.q2, "q3": c.q3, "yes": c.yes} for c in table]}
+
+
+def _answer(value: bool | None, detail: str) -> str:
+    return "n/a" if value is None else f"{'**yes**' if value else 'no'}: {detail}"
+
+
+def markdown(table: list[Card], *, baseline: str, baseline_is_reference: bool) -> list[str]:
+    """The scorecard section: the three answers per adapter, the rule, and the pick (only against the base model:
+    the rule reads Q1 against the model the adapters started from)."""
+    if not table:
+        return []
+    lines = ["## Scorecard: did each adapter do the job?", "",
+             f"Q1 against {baseline}; Q2 and Q3 on the held-out pairs, against the base model (preference.json).", "",
+             "| model | Q1 ce falls specifically (mean verdict, specific change) | Q2 held-out preference rises (implicit-reward "
+             "accuracy ± stderr) | Q3 chosen likelihood holds (Δ log p per token, chosen) | yes |", "|---|---|---|---|---|"]
+    for c in table:
+        q1 = _answer(c.q1, f"{c.verdict} ({c.specific:+.4f})" if c.verdict is not None else "")
+        q2 = _answer(c.q2, f"{100 * c.accuracy:.1f}% ± {100 * c.stderr:.1f}" if c.q2 is not None else "")
+        q3 = _answer(c.q3, f"{c.chosen_per_token:+.4f}" if c.q3 is not None else "")
+        lines.append(f"| {c.model} | {q1} | {q2} | {q3} | {c.yes} |")
+    lines += ["", "The rule: " + RULE, ""]
+    if baseline_is_reference:
+        lines += [recommend(table)[1], ""]
+    else:
+        lines += [f"No pick here: the rule reads Q1 against the base model, and {baseline} is not the base model of the "
+                  "preference table (compare with the base model first, as a sweep's folder has it, for the pick).", ""]
+    return lines

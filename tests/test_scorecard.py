@@ -1,0 +1,54 @@
+"""The scorecard: three yes/no questions per adapter, and the pick the pre-registered rule makes from them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from dpo_align.report.scorecard import Card, cards, recommend
+
+
+def card(model, verdict="format shift", specific=0.001, accuracy=0.5, stderr=0.017, chosen=-0.01):
+    return Card(model, verdict=verdict, specific=specific, accuracy=accuracy, stderr=stderr, chosen_per_token=chosen)
+
+
+def test_each_question_turns_on_its_own_number():
+    assert card("a", verdict="better").q1 and not card("a", verdict="format shift").q1
+    # Q2: more than 2 standard errors above 50%, not at it
+    assert card("a", accuracy=0.5 + 2 * 0.017 + 1e-4).q2 and not card("a", accuracy=0.5 + 2 * 0.017 - 1e-4).q2
+    # Q3: the chosen log-prob holds (0 included) or falls
+    assert card("a", chosen=0.0).q3 and not card("a", chosen=-1e-6).q3
+    unanswered = Card("a")
+    assert (unanswered.q1, unanswered.q2, unanswered.q3, unanswered.yes) == (None, None, None, 0)
+
+
+def test_the_rule_prefers_a_specific_fall_then_more_yes_then_the_most_negative_specific_change():
+    only_preference = card("preference+chosen", accuracy=0.6, chosen=0.01)  # 2 yes, but ce did not fall specifically
+    specific = card("specific", verdict="better", specific=-0.002)  # 1 yes, Q1
+    pick, why = recommend([only_preference, specific])
+    assert pick is specific and "Recommended: specific" in why
+    # among Q1 = yes, more yes wins; on equal answers the more negative specific change wins
+    stronger = card("stronger", verdict="better", specific=-0.001, accuracy=0.6)
+    assert recommend([specific, stronger])[0] is stronger
+    deeper = card("deeper", verdict="better", specific=-0.005)
+    pick, why = recommend([specific, deeper])
+    assert pick is deeper and "tied on answers with specific" in why
+
+
+def test_without_a_specific_fall_the_tool_says_so_and_falls_back_on_q2_and_q3():
+    a = card("a", accuracy=0.6, specific=0.003)
+    b = card("b", accuracy=0.6, chosen=0.0, specific=0.004)  # more yes on Q2 + Q3
+    pick, why = recommend([a, b])
+    assert pick is b and "No adapter's ce falls specifically" in why
+    c = card("c", accuracy=0.6, chosen=0.0, specific=-0.001)  # same answers as b, more negative specific change
+    assert recommend([a, b, c])[0] is c
+    assert recommend([])[0] is None
+
+
+def test_cards_read_the_mean_row_and_the_preference_table():
+    rows = [SimpleNamespace(dataset="truthfulqa", verdict="better", specific=-0.01),
+            SimpleNamespace(dataset="mean", verdict="format shift", specific=0.002)]
+    preference = {"tuned": {"reward": {"accuracy": 0.58, "stderr": 0.02}, "displacement": {"chosen_per_token": 0.001}}}
+    (got,) = cards({"controls": {"tuned": rows}}, preference, ["tuned"])
+    assert (got.verdict, got.specific, got.q1, got.q2, got.q3) == ("format shift", 0.002, False, True, True)
+    (bare,) = cards({}, {}, ["tuned"])  # no controls, no preference: every answer n/a
+    assert (bare.q1, bare.q2, bare.q3) == (None, None, None)
