@@ -29,6 +29,7 @@ from pathlib import Path
 
 from dpo_align.core.errors import TrainingDiverged, UserError
 from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files
+from dpo_align.core.memory import release_memory
 from dpo_align.core.models import resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
 from dpo_align.data import decontaminate
@@ -131,6 +132,8 @@ def train_all(configs: dict[str, TrainConfig], progress) -> tuple[dict[str, Path
                 progress(f"[train {i}/{len(configs)}] {name} FAILED: {err}")
                 failed[name] = str(err)
                 continue
+            finally:
+                release_memory()  # the next run (or the scoring) starts from the memory of none, not the last run's high-water mark
         adapters[name] = run_dir
     if not adapters:
         raise UserError("Every run of the sweep failed: " + " ".join(f"{k}: {v}" for k, v in failed.items()))
