@@ -11,7 +11,8 @@ write to ``OUTPUT``:
 * per-document samples, one PNG per DPO statistic with the curves of all runs overlaid
   (``curves/``), and each run's manifest (``manifests/``);
 * with ``--preference-data``: held-out preference accuracy of every model (``preference.md``);
-* with ``--curve-docs N``: the learning curve of the best run, every checkpoint scored on N
+* with ``--curve-docs N``: the learning curve of the best run (the scorecard's pick with
+  ``--preference-data``, else the lowest mean ce), every checkpoint scored on N
   fixed documents per dataset (``learning-curve.png``, ``.md``).
 
 Interrupted sweeps resume: a finished run (its ``manifest.json`` exists) is not trained
@@ -99,8 +100,9 @@ def sweep(
     changes = compare.compare(scored, replicates=replicates, permutations=replicates, seed=base.seed) if len(runs) > 1 else {}
     preference = _preference(specs, base, preference_data, output / "preference", progress) if preference_data else None
     curve = None
-    if curve_docs and len(runs) > 1:  # the best learning rate, on a fixed subset of each dataset
-        curve = _learning_curve(runs, adapters, specs[0], options, curve_docs, output / "learning-curve", base.seed, progress)
+    if curve_docs and len(runs) > 1:  # the best run, on a fixed subset of each dataset
+        curve = _learning_curve(runs, adapters, specs[0], options, curve_docs, output / "learning-curve", base.seed, progress,
+                                best=_best_run(runs, changes, preference))
 
     settings = {"command": "dpo-align sweep", "grid": grid, "learning_rates": grid.get("learning_rate", [base.learning_rate]),
                 "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
@@ -212,11 +214,20 @@ def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], f
             "table": preference_table(logps, baseline=specs[0].label, beta=base.beta)}
 
 
+def _best_run(runs: list[dict], changes: dict, preference: dict | None) -> str:
+    """The label of the run the learning curve follows: the scorecard's pick where there is one (with held-out
+    preference data; a lowest ce can be the largest format shift), else the lowest mean ce."""
+    if preference is not None and changes:
+        pick, _ = scorecard.recommend(scorecard.cards(changes, preference["table"], [r["label"] for r in runs[1:]]))
+        if pick is not None:
+            return pick.model
+    return min(runs[1:], key=lambda r: r["table"]["mean"]["ce"][0])["label"]
+
+
 def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: ModelSpec, options: ScoreOptions, per_dataset: int,
-                    folder: Path, seed: int, progress) -> dict:
-    """Score the base model and every checkpoint of the best run (lowest mean ce) on a fixed subset."""
-    best = min(runs[1:], key=lambda r: r["table"]["mean"]["ce"][0])
-    run_name = best["label"].removeprefix("DPO ")
+                    folder: Path, seed: int, progress, *, best: str) -> dict:
+    """Score the base model and every checkpoint of the run labelled ``best`` on a fixed subset."""
+    run_name = best.removeprefix("DPO ")
     run_dir = adapters[run_name]
     # the curve follows ce alone (the controls are read at the end of the run, in the table)
     counts = {task: len(docs) for task, docs in runs[0]["documents"].items() if task in PPL.tasks.values()}

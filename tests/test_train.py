@@ -294,6 +294,7 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert "## Scorecard" in table and card["reason"] in table and card["pick"] in card["reason"]
     # learning curve of the better run: step 0 (the base model) and each of its checkpoints, on 3 documents per dataset
     curve = json.loads((out / "learning-curve.json").read_text())
+    assert curve["run"] == card["pick"].removeprefix("DPO ")  # the scorecard's pick, not the lowest ce
     assert [p["step"] for p in curve["points"]] == [0, 1, 2]
     assert {task: len(v) for task, v in curve["documents"].items()} == {"dpo_ppl_truthfulqa": 2, "dpo_ppl_winogrande": 2, "dpo_ppl_pku": 3}
     assert curve["points"][0]["table"]["truthfulqa"]["n"] == 2  # the tiny TruthfulQA has 2 documents: both
