@@ -52,3 +52,6 @@ def test_cards_read_the_mean_row_and_the_preference_table():
     assert (got.verdict, got.specific, got.q1, got.q2, got.q3) == ("format shift", 0.002, False, True, True)
     (bare,) = cards({}, {}, ["tuned"])  # no controls, no preference: every answer n/a
     assert (bare.q1, bare.q2, bare.q3) == (None, None, None)
+    damaged = {"tuned": {"reward": {"accuracy": "0.9", "stderr": float("nan")}, "displacement": {"chosen_per_token": True}}}
+    (unreadable,) = cards({}, damaged, ["tuned"])  # a damaged preference.json answers nothing, rather than crashing or saying yes
+    assert (unreadable.q2, unreadable.q3) == (None, None)

@@ -322,7 +322,7 @@ def displacement_section(rows: list[dict]) -> list[str]:
 def markdown(models: list[Scored], changes: dict, *, replicates: int, permutations: int, displacement: list[dict] = (),
              preference: dict[str, dict] | None = None) -> str:
     """compare.md; ``displacement``: ``displacement_rows(models)`` and ``preference``: ``preference_rows(models)``, read
-    once by the caller, which also writes them to JSON. With controls and a preference table, the scorecard comes first."""
+    once by the caller, which also writes them to JSON. With a preference table, the scorecard comes first."""
     lines = [f"# {' vs '.join(m.label for m in models[1:])} against {models[0].label}", "",
              f"Paired over documents: bootstrap 95% intervals ({replicates:,} replicates) and permutation p-values "
              f"({permutations:,} permutations, Holm-adjusted across the datasets). Negative change = lower loss.", ""]
@@ -336,8 +336,10 @@ def markdown(models: list[Scored], changes: dict, *, replicates: int, permutatio
 
 def scorecard_section(models: list[Scored], changes: dict, preference: dict[str, dict]) -> list[str]:
     """The three questions per adapter (scorecard.py), where a sweep's preference table answers two of them."""
+    if not preference:
+        return []
     table, is_reference = _scorecard(models, changes, preference)
-    return scorecard.markdown(table, baseline=models[0].label, baseline_is_reference=is_reference) if preference else []
+    return scorecard.markdown(table, baseline=models[0].label, baseline_is_reference=is_reference)
 
 
 def scorecard_json(models: list[Scored], changes: dict, preference: dict[str, dict]) -> dict | None:

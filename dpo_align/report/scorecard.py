@@ -68,8 +68,16 @@ def cards(changes: dict, preference: dict[str, dict], labels: list[str]) -> list
         row = preference.get(label) or {}
         reward, moved = row.get("reward") or {}, row.get("displacement") or {}
         out.append(Card(label, verdict=mean.verdict if mean else None, specific=mean.specific if mean else None,
-                        accuracy=reward.get("accuracy"), stderr=reward.get("stderr"), chosen_per_token=moved.get("chosen_per_token")))
+                        accuracy=_number(reward.get("accuracy")), stderr=_number(reward.get("stderr")),
+                        chosen_per_token=_number(moved.get("chosen_per_token"))))
     return out
+
+
+def _number(value) -> float | None:
+    """A finite number from a preference table, else None (the answer shows n/a, not a crash or a made-up yes)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def recommend(table: list[Card]) -> tuple[Card | None, str]:
