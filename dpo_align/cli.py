@@ -246,7 +246,11 @@ def compare_command(
     change Δlog ce − Δlog ce_foil decides between better (the reference got cheaper than its
     foils), format shift (the foils got as cheap), worse, and no detectable change; Δacc has an
     exact McNemar test of its own. Without controls the verdict reads ce alone, and says so.
-    Inputs scored on different documents, templates or suite versions are refused. Example:
+    On a sweep folder with held-out preference data the output opens with the scorecard: per
+    adapter, does ce fall specifically, does held-out preference accuracy rise, does the chosen
+    likelihood hold, and the pick of the rule in dpo_align/report/scorecard.py (made only when
+    the baseline is the base model). Inputs scored on different documents, templates or suite
+    versions are refused. Example:
 
         dpo-align compare runs/eval-base runs/eval-dpo -o runs/compare
 
