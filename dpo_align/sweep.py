@@ -99,15 +99,18 @@ def sweep(
     scored = [Scored(r["label"], str(output), r["documents"], base.template, r.get("versions", {})) for r in runs]
     changes = compare.compare(scored, replicates=replicates, permutations=replicates, seed=base.seed) if len(runs) > 1 else {}
     preference = _preference(specs, base, preference_data, output / "preference", progress) if preference_data else None
+    # the three questions per adapter and the pick (scorecard.py), where there is held-out preference data
+    cards = scorecard.cards(changes, preference["table"], [r["label"] for r in runs[1:]]) if changes and preference else None
     curve = None
     if curve_docs and len(runs) > 1:  # the best run, on a fixed subset of each dataset
         curve = _learning_curve(runs, adapters, specs[0], options, curve_docs, output / "learning-curve", base.seed, progress,
-                                best=_best_run(runs, changes, preference))
+                                best=_best_run(runs, cards))
 
     settings = {"command": "dpo-align sweep", "grid": grid, "learning_rates": grid.get("learning_rate", [base.learning_rate]),
                 "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
                 "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
-    write_sweep(output, runs, settings, adapters, changes=changes, failed=failed, preference=preference, curve=curve, beta=base.beta,
+    write_sweep(output, runs, settings, adapters, changes=changes, failed=failed, preference=preference, cards=cards, curve=curve,
+                beta=base.beta,
                 betas={name: configs[name].beta for name in adapters})
     write_report_safely(output, progress, generations=base.report_generations, generate=report_generations)
     if failed:
@@ -156,14 +159,14 @@ def score_all(base: TrainConfig, adapters: dict[str, Path], options: ScoreOption
 
 
 def write_sweep(output: Path, runs: list[dict], settings: dict, adapters: dict[str, Path], *, changes: dict, failed: dict[str, str],
-                preference: dict | None, curve: dict | None, beta: float, betas: dict[str, float] | None = None) -> None:
+                preference: dict | None, curve: dict | None, beta: float, betas: dict[str, float] | None = None,
+                cards: list | None = None) -> None:
     """Tables, comparison, preference, learning curve, training curves and manifests, all written aside and moved
     into place together, results.json last: a full disk leaves no half set."""
     with staged_files(output, last="results.json") as stage:
         write_outputs(stage, [dict(r) for r in runs], settings)
         table = sweep_table(runs, changes, failed, settings["bootstrap_replicates"])
-        if changes and preference is not None:  # the three questions per adapter, and the pick (scorecard.py)
-            cards = scorecard.cards(changes, preference["table"], [r["label"] for r in runs[1:]])
+        if cards is not None:  # the three questions per adapter, and the pick
             table += "\n" + "\n".join(scorecard.markdown(cards, baseline=runs[0]["label"], baseline_is_reference=True))
             atomic_write_json(stage / "scorecard.json", scorecard.as_json(cards, baseline_is_reference=True))
         atomic_write_text(stage / "table.md", table)
@@ -214,11 +217,11 @@ def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], f
             "table": preference_table(logps, baseline=specs[0].label, beta=base.beta)}
 
 
-def _best_run(runs: list[dict], changes: dict, preference: dict | None) -> str:
+def _best_run(runs: list[dict], cards: list | None) -> str:
     """The label of the run the learning curve follows: the scorecard's pick where there is one (with held-out
     preference data; a lowest ce can be the largest format shift), else the lowest mean ce."""
-    if preference is not None and changes:
-        pick, _ = scorecard.recommend(scorecard.cards(changes, preference["table"], [r["label"] for r in runs[1:]]))
+    if cards is not None:
+        pick, _ = scorecard.recommend(cards)
         if pick is not None:
             return pick.model
     return min(runs[1:], key=lambda r: r["table"]["mean"]["ce"][0])["label"]
