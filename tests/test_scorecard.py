@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from dpo_align.report.scorecard import Card, cards, recommend
+from dpo_align.report import html
+from dpo_align.report.scorecard import Card, as_json, cards, from_json, markdown, recommend
 
 
 def card(model, verdict="format shift", specific=0.001, accuracy=0.5, stderr=0.017, chosen=-0.01):
@@ -55,3 +56,15 @@ def test_cards_read_the_mean_row_and_the_preference_table():
     damaged = {"tuned": {"reward": {"accuracy": "0.9", "stderr": float("nan")}, "displacement": {"chosen_per_token": True}}}
     (unreadable,) = cards({}, damaged, ["tuned"])  # a damaged preference.json answers nothing, rather than crashing or saying yes
     assert (unreadable.q2, unreadable.q3) == (None, None)
+
+
+def test_the_report_shows_the_rows_the_markdown_shows_and_a_damaged_file_reads_as_n_a():
+    table = [card("a", verdict="better", specific=-0.002, accuracy=0.6, chosen=0.001), card("b")]
+    written = as_json(table, baseline_is_reference=True)
+    assert [from_json(c) for c in written["cards"]] == table  # the round trip keeps every number
+    report_rows = html.scorecard_blocks(written)[1].rows
+    markdown_rows = [line for line in markdown(table, baseline="base", baseline_is_reference=True) if line.startswith("| a ")]
+    assert markdown_rows == ["| " + " | ".join(report_rows[0]).replace("yes:", "**yes**:") + " |"]
+    assert report_rows[0][1:] == ["yes: better (-0.0020)", "yes: 60.0% ± 1.7", "yes: +0.0010", "3"]
+    damaged = {**written, "cards": [{**written["cards"][0], "accuracy": "0.6", "specific": None, "verdict": 3}]}
+    assert html.scorecard_blocks(damaged)[1].rows[0][1:3] == ["n/a", "n/a"]

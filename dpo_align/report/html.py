@@ -24,6 +24,7 @@ from pathlib import Path
 from dpo_align.core.files import atomic_write_bytes, atomic_write_text
 from dpo_align.data.suite import DATASETS, MEAN, display_name
 from dpo_align.data.templates import DEFAULT_TEMPLATE
+from dpo_align.report import scorecard
 
 
 @dataclass
@@ -162,14 +163,8 @@ def control_blocks(comparison: dict) -> list:
 
 def scorecard_blocks(card: dict) -> list:
     """The sweep's scorecard.json: three answers per adapter, the rule, and its pick (report/scorecard.py)."""
-    def answer(value, detail):
-        return "n/a" if value is None else ("yes" if value else "no") + f": {detail}"
-
-    rows = [[c["model"], answer(c["q1"], f"{c['verdict']} ({_fmt(c['specific'])})"),
-             answer(c["q2"], f"{100 * (c['accuracy'] or 0):.1f}% ± {100 * (c['stderr'] or 0):.1f}"),
-             answer(c["q3"], _fmt(c["chosen_per_token"])), str(c["yes"])] for c in card.get("cards", [])]
-    return [Heading("Scorecard: did each adapter do the job?"),
-            Table(["model", "Q1 ce falls specifically", "Q2 held-out preference rises", "Q3 chosen likelihood holds", "yes"], rows),
+    rows = [scorecard.cells(scorecard.from_json(c)) for c in card.get("cards", [])]
+    return [Heading("Scorecard: did each adapter do the job?"), Table(scorecard.HEADER, rows),
             Para("The rule: " + card.get("rule", "")), *([Para(card["reason"])] if card.get("reason") else [])]
 
 

@@ -22,7 +22,7 @@ preference data) counts as no, and the table says n/a.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 RULE = ("Q1 ce falls specifically: the mean row's controlled verdict against the baseline is **better**. Q2 held-out preference "
         "rises: implicit-reward accuracy on the held-out pairs exceeds 50% by more than 2 stderr. Q3 the chosen likelihood holds: "
@@ -109,8 +109,28 @@ def as_json(table: list[Card], *, baseline_is_reference: bool) -> dict:
             "cards": [{**asdict(c), "q1": c.q1, "q2": c.q2, "q3": c.q3, "yes": c.yes} for c in table]}
 
 
-def _answer(value: bool | None, detail: str) -> str:
-    return "n/a" if value is None else f"{'**yes**' if value else 'no'}: {detail}"
+def from_json(row: dict) -> Card:
+    """A Card back from one of ``as_json``'s "cards" (scorecard.json, compare.json): the answers are recomputed from
+    its numbers, and a value that is not a finite number (or a verdict that is not a word) reads as missing (n/a)."""
+    verdict = row.get("verdict")
+    return Card(str(row.get("model", "?")), verdict=verdict if isinstance(verdict, str) else None,
+                **{f.name: _number(row.get(f.name)) for f in fields(Card) if f.name not in ("model", "verdict")})
+
+
+HEADER = ["model", "Q1 ce falls specifically (mean verdict, specific change)",
+          "Q2 held-out preference rises (implicit-reward accuracy ± stderr)",
+          "Q3 chosen likelihood holds (Δ log p per token, chosen)", "yes"]
+
+
+def cells(card: Card, *, yes: str = "yes") -> list[str]:
+    """One adapter's row: each answer with the number it comes from (``yes`` is how a yes is written: bold in Markdown)."""
+    def answer(value: bool | None, detail: str) -> str:
+        return "n/a" if value is None else f"{yes if value else 'no'}: {detail}"
+
+    c = card
+    return [c.model, answer(c.q1, f"{c.verdict} ({c.specific:+.4f})" if c.q1 is not None else ""),
+            answer(c.q2, f"{100 * c.accuracy:.1f}% ± {100 * c.stderr:.1f}" if c.q2 is not None else ""),
+            answer(c.q3, f"{c.chosen_per_token:+.4f}" if c.q3 is not None else ""), str(c.yes)]
 
 
 def markdown(table: list[Card], *, baseline: str, baseline_is_reference: bool) -> list[str]:
@@ -120,13 +140,8 @@ def markdown(table: list[Card], *, baseline: str, baseline_is_reference: bool) -
         return []
     lines = ["## Scorecard: did each adapter do the job?", "",
              f"Q1 against {baseline}; Q2 and Q3 on the held-out pairs, against the base model (preference.json).", "",
-             "| model | Q1 ce falls specifically (mean verdict, specific change) | Q2 held-out preference rises (implicit-reward "
-             "accuracy ± stderr) | Q3 chosen likelihood holds (Δ log p per token, chosen) | yes |", "|---|---|---|---|---|"]
-    for c in table:
-        q1 = _answer(c.q1, f"{c.verdict} ({c.specific:+.4f})" if c.verdict is not None else "")
-        q2 = _answer(c.q2, f"{100 * c.accuracy:.1f}% ± {100 * c.stderr:.1f}" if c.q2 is not None else "")
-        q3 = _answer(c.q3, f"{c.chosen_per_token:+.4f}" if c.q3 is not None else "")
-        lines.append(f"| {c.model} | {q1} | {q2} | {q3} | {c.yes} |")
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(cells(c, yes="**yes**")) + " |" for c in table]
     lines += ["", "The rule: " + RULE, ""]
     if baseline_is_reference:
         lines += [recommend(table)[1], ""]
