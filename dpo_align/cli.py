@@ -230,8 +230,9 @@ def compare_command(
         "Scored results: folders written by `dpo-align eval` or `sweep`, or `lm_eval --log_samples --output_path` folders "
         "of the suite. The first model found is the baseline, unless --baseline names another."))],
     baseline: Annotated[str | None, typer.Option(help=(
-        "The model to compare the others against, by its label (as compare prints it) or a part of it that names one "
-        "model: e.g. --baseline sigmoid to read a sweep's arms against plain DPO instead of the base model."))] = None,
+        "The model to compare the others against, by its label (as compare prints it), a word of it (split at spaces "
+        "and '-') or a part of it that names one model: e.g. --baseline sigmoid (the label 'DPO loss_type-sigmoid', not "
+        "'loss_type-sigmoid+sft') to read a sweep's arms against plain DPO instead of the base model."))] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write compare.md, compare.json and compare.png there.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Paired bootstrap replicates (resampling documents).")] = 10_000,
     permutations: Annotated[int, typer.Option(help="Paired permutations for the p-values.")] = 10_000,
@@ -254,7 +255,7 @@ def compare_command(
 
         dpo-align compare runs/eval-base runs/eval-dpo -o runs/compare
 
-        dpo-align compare results/objectives --baseline "loss_type-sigmoid"
+        dpo-align compare results/objectives --baseline sigmoid
     """
     from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
     from dpo_align.report import compare

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpo_align.cli import app
+from dpo_align.core.errors import UserError
 
 from .conftest import REPO
 from .helpers import noisy_adapter
@@ -208,3 +209,19 @@ def test_compare_prints_the_scorecard_and_picks_only_against_the_base_model(scor
     # without a preference table there is no scorecard at all
     result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["tuned"]), *args])
     assert result.exit_code == 0 and "## Scorecard" not in result.output
+
+
+def test_baseline_by_a_word_of_its_label_picks_plain_dpo_among_its_variants():
+    from types import SimpleNamespace
+
+    from dpo_align.report.compare import with_baseline
+
+    models = [SimpleNamespace(label=label) for label in
+              ("baseline (smollm2)", "DPO loss_type-sigmoid", "DPO loss_type-sigmoid+sft", "DPO loss_type-sigmoid_norm")]
+    assert with_baseline(models, "sigmoid")[0].label == "DPO loss_type-sigmoid"  # the word, not the three labels holding it
+    assert with_baseline(models, "sigmoid+sft")[0].label == "DPO loss_type-sigmoid+sft"
+    assert with_baseline(models, "loss_type-sigmoid")[0].label == "DPO loss_type-sigmoid"  # the run's folder name
+    assert with_baseline(models, "NORM")[0].label == "DPO loss_type-sigmoid_norm"  # a part naming one model, any case
+    assert [m.label for m in with_baseline(models, "sigmoid")[1:]] == [m.label for m in models if m.label != "DPO loss_type-sigmoid"]
+    with pytest.raises(UserError, match="names 3 models"):
+        with_baseline(models, "loss_type")

@@ -22,6 +22,7 @@ same suite version. Anything else is refused with the reason.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,11 +159,15 @@ def load(paths: list[str]) -> list[Scored]:
 
 
 def with_baseline(models: list[Scored], name: str | None) -> list[Scored]:
-    """``models`` with the one ``name`` picks first (its exact label, else the one label containing it, any case)."""
+    """``models`` with the one ``name`` picks first: its exact label or run name (a sweep's folder: the label's last
+    word), else the one label that has it as a whole word (words split at spaces and ``-``: ``sigmoid`` names
+    ``DPO loss_type-sigmoid``, not ``loss_type-sigmoid+sft``), else the one label containing it; any case."""
     if name is None:
         return models
-    exact = [m for m in models if m.label == name]
-    found = exact or [m for m in models if name.casefold() in m.label.casefold()]
+    wanted = name.casefold()
+    found = ([m for m in models if name in (m.label, m.label.split()[-1] if m.label.split() else None)]
+             or [m for m in models if wanted in re.split(r"[\s-]+", m.label.casefold())]
+             or [m for m in models if wanted in m.label.casefold()])
     if len(found) != 1:
         labels = ", ".join(repr(m.label) for m in models)
         raise UserError(f"--baseline {name!r} names {'no model' if not found else f'{len(found)} models'} among {labels}; "
