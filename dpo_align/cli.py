@@ -233,7 +233,8 @@ def compare_command(
         "The model to compare the others against, by its label (as compare prints it), a word of it (split at spaces "
         "and '-') or a part of it that names one model: e.g. --baseline sigmoid (the label 'DPO loss_type-sigmoid', not "
         "'loss_type-sigmoid+sft') to read a sweep's arms against plain DPO instead of the base model."))] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write compare.md, compare.json and compare.png there.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help=(
+        "Also write compare.md, compare.json and compare.png there (and scorecard.png with a preference table)."))] = None,
     bootstrap: Annotated[int, typer.Option(help="Paired bootstrap replicates (resampling documents).")] = 10_000,
     permutations: Annotated[int, typer.Option(help="Paired permutations for the p-values.")] = 10_000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and the permutations.")] = 0,
@@ -258,7 +259,7 @@ def compare_command(
         dpo-align compare results/objectives --baseline sigmoid
     """
     from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from dpo_align.report import compare
+    from dpo_align.report import compare, scorecard
 
     if bootstrap < 100 or permutations < 100:
         raise UserError("--bootstrap and --permutations need at least 100 draws each.")
@@ -279,12 +280,15 @@ def compare_command(
         return
     with locked(output, "dpo-align compare"):
         atomic_write_text(output / "compare.md", text)
+        card = compare.scorecard_json(models, changes, preference)
         atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
                                                     "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
                                                     **compare.as_json(changes), "displacement": displacement,
-                                                    "scorecard": compare.scorecard_json(models, changes, preference)})
+                                                    "scorecard": card})
         atomic_write_bytes(output / "compare.png", compare.plot(changes))
-    typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png.")
+        if card:
+            atomic_write_bytes(output / "scorecard.png", scorecard.plot([scorecard.from_json(c) for c in card["cards"]]))
+    typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png" + (" and scorecard.png." if card else "."))
 
 
 # --------------------------------------------------------------------------- generate

@@ -169,6 +169,7 @@ def write_sweep(output: Path, runs: list[dict], settings: dict, adapters: dict[s
         if cards is not None:  # the three questions per adapter, and the pick
             table += "\n" + "\n".join(scorecard.markdown(cards, baseline=runs[0]["label"], baseline_is_reference=True))
             atomic_write_json(stage / "scorecard.json", scorecard.as_json(cards, baseline_is_reference=True))
+            atomic_write_bytes(stage / "scorecard.png", scorecard.plot(cards))
         atomic_write_text(stage / "table.md", table)
         if changes:
             atomic_write_json(stage / "comparison.json", compare.as_json(changes))

@@ -201,14 +201,16 @@ def test_compare_prints_the_scorecard_and_picks_only_against_the_base_model(scor
     assert answers["verdict"] == mean["verdict"] and answers["q1"] == (mean["verdict"] == "better")
     assert answers["q2"] is True and answers["q3"] is True and report["pick"] == labels[1]
     assert "## Scorecard" in result.output and f"**{labels[1]}**" in result.output
+    assert (tmp_path / "cmp" / "scorecard.png").read_bytes()[:4] == b"\x89PNG"
     # read against the adapter, Q1 is no longer against the base model: the table is there, the pick is not
     result = runner.invoke(app, ["compare", str(base), str(tuned), "--baseline", labels[1], "-o", str(tmp_path / "cmp2"), *args])
     assert result.exit_code == 0, result.output
     assert "No pick here" in result.output
     assert json.loads((tmp_path / "cmp2" / "compare.json").read_text())["scorecard"]["pick"] is None
     # without a preference table there is no scorecard at all
-    result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["tuned"]), *args])
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["tuned"]), "-o", str(tmp_path / "cmp3"), *args])
     assert result.exit_code == 0 and "## Scorecard" not in result.output
+    assert not (tmp_path / "cmp3" / "scorecard.png").exists()
 
 
 def test_baseline_by_a_word_of_its_label_picks_plain_dpo_among_its_variants():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from dpo_align.report import html
-from dpo_align.report.scorecard import Card, as_json, cards, from_json, markdown, recommend
+from dpo_align.report.scorecard import Card, as_json, cards, from_json, markdown, plot, recommend
 
 
 def card(model, verdict="format shift", specific=0.001, accuracy=0.5, stderr=0.017, chosen=-0.01):
@@ -46,11 +46,12 @@ def test_without_a_specific_fall_the_tool_says_so_and_falls_back_on_q2_and_q3():
 
 
 def test_cards_read_the_mean_row_and_the_preference_table():
-    rows = [SimpleNamespace(dataset="truthfulqa", verdict="better", specific=-0.01),
-            SimpleNamespace(dataset="mean", verdict="format shift", specific=0.002)]
+    rows = [SimpleNamespace(dataset="truthfulqa", verdict="better", specific=-0.01, specific_low=-0.02, specific_high=-0.005),
+            SimpleNamespace(dataset="mean", verdict="format shift", specific=0.002, specific_low=-0.001, specific_high=0.004)]
     preference = {"tuned": {"reward": {"accuracy": 0.58, "stderr": 0.02}, "displacement": {"chosen_per_token": 0.001}}}
     (got,) = cards({"controls": {"tuned": rows}}, preference, ["tuned"])
     assert (got.verdict, got.specific, got.q1, got.q2, got.q3) == ("format shift", 0.002, False, True, True)
+    assert (got.specific_low, got.specific_high) == (-0.001, 0.004)  # the mean row's interval, for the plot
     (bare,) = cards({}, {}, ["tuned"])  # no controls, no preference: every answer n/a
     assert (bare.q1, bare.q2, bare.q3) == (None, None, None)
     damaged = {"tuned": {"reward": {"accuracy": "0.9", "stderr": float("nan")}, "displacement": {"chosen_per_token": True}}}
@@ -68,3 +69,11 @@ def test_the_report_shows_the_rows_the_markdown_shows_and_a_damaged_file_reads_a
     assert report_rows[0][1:] == ["yes: better (-0.0020)", "yes: 60.0% ± 1.7", "yes: +0.0010", "3"]
     damaged = {**written, "cards": [{**written["cards"][0], "accuracy": "0.6", "specific": None, "verdict": 3}]}
     assert html.scorecard_blocks(damaged)[1].rows[0][1:3] == ["n/a", "n/a"]
+
+
+def test_the_plot_draws_every_adapter_and_survives_unanswered_questions():
+    answered = card("a", verdict="better", specific=-0.002, accuracy=0.6, chosen=0.001)
+    answered = Card(**{**answered.__dict__, "specific_low": -0.004, "specific_high": -0.001})
+    one, three = plot([answered]), plot([answered, card("b"), Card("unanswered")])
+    assert one[:4] == three[:4] == b"\x89PNG"
+    assert int.from_bytes(three[20:24], "big") > int.from_bytes(one[20:24], "big")  # the PNG's height: a row per adapter

@@ -292,6 +292,7 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert [c["model"] for c in card["cards"]] == ["DPO lr-0.001", "DPO lr-0.05"] and card["pick"] in ("DPO lr-0.001", "DPO lr-0.05")
     assert card["cards"][1]["q3"] == (moved["chosen_per_token"] >= 0) and card["cards"][1]["verdict"] == comparison["controls"]["DPO lr-0.05"][-1]["verdict"]
     assert "## Scorecard" in table and card["reason"] in table and card["pick"] in card["reason"]
+    assert (out / "scorecard.png").read_bytes()[:4] == b"\x89PNG"
     # learning curve of the better run: step 0 (the base model) and each of its checkpoints, on 3 documents per dataset
     curve = json.loads((out / "learning-curve.json").read_text())
     assert curve["run"] == card["pick"].removeprefix("DPO ")  # the scorecard's pick, not the lowest ce

@@ -163,8 +163,9 @@ def control_blocks(comparison: dict) -> list:
 
 def scorecard_blocks(card: dict) -> list:
     """The sweep's scorecard.json: three answers per adapter, the rule, and its pick (report/scorecard.py)."""
-    rows = [scorecard.cells(scorecard.from_json(c)) for c in card.get("cards", [])]
-    return [Heading("Scorecard: did each adapter do the job?"), Table(scorecard.HEADER, rows),
+    table = [scorecard.from_json(c) for c in card.get("cards", [])]
+    return [Heading("Scorecard: did each adapter do the job?"), Table(scorecard.HEADER, [scorecard.cells(c) for c in table]),
+            *([Image("scorecard.png", scorecard.plot(table), "the three questions, each number against its line")] if table else []),
             Para("The rule: " + card.get("rule", "")), *([Para(card["reason"])] if card.get("reason") else [])]
 
 

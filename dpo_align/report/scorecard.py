@@ -37,6 +37,8 @@ class Card:
     model: str
     verdict: str | None = None  # the mean row's controlled verdict against the baseline; None without controls
     specific: float | None = None  # the mean's specific change, Δlog ce − Δlog ce_foil
+    specific_low: float | None = None  # its 95% paired bootstrap interval (for the plot; the verdict carries the test)
+    specific_high: float | None = None
     accuracy: float | None = None  # implicit-reward accuracy on the held-out pairs
     stderr: float | None = None
     chosen_per_token: float | None = None  # mean Δ log p per token of the chosen responses, against the base model
@@ -68,6 +70,7 @@ def cards(changes: dict, preference: dict[str, dict], labels: list[str]) -> list
         row = preference.get(label) or {}
         reward, moved = row.get("reward") or {}, row.get("displacement") or {}
         out.append(Card(label, verdict=mean.verdict if mean else None, specific=mean.specific if mean else None,
+                        specific_low=mean.specific_low if mean else None, specific_high=mean.specific_high if mean else None,
                         accuracy=_number(reward.get("accuracy")), stderr=_number(reward.get("stderr")),
                         chosen_per_token=_number(moved.get("chosen_per_token"))))
     return out
@@ -149,3 +152,39 @@ def markdown(table: list[Card], *, baseline: str, baseline_is_reference: bool) -
         lines += [f"No pick here: the rule reads Q1 against the base model, and {baseline} is not the base model of the "
                   "preference table (compare with the base model first, as a sweep's folder has it, for the pick).", ""]
     return lines
+
+
+def plot(table: list[Card]) -> bytes:
+    """PNG: the three questions side by side, one row per adapter, each number against the line its answer turns on
+    (green where the answer is yes): the specific change with its 95% interval against 0, the reward accuracy
+    ± 2 stderr against 50%, the chosen Δ log p per token against 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpo_align.core.plots import png_bytes
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 1.2 + 0.45 * len(table)), sharey=True)
+    ys = list(range(len(table)))[::-1]
+    panels = [("Q1 specific change of the mean ce\n(Δlog ce − Δlog ce_foil, 95%; < 0: better)", 0.0,
+               lambda c: (c.specific, c.specific_low, c.specific_high), lambda c: c.q1),
+              ("Q2 implicit-reward accuracy (%)\n(± 2 stderr; yes above 50% + 2 stderr)", 50.0,
+               lambda c: (None, None, None) if c.accuracy is None or c.stderr is None else
+               (100 * c.accuracy, 100 * (c.accuracy - 2 * c.stderr), 100 * (c.accuracy + 2 * c.stderr)), lambda c: c.q2),
+              ("Q3 chosen Δ log p per token\n(against the base; yes at >= 0)", 0.0,
+               lambda c: (c.chosen_per_token, None, None), lambda c: c.q3)]
+    for ax, (title, line, value, answer) in zip(axes, panels, strict=True):
+        for y, card in zip(ys, table, strict=True):
+            x, low, high = value(card)
+            if x is None:
+                ax.text(line, y, "n/a", ha="center", va="center", fontsize=8, color="tab:gray")
+                continue
+            err = None if low is None or high is None else [[x - low], [high - x]]
+            ax.errorbar(x, y, xerr=err, fmt="o", capsize=3, color="tab:green" if answer(card) else "tab:red")
+        ax.axvline(line, color="black", linewidth=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, [c.model for c in table], fontsize=8)
+    fig.tight_layout()
+    return png_bytes(fig)
