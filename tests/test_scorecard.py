@@ -69,6 +69,8 @@ def test_the_report_shows_the_rows_the_markdown_shows_and_a_damaged_file_reads_a
     assert report_rows[0][1:] == ["yes: better (-0.0020)", "yes: 60.0% ± 1.7", "yes: +0.0010", "3"]
     damaged = {**written, "cards": [{**written["cards"][0], "accuracy": "0.6", "specific": None, "verdict": 3}]}
     assert html.scorecard_blocks(damaged)[1].rows[0][1:3] == ["n/a", "n/a"]
+    no_number = {**written, "cards": [{**written["cards"][0], "specific": "x"}]}  # the verdict stands, its number is gone
+    assert html.scorecard_blocks(no_number)[1].rows[0][1] == "yes: better"
 
 
 def test_the_plot_draws_every_adapter_and_survives_unanswered_questions():

@@ -131,7 +131,7 @@ def cells(card: Card, *, yes: str = "yes") -> list[str]:
         return "n/a" if value is None else f"{yes if value else 'no'}: {detail}"
 
     c = card
-    return [c.model, answer(c.q1, f"{c.verdict} ({c.specific:+.4f})" if c.q1 is not None else ""),
+    return [c.model, answer(c.q1, f"{c.verdict}" + (f" ({c.specific:+.4f})" if c.specific is not None else "")),
             answer(c.q2, f"{100 * c.accuracy:.1f}% ± {100 * c.stderr:.1f}" if c.q2 is not None else ""),
             answer(c.q3, f"{c.chosen_per_token:+.4f}" if c.q3 is not None else ""), str(c.yes)]
 
