@@ -273,21 +273,22 @@ def compare_command(
     changes = compare.compare(models, replicates=bootstrap, permutations=permutations, seed=seed)
     preference = compare.preference_rows(models)  # each folder's preference.json, read once for the text and the JSON
     displacement = compare.displacement_rows(models, preference)
+    card = compare.scorecard_of(models, changes, preference)  # None without a preference table
     text = compare.markdown(models, changes, replicates=bootstrap, permutations=permutations, displacement=displacement,
-                            preference=preference)
+                            card=card)
     typer.echo(text)
     if output is None:
         return
     with locked(output, "dpo-align compare"):
         atomic_write_text(output / "compare.md", text)
-        card = compare.scorecard_json(models, changes, preference)
         atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
                                                     "bootstrap": bootstrap, "permutations": permutations, "seed": seed,
                                                     **compare.as_json(changes), "displacement": displacement,
-                                                    "scorecard": card})
+                                                    "scorecard": scorecard.as_json(card[0], baseline_is_reference=card[1])
+                                                    if card else None})
         atomic_write_bytes(output / "compare.png", compare.plot(changes))
         if card:
-            atomic_write_bytes(output / "scorecard.png", scorecard.plot([scorecard.from_json(c) for c in card["cards"]]))
+            atomic_write_bytes(output / "scorecard.png", scorecard.plot(card[0]))
     typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png" + (" and scorecard.png." if card else "."))
 
 

@@ -110,8 +110,7 @@ def sweep(
                 "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
                 "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
     write_sweep(output, runs, settings, adapters, changes=changes, failed=failed, preference=preference, cards=cards, curve=curve,
-                beta=base.beta,
-                betas={name: configs[name].beta for name in adapters})
+                beta=base.beta, betas={name: configs[name].beta for name in adapters})
     write_report_safely(output, progress, generations=base.report_generations, generate=report_generations)
     if failed:
         raise UserError(f"{len(failed)} of {len(configs)} runs failed ({', '.join(failed)}); the others are scored in {output}/. "

@@ -165,7 +165,7 @@ def with_baseline(models: list[Scored], name: str | None) -> list[Scored]:
     if name is None:
         return models
     wanted = name.casefold()
-    found = ([m for m in models if name in (m.label, m.label.split()[-1] if m.label.split() else None)]
+    found = ([m for m in models if name in (m.label, (m.label.split() or [None])[-1])]
              or [m for m in models if wanted in re.split(r"[\s-]+", m.label.casefold())]
              or [m for m in models if wanted in m.label.casefold()])
     if len(found) != 1:
@@ -325,13 +325,13 @@ def displacement_section(rows: list[dict]) -> list[str]:
 
 
 def markdown(models: list[Scored], changes: dict, *, replicates: int, permutations: int, displacement: list[dict] = (),
-             preference: dict[str, dict] | None = None) -> str:
-    """compare.md; ``displacement``: ``displacement_rows(models)`` and ``preference``: ``preference_rows(models)``, read
-    once by the caller, which also writes them to JSON. With a preference table, the scorecard comes first."""
+             card: tuple[list[scorecard.Card], bool] | None = None) -> str:
+    """compare.md; ``displacement``: ``displacement_rows(models)`` and ``card``: ``scorecard_of(...)``, made once by the
+    caller, which also writes them to JSON. With a scorecard (a preference table), it comes first."""
     lines = [f"# {' vs '.join(m.label for m in models[1:])} against {models[0].label}", "",
              f"Paired over documents: bootstrap 95% intervals ({replicates:,} replicates) and permutation p-values "
              f"({permutations:,} permutations, Holm-adjusted across the datasets). Negative change = lower loss.", ""]
-    lines += scorecard_section(models, changes, preference or {})
+    lines += scorecard_section(models, card)
     lines += control_section(changes)
     for metric, title in (("ce", "Cross-entropy (nats per response token), alone"), ("bpb", "Bits per byte, alone")):
         lines += [f"## {title}", "", paired.markdown(changes[metric], metric=metric, names=display_name, verdict="verdict (ce alone)")]
@@ -339,23 +339,19 @@ def markdown(models: list[Scored], changes: dict, *, replicates: int, permutatio
     return "\n".join(lines)
 
 
-def scorecard_section(models: list[Scored], changes: dict, preference: dict[str, dict]) -> list[str]:
+def scorecard_section(models: list[Scored], card: tuple[list[scorecard.Card], bool] | None) -> list[str]:
     """The three questions per adapter (scorecard.py), where a sweep's preference table answers two of them."""
-    if not preference:
+    if card is None:
         return []
-    table, is_reference = _scorecard(models, changes, preference)
+    table, is_reference = card
     return scorecard.markdown(table, baseline=models[0].label, baseline_is_reference=is_reference)
 
 
-def scorecard_json(models: list[Scored], changes: dict, preference: dict[str, dict]) -> dict | None:
-    """compare.json's scorecard: each adapter's answers, and the rule's pick where the baseline is the base model."""
+def scorecard_of(models: list[Scored], changes: dict, preference: dict[str, dict]) -> tuple[list[scorecard.Card], bool] | None:
+    """Each adapter's Card and whether the baseline is the base model (only then does the rule pick); None without a
+    preference table (``preference_rows(models)``), which answers Q2 and Q3."""
     if not preference:
         return None
-    table, is_reference = _scorecard(models, changes, preference)
-    return scorecard.as_json(table, baseline_is_reference=is_reference)
-
-
-def _scorecard(models: list[Scored], changes: dict, preference: dict[str, dict]) -> tuple[list[scorecard.Card], bool]:
     base = models[0].label
     # the pick reads Q1 against the model the adapters started from: the preference table's reference, which has no reward row
     return scorecard.cards(changes, preference, [m.label for m in models[1:]]), base in preference and "reward" not in preference[base]

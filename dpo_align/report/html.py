@@ -161,11 +161,13 @@ def control_blocks(comparison: dict) -> list:
                    "acc", "p (McNemar, Holm)", "acc verdict"], rows)]
 
 
-def scorecard_blocks(card: dict) -> list:
-    """The sweep's scorecard.json: three answers per adapter, the rule, and its pick (report/scorecard.py)."""
+def scorecard_blocks(card: dict, png: bytes | None = None) -> list:
+    """The sweep's scorecard.json: three answers per adapter, the rule, and its pick (report/scorecard.py); ``png``: the
+    folder's scorecard.png, drawn from the JSON where the folder has none."""
     table = [scorecard.from_json(c) for c in card.get("cards", [])]
+    png = png or (scorecard.plot(table) if table else None)
     return [Heading("Scorecard: did each adapter do the job?"), Table(scorecard.HEADER, [scorecard.cells(c) for c in table]),
-            *([Image("scorecard.png", scorecard.plot(table), "the three questions, each number against its line")] if table else []),
+            *([Image("scorecard.png", png, "the three questions, each number against its line")] if png else []),
             Para("The rule: " + card.get("rule", "")), *([Para(card["reason"])] if card.get("reason") else [])]
 
 
@@ -199,7 +201,7 @@ def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=pri
         comparison_png = (folder / "comparison.png").read_bytes() if (folder / "comparison.png").is_file() else None
     card = _read_json(folder / "scorecard.json")
     if card:
-        blocks += scorecard_blocks(card)
+        blocks += scorecard_blocks(card, (folder / "scorecard.png").read_bytes() if (folder / "scorecard.png").is_file() else None)
     if comparison:
         blocks += control_blocks(comparison)
         rows = [[label, display_name(c["dataset"]), f"{100 * c['relative']:+.2f}%",
