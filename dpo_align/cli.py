@@ -507,13 +507,17 @@ def sweep_command(
         "per dataset (0: no curve)."))] = 0,
     bootstrap: Annotated[int, typer.Option(help="Paired bootstrap replicates for the intervals of the change against the baseline.")] = 10_000,
     runs_dir: Annotated[Path, typer.Option(help="Where the adapters and checkpoints go (not for git).")] = Path("runs/sweep"),
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where the table, curves and manifests go.")] = Path("results/sweep"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the tables, curves, each run's record and the cached scores go (commit it whole).")] = Path("results/sweep"),
 ) -> None:
     """Train one adapter per learning rate, score the base model and every adapter, and write the reference table.
 
     Reproduces the reference experiment (one epoch at lr 5e-6 and 1e-5) in one command.
 
-    An interrupted sweep resumes when run again: finished runs and models already scored are kept.
+    Each run is scored as soon as it is trained, so an interrupted sweep keeps every finished run's
+    numbers, and resumes when run again: finished runs and models already scored are kept. The
+    output folder holds each run's record (manifests/: settings, adapter sha256, training log) and
+    every cached score: with it, the same command on a machine without the adapters (an empty
+    --runs-dir, a fresh clone) trains nothing and rebuilds the tables.
 
         dpo-align sweep --lr 5e-6,1e-5 --data ../shared/data/splits/train-pool.jsonl.gz --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """

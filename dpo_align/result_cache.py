@@ -34,13 +34,14 @@ def _digest(path: str | None) -> dict | None:
     return _weights(str(path), stamp)
 
 
-def key_of(spec: ModelSpec, settings) -> str:
-    """What a cached result depends on: the model's and adapter's weights and the settings."""
+def key_of(spec: ModelSpec, settings, *, adapter: dict | None = None) -> str:
+    """What a cached result depends on: the model's and adapter's weights and the settings. ``adapter``: the adapter's
+    digest as its run recorded it (``manifest.json``), for a run whose folder is not on this machine."""
     if isinstance(settings, ScoreOptions):
         settings = dataclasses.asdict(settings)
         if settings.get("dataset_revisions") is None:  # added later: unpinned keeps the keys results already carry
             settings.pop("dataset_revisions", None)
-    parts = {"label": spec.label, "base": _digest(spec.pretrained), "adapter": _digest(spec.peft), "settings": settings}
+    parts = {"label": spec.label, "base": _digest(spec.pretrained), "adapter": adapter if adapter is not None else _digest(spec.peft), "settings": settings}
     return content_checksum(parts)
 
 
@@ -48,7 +49,7 @@ def cached(path: Path, key: str, progress, where: str, kept_message: str, comput
     """The result stored at ``path`` when its key matches and it passes its checks (``check(result)``: a problem or
     None, for what only the caller knows, such as how many pairs it must cover); else ``compute()``, stored with its
     key and checksum."""
-    if (kept := _reuse(path, key, progress, check)) is not None:
+    if (kept := reusable(path, key, progress, check)) is not None:
         progress(f"{where}: {kept_message}.")
         return kept
     progress(where)
@@ -57,7 +58,7 @@ def cached(path: Path, key: str, progress, where: str, kept_message: str, comput
     return result
 
 
-def _reuse(path: Path, key: str, progress, check=None) -> dict | None:
+def reusable(path: Path, key: str, progress, check=None) -> dict | None:
     """A cached result when it was made from the same weights and settings and passes its checks; None otherwise
     (it is recomputed)."""
     if not path.is_file():

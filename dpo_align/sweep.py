@@ -15,21 +15,24 @@ write to ``OUTPUT``:
   ``--preference-data``, else the lowest mean ce), every checkpoint scored on N
   fixed documents per dataset (``learning-curve.png``, ``.md``).
 
-Interrupted sweeps resume: a finished run (its ``manifest.json`` exists) is not trained
-again, a started one continues from its latest checkpoint, and a model already scored
-(``OUTPUT/scores/<label>.json``, ``OUTPUT/preference/``, ``OUTPUT/learning-curve/``) is not
-scored again.
+Each run is scored as soon as it is trained. Interrupted sweeps resume: a finished run (its
+``manifest.json`` exists) is not trained again, a started one continues from its latest
+checkpoint, and a model already scored (``OUTPUT/scores/<label>.json``, ``OUTPUT/preference/``,
+``OUTPUT/learning-curve/``) is not scored again. Each finished run leaves its record in
+``OUTPUT/manifests/`` (manifest with the adapter's sha256, settings, training log): on a machine
+without the run folder, a run whose record matches its settings and whose every cached result
+is sound under the recorded sha256 is kept without its adapter (``kept_record``), so the output
+folder, committed without the weights, rebuilds its tables with the same command.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 from dpo_align.core.errors import TrainingDiverged, UserError
-from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files
+from dpo_align.core.files import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files
 from dpo_align.core.memory import release_memory
 from dpo_align.core.models import resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
@@ -40,11 +43,12 @@ from dpo_align.report import compare, scorecard
 from dpo_align.report.compare import Scored
 from dpo_align.report.html import write_report_safely
 from dpo_align.report.tables import sweep_table, write_outputs
-from dpo_align.result_cache import cached, key_of
+from dpo_align.result_cache import cached, key_of, reusable
 from dpo_align.score import learning_curve
 from dpo_align.score.evaluate import ModelSpec, ScoreOptions, quiet_lm_eval, score_spec
 from dpo_align.score.generate import report_generations
 from dpo_align.score.preference import markdown as preference_markdown
+from dpo_align.train import ref_logps
 from dpo_align.train.config import TrainConfig, check_resumable
 from dpo_align.train.run import train
 
@@ -87,29 +91,51 @@ def sweep(
 
     # the scoring sets given as files (with their foils) are read now: a broken one fails in seconds, not after the training
     decontaminate.suite_docs(data_dir, pku_path, foils=controls)
-    adapters, failed = train_all(configs, progress)
-    if data_dir or pku_path:  # the training pairs (as trained on) against every scoring set
-        _decontamination(base, data_dir, pku_path, output, progress)
     options = ScoreOptions(limit=eval_limit, data_dir=data_dir, pku_path=pku_path, template=base.template, batch_size=batch_size,
                            device=device, dtype=dtype, trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle,
                            controls=controls)
-    specs, runs = score_all(base, adapters, options, output / "scores", progress)
+    models = Models(base, options, output, preference_data, progress, total=len(configs) + 1)
+    ref_logps.restore(output / "manifests" / REFERENCE)  # a fresh machine starts from the reference pass a record kept
+    adapters, failed = {}, {}
+    # one run after another, each scored as soon as it is trained: an interrupted sweep keeps every finished run's numbers
+    for i, (name, config) in enumerate(configs.items(), start=1):
+        where = f"[train {i}/{len(configs)}] {name}"
+        spec = ModelSpec(f"DPO {name}", models.baseline.pretrained, config.output_dir)
+        recorded = kept_record(name, config, output / "manifests", models, spec, progress)
+        if recorded is not None:
+            progress(f"{where}: trained earlier (its record is {output / 'manifests' / name}.json) and every result of it is cached; "
+                     f"its adapter is not in {runs_dir}, and is not needed.")
+        else:
+            try:
+                train_one(where, config, progress)
+            except TrainingDiverged as err:
+                progress(f"{where} FAILED: {err}")
+                failed[name] = str(err)
+                continue
+            record(Path(config.output_dir), output / "manifests", name)
+        adapters[name] = Path(config.output_dir)
+        models.score(spec, recorded)
+    if not adapters:
+        raise UserError("Every run of the sweep failed: " + " ".join(f"{k}: {v}" for k, v in failed.items()))
+    if data_dir or pku_path:  # the training pairs (as trained on) against every scoring set
+        _decontamination(base, data_dir, pku_path, output, progress)
+    runs = models.runs
 
     # what each adapter changed: paired bootstrap and permutation over documents (as `dpo-align compare`)
     scored = [Scored(r["label"], str(output), r["documents"], base.template, r.get("versions", {})) for r in runs]
     changes = compare.compare(scored, replicates=replicates, permutations=replicates, seed=base.seed) if len(runs) > 1 else {}
-    preference = _preference(specs, base, preference_data, output / "preference", progress) if preference_data else None
+    preference = models.preference() if preference_data else None
     # the three questions per adapter and the pick (scorecard.py), where there is held-out preference data
     cards = scorecard.cards(changes, preference["table"], [r["label"] for r in runs[1:]]) if changes and preference else None
     curve = None
     if curve_docs and len(runs) > 1:  # the best run, on a fixed subset of each dataset
-        curve = _learning_curve(runs, adapters, specs[0], options, curve_docs, output / "learning-curve", base.seed, progress,
+        curve = _learning_curve(runs, adapters, models.baseline, options, curve_docs, output / "learning-curve", base.seed, progress,
                                 best=_best_run(runs, cards))
 
     settings = {"command": "dpo-align sweep", "grid": grid, "learning_rates": grid.get("learning_rate", [base.learning_rate]),
                 "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
                 "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
-    write_sweep(output, runs, settings, adapters, changes=changes, failed=failed, preference=preference, cards=cards, curve=curve,
+    write_sweep(output, runs, settings, list(adapters), changes=changes, failed=failed, preference=preference, cards=cards, curve=curve,
                 beta=base.beta, betas={name: configs[name].beta for name in adapters})
     write_report_safely(output, progress, generations=base.report_generations, generate=report_generations)
     if failed:
@@ -118,50 +144,141 @@ def sweep(
     return runs
 
 
-def train_all(configs: dict[str, TrainConfig], progress) -> tuple[dict[str, Path], dict[str, str]]:
-    """One adapter per grid point ({run name: config}): finished runs are kept, started ones resumed; a run that
-    diverges is reported as failed and the others go on. Returns ({run name: folder}, {failed run name: why})."""
-    adapters, failed = {}, {}
-    for i, (name, config) in enumerate(configs.items(), start=1):
-        run_dir = Path(config.output_dir)
-        if (run_dir / "manifest.json").is_file():
-            progress(f"[train {i}/{len(configs)}] {name}: already finished, kept.")
-        else:
-            resume = (run_dir / "config.yaml").is_file()
-            progress(f"[train {i}/{len(configs)}] {name}" + (": resuming" if resume else ""))
-            try:
-                train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
-                write_report_safely(run_dir, progress, generations=config.report_generations, generate=report_generations)
-            except TrainingDiverged as err:
-                progress(f"[train {i}/{len(configs)}] {name} FAILED: {err}")
-                failed[name] = str(err)
-                continue
-            finally:
-                release_memory()  # the next run (or the scoring) starts from the memory of none, not the last run's high-water mark
-        adapters[name] = run_dir
-    if not adapters:
-        raise UserError("Every run of the sweep failed: " + " ".join(f"{k}: {v}" for k, v in failed.items()))
-    return adapters, failed
+def train_one(where: str, config: TrainConfig, progress) -> None:
+    """Train one grid point: a finished run is kept, a started one resumed (TrainingDiverged: it failed)."""
+    run_dir = Path(config.output_dir)
+    if (run_dir / "manifest.json").is_file():
+        progress(f"{where}: already finished, kept.")
+        return
+    resume = (run_dir / "config.yaml").is_file()
+    progress(where + (": resuming" if resume else ""))
+    try:
+        train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
+        write_report_safely(run_dir, progress, generations=config.report_generations, generate=report_generations)
+    finally:
+        release_memory()  # the next run (or the scoring) starts from the memory of none, not the last run's high-water mark
 
 
-def score_all(base: TrainConfig, adapters: dict[str, Path], options: ScoreOptions, scores_dir: Path, progress) -> tuple[list[ModelSpec], list[dict]]:
-    """The base model and every adapter through the suite, each model's result cached in ``scores_dir``."""
-    base_path = resolve_model(base.model, progress=progress)
-    specs = [ModelSpec(f"baseline ({base.model})", base_path)]
-    specs += [ModelSpec(f"DPO {name}", base_path, str(path)) for name, path in adapters.items()]
-    runs = []
-    for i, spec in enumerate(specs, start=1):
-        where = f"[score {i}/{len(specs)}] {spec.label}"
-        runs.append(cached(scores_dir / f"{slug(spec.label)}.json", key_of(spec, options), progress, where, "already scored, kept",
-                           lambda spec=spec: score_spec(spec, options)))
-    return specs, runs
+# A finished run's record in the sweep's output (manifests/NAME.json, .yaml, .metrics.jsonl): what it was trained with, the
+# sha256 of its adapter, and its training curves. Committed with the results, it lets the same command, on a machine without
+# the adapters (they stay out of git), rebuild every table from the cached results instead of training the run again.
+RECORD = {"manifest.json": ".json", "config.yaml": ".yaml", "metrics.jsonl": ".metrics.jsonl"}
 
 
-def write_sweep(output: Path, runs: list[dict], settings: dict, adapters: dict[str, Path], *, changes: dict, failed: dict[str, str],
+REFERENCE = "reference-logps"  # the reference log-probs the runs trained against (the base model's, per pair): kept beside the records
+
+
+def record(run_dir: Path, folder: Path, name: str) -> None:
+    for source, suffix in RECORD.items():
+        atomic_copy(run_dir / source, folder / f"{name}{suffix}")
+    reference = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("reference_logps") or {}
+    ref_logps.keep([part["key"] for part in reference.values() if isinstance(part, dict) and part.get("key")], folder / REFERENCE)
+
+
+def kept_record(name: str, config: TrainConfig, folder: Path, models: Models, spec: ModelSpec, progress) -> dict | None:
+    """The adapter digest a run recorded, when the run is not on this machine (no folder in --runs-dir), its record was
+    made with these settings and is complete, and every result the sweep needs of it is cached under that digest; else
+    None, and the run is trained."""
+    from dpo_align.core.files import read_text
+    from dpo_align.train.config import load_config_file, settings_diff
+
+    run_dir = Path(config.output_dir)
+    paths = {suffix: folder / f"{name}{suffix}" for suffix in RECORD.values()}
+    if run_dir.exists() or not all(p.is_file() for p in paths.values()):
+        return None
+    try:
+        manifest = json.loads(read_text(paths[".json"], "a run record"))
+        digest = manifest["adapter"]
+        changed = settings_diff(load_config_file(paths[".yaml"]), config)
+    except (UserError, ValueError, KeyError, TypeError) as err:
+        progress(f"{paths['.json']}: not a readable run record ({str(err).splitlines()[0]}); training {name}.")
+        return None
+    why = ("its record says it did not complete" if manifest.get("status") != "complete" else
+           f"it was made with other settings ({', '.join(changed)})" if changed else
+           "its adapter's digest is not in the record" if not isinstance(digest, dict) or not digest.get("sha256") else
+           models.missing(spec, digest))
+    if why:
+        progress(f"{name}: its record in {folder} is not used ({why}); training it.")
+        return None
+    return digest
+
+
+class Models:
+    """The base model and each adapter, scored once each through the suite (cached in OUTPUT/scores) and, with held-out
+    preference data, their per-pair log-probs (OUTPUT/preference)."""
+
+    def __init__(self, base: TrainConfig, options: ScoreOptions, output: Path, preference_data: list[str] | None, progress, total: int):
+        self.base, self.options, self.progress, self.total = base, options, progress, total
+        self.scores, self.preferences = output / "scores", output / "preference"
+        self.baseline = ModelSpec(f"baseline ({base.model})", resolve_model(base.model, progress=progress))
+        self.runs, self.logps, self.count = [], {}, 0
+        self.pairs = None
+        if preference_data:  # read now: a broken held-out file fails before anything trains
+            from dpo_align.score.preference import load_for
+
+            self.sources = preference_data
+            self.pairs = load_for(self.baseline.pretrained, preference_data, template=base.template, max_length=base.max_length,
+                                  trust_remote_code=base.trust_remote_code)
+
+    def _caches(self, spec: ModelSpec, adapter: dict | None):
+        """(path, key, check) of every cached result of one model."""
+        yield self.scores / f"{slug(spec.label)}.json", key_of(spec, self.options, adapter=adapter), None
+        if self.pairs is not None:
+            n = len(self.pairs[0])
+
+            def covers(result):  # what the file covers: one value per held-out pair
+                return None if all(len(v) == n for v in result["logps"].values()) else f"it covers another number of pairs than {n}"
+
+            settings = {"sources": self.sources, "template": self.base.template, "max_length": self.base.max_length}
+            yield self.preferences / f"{slug(spec.label)}.json", key_of(spec, settings, adapter=adapter), covers
+
+    def missing(self, spec: ModelSpec, adapter: dict) -> str | None:
+        """Why a run kept by its record would need its adapter (a result not cached under its digest), or None."""
+        for path, key, check in self._caches(spec, adapter):
+            if reusable(path, key, lambda message: None, check) is None:
+                return f"{path} is missing, stale or damaged"
+        return None
+
+    def score(self, adapter_spec: ModelSpec, recorded: dict | None = None) -> None:
+        """Score one adapter (and, before the first, the base model): suite, then held-out log-probs. ``recorded``: the
+        adapter's digest from its run's record, for a run whose folder is not on this machine."""
+        todo = [(self.baseline, None)] if not self.runs else []
+        for spec, adapter in [*todo, (adapter_spec, recorded)]:
+            self.count += 1
+            (score, score_key, _), *preference = self._caches(spec, adapter)
+            self.runs.append(cached(score, score_key, self.progress, f"[score {self.count}/{self.total}] {spec.label}",
+                                    "already scored, kept", lambda spec=spec: score_spec(spec, self.options)))
+            for path, key, covers in preference:
+                where = f"[preference {self.count}/{self.total}] {spec.label} ({len(self.pairs[0])} held-out pairs)"
+                done = cached(path, key, self.progress, where, "already computed, kept", lambda spec=spec: self._logps(spec), check=covers)
+                self.logps[spec.label] = done["logps"]
+
+    def _logps(self, spec: ModelSpec) -> dict:
+        from dpo_align.score.preference import model_logps
+
+        dataset, pad, _ = self.pairs
+        values = model_logps(spec.pretrained, spec.peft, dataset, pad_token_id=pad, max_length=self.base.max_length, label=spec.label,
+                             trust_remote_code=self.base.trust_remote_code, allow_pickle=self.base.allow_pickle)
+        return {"label": spec.label, "peft": spec.peft, "logps": {k: v.tolist() for k, v in values.items()}}
+
+    def preference(self) -> dict:
+        """Held-out preference accuracy and likelihood displacement of every model scored."""
+        import numpy as np
+
+        from dpo_align.score.preference import preference_table
+
+        dataset, _, report = self.pairs
+        logps = {label: {k: np.array(v) for k, v in values.items()} for label, values in self.logps.items()}
+        return {"sources": self.sources, "pairs": len(dataset), "rows_read": report.rows_read, "skipped": dict(report.skipped),
+                "beta": self.base.beta, "table": preference_table(logps, baseline=self.baseline.label, beta=self.base.beta)}
+
+
+def write_sweep(output: Path, runs: list[dict], settings: dict, names: list[str], *, changes: dict, failed: dict[str, str],
                 preference: dict | None, curve: dict | None, beta: float, betas: dict[str, float] | None = None,
                 cards: list | None = None) -> None:
-    """Tables, comparison, preference, learning curve, training curves and manifests, all written aside and moved
-    into place together, results.json last: a full disk leaves no half set."""
+    """Tables, comparison, preference, learning curve and training curves (of the runs ``names``), all written aside and
+    moved into place together, results.json last: a full disk leaves no half set. Each run's manifest is in place already
+    (its record, ``record``)."""
     with staged_files(output, last="results.json") as stage:
         write_outputs(stage, [dict(r) for r in runs], settings)
         table = sweep_table(runs, changes, failed, settings["bootstrap_replicates"])
@@ -182,39 +299,9 @@ def write_sweep(output: Path, runs: list[dict], settings: dict, adapters: dict[s
             atomic_write_bytes(stage / "learning-curve.png",
                                learning_curve.plot(curve["points"], curve["total_steps"],
                                                    f"{curve['run']}: ce on {settings['curve_docs']} fixed documents per dataset"))
-        plot_runs({name: read_metrics(path / "metrics.jsonl") for name, path in adapters.items()}, stage / "curves",
+        # every run's curves from its record (manifests/), which a run kept without its folder has too
+        plot_runs({name: read_metrics(output / "manifests" / f"{name}.metrics.jsonl") for name in names}, stage / "curves",
                   betas=betas)
-        manifests = stage / "manifests"
-        manifests.mkdir(exist_ok=True)
-        for name, path in adapters.items():
-            shutil.copyfile(path / "manifest.json", manifests / f"{name}.json")
-
-
-def _preference(specs: list[ModelSpec], base: TrainConfig, sources: list[str], folder: Path, progress) -> dict:
-    """Per-pair log-probs of every model on the held-out pairs (cached per model), then the accuracies."""
-    import numpy as np
-
-    from dpo_align.score.preference import load_for, model_logps, preference_table
-
-    dataset, pad, report = load_for(specs[0].pretrained, sources, template=base.template, max_length=base.max_length,
-                                    trust_remote_code=base.trust_remote_code)
-    logps = {}
-    for i, spec in enumerate(specs, start=1):
-        def compute(spec=spec):
-            values = model_logps(spec.pretrained, spec.peft, dataset, pad_token_id=pad, max_length=base.max_length, label=spec.label,
-                                 trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle)
-            return {"label": spec.label, "peft": spec.peft, "logps": {k: v.tolist() for k, v in values.items()}}
-
-        key = key_of(spec, {"sources": sources, "template": base.template, "max_length": base.max_length})
-        where = f"[preference {i}/{len(specs)}] {spec.label} ({len(dataset)} held-out pairs)"
-        def covers(result, n=len(dataset)):  # what the file covers: one value per held-out pair
-            return None if all(len(v) == n for v in result["logps"].values()) else f"it covers another number of pairs than {n}"
-
-        done = cached(folder / f"{slug(spec.label)}.json", key, progress, where, "already computed, kept", compute, check=covers)
-        logps[spec.label] = {k: np.array(v) for k, v in done["logps"].items()}
-    return {"sources": sources, "pairs": len(dataset), "rows_read": report.rows_read,
-            "skipped": dict(report.skipped), "beta": base.beta,
-            "table": preference_table(logps, baseline=specs[0].label, beta=base.beta)}
 
 
 def _best_run(runs: list[dict], cards: list | None) -> str:
@@ -232,6 +319,10 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
     """Score the base model and every checkpoint of the run labelled ``best`` on a fixed subset."""
     run_name = best.removeprefix("DPO ")
     run_dir = adapters[run_name]
+    if not (run_dir / "manifest.json").is_file():  # kept by its record: its checkpoints are not on this machine
+        progress(f"Learning curve: left out, {run_name}'s checkpoints are not on this machine (the run was kept by its record). "
+                 f"Delete {run_dir.parent.name}'s record of it to train it again, with its checkpoints.")
+        return None
     # the curve follows ce alone (the controls are read at the end of the run, in the table)
     counts = {task: len(docs) for task, docs in runs[0]["documents"].items() if task in PPL.tasks.values()}
     chosen = learning_curve.subset(counts, per_dataset, seed)

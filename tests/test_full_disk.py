@@ -129,7 +129,7 @@ def test_models_prepare_write_error_injected(monkeypatch, tmp_path):
 
 
 def test_sweep_write_error_injected(monkeypatch, tiny_gpt2, pairs_file, tiny_data, tmp_path):
-    """The sweep's tables, comparison and manifests are staged with results.json: a write error leaves none of them."""
+    """The sweep's tables and comparison are staged with results.json: a write error leaves none of them."""
     import dpo_align.sweep as sweep_module
 
     monkeypatch.setattr(sweep_module, "atomic_write_bytes", _enospc)  # comparison.png, written after results.json is staged
@@ -140,3 +140,4 @@ def test_sweep_write_error_injected(monkeypatch, tiny_gpt2, pairs_file, tiny_dat
                                  "--report-generations", "0", "--runs-dir", str(tmp_path / "runs"), "-o", str(out)])
     _assert_clean(result, out)
     assert list((out / "scores").glob("*.json"))  # the scores are kept: a re-run after freeing space reuses them
+    assert (out / "manifests" / "lr-0.001.yaml").is_file()  # and so is the run's record, written when the run finished

@@ -310,7 +310,9 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     # the curve's checkpoints keep their adapters, not the optimizer state (only --resume needs that)
     kept = sorted(p.name for p in (tmp_path / "runs" / "lr-0.05" / "checkpoint-1").iterdir())
     assert "adapter_model.safetensors" in kept and "optimizer.pt" not in kept and "trainer_state.json" in kept
-    assert {p.name for p in (out / "manifests").iterdir()} == {"lr-0.001.json", "lr-0.05.json"}
+    # each run's record: manifest, settings and training curves (what a machine without the adapters needs)
+    assert {p.name for p in (out / "manifests").iterdir()} == {f"lr-{lr}{suffix}" for lr in ("0.001", "0.05")
+                                                              for suffix in (".json", ".yaml", ".metrics.jsonl")}
     assert (out / "curves" / "loss.png").is_file() and (out / "table.csv").is_file() and (out / "results.json").is_file()
     # Run again: nothing is trained or scored twice.
     before = (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns
@@ -518,6 +520,53 @@ def test_sweep_never_reuses_work_made_with_other_settings(tiny_gpt2, pairs_file,
     # the base model's score is still valid (same weights, same scoring settings); the new adapter's is not
     assert retrained.output.count("already scored, kept") == 1 and "[score 1/2] baseline" in retrained.output
     assert retrained.output.count("made from other weights or settings; recomputing it") == 1
+
+
+def test_a_sweep_on_a_machine_without_its_adapters_rebuilds_from_its_records(tiny_gpt2, pairs_file, tiny_data, tmp_path, monkeypatch):
+    """The output folder (committed without the adapters) holds each run's record and cached results: the same command,
+    with an empty --runs-dir, trains nothing and writes the same tables; a run whose cached score is damaged, or whose
+    record was made with other settings, is trained again, from the reference log-probs the record kept."""
+    monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(tmp_path / "ref-cache"))
+    args = ["sweep", "--lr", "1e-3,5e-2", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--max-pairs", "8", "--batch-size", "4",
+            "--max-length", "96", "--precision", "fp32", "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
+            "--preference-data", str(pairs_file), "--report-generations", "0", "--eval-limit", "2", "--bootstrap", "100",
+            "-o", str(tmp_path / "out")]
+    first = runner.invoke(app, [*args, "--runs-dir", str(tmp_path / "runs")])
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "out"
+    tables = {name: (out / name).read_text() for name in ("table.md", "preference.md")}
+    curves = sorted(p.name for p in (out / "curves").iterdir())
+    elsewhere = [*args, "--runs-dir", str(tmp_path / "runs")]
+    import shutil
+
+    kept = list((out / "manifests" / "reference-logps").glob("*.safetensors"))
+    assert len(kept) == 1 and kept[0].read_bytes() == (tmp_path / "ref-cache" / kept[0].name).read_bytes()
+    shutil.rmtree(tmp_path / "runs")  # another machine: the output folder only
+    shutil.rmtree(tmp_path / "ref-cache")
+    again = runner.invoke(app, elsewhere)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("trained earlier") == 2 and "[train" not in again.output.replace("[train 1/2] lr-0.001: trained", "") \
+        .replace("[train 2/2] lr-0.05: trained", "")
+    assert not (tmp_path / "runs" / "lr-0.001").exists() and not (tmp_path / "runs" / "lr-0.05").exists()
+    assert again.output.count("already scored, kept") == 3 and again.output.count("already computed, kept") == 3
+    assert {name: (out / name).read_text() for name in tables} == tables
+    assert curves and sorted(p.name for p in (out / "curves").iterdir()) == curves  # drawn from the records
+    # a damaged score of one run: that run alone is trained again (its adapter is needed to score it)
+    cache = out / "scores" / "DPO-lr-0.05.json"
+    cache.write_text(cache.read_text().replace('"nll": ', '"nll": 1', 1))
+    damaged = runner.invoke(app, elsewhere)
+    assert damaged.exit_code == 0, damaged.output
+    assert "lr-0.05: its record in" in damaged.output and "is missing, stale or damaged" in damaged.output
+    assert damaged.output.count("trained earlier") == 1 and (tmp_path / "runs" / "lr-0.05" / "manifest.json").is_file()
+    retrained = json.loads((tmp_path / "runs" / "lr-0.05" / "manifest.json").read_text())["reference_logps"]["train"]
+    assert retrained["cached"] is True and retrained["key"] == kept[0].stem  # no reference pass: the record's, restored
+    assert not (tmp_path / "runs" / "lr-0.001").exists()
+    # a record made with other settings is not used: the run is trained under the new ones
+    shutil.rmtree(tmp_path / "runs")
+    other = runner.invoke(app, [*elsewhere, "--seed", "7"])
+    assert other.exit_code == 0, other.output
+    assert "its record in" in other.output and "made with other settings (seed)" in other.output
+    assert "trained earlier" not in other.output and (tmp_path / "runs" / "lr-0.001" / "manifest.json").is_file()
 
 
 def test_sweep_recomputes_a_cached_score_that_fails_its_checks(tiny_gpt2, pairs_file, tiny_data, tmp_path):

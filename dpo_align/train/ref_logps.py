@@ -148,3 +148,28 @@ def save(key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> Path | None:
         return path
     except OSError:  # a cache that cannot be written only costs time next run
         return None
+
+
+def keep(keys: list[str], folder: Path) -> None:
+    """Copy the cache files of ``keys`` into ``folder`` (a sweep's record, committed with its results), where it has none
+    of that name: a fresh machine then starts from them instead of a reference pass (``restore``)."""
+    from dpo_align.core.files import atomic_copy
+
+    root = cache_dir()
+    for key in keys:
+        source, target = (root / f"{key}.safetensors" if root else None), folder / f"{key}.safetensors"
+        if source is not None and source.is_file() and not target.is_file():
+            atomic_copy(source, target)
+
+
+def restore(folder: Path) -> None:
+    """Copy every kept file of ``folder`` into the cache where the cache has none of that name. Each is checked when read
+    (``load``), like any cache file: a damaged one is recomputed, never trained on."""
+    from dpo_align.core.files import atomic_copy
+
+    root = cache_dir()
+    if root is None or not folder.is_dir():
+        return
+    for source in sorted(folder.glob("*.safetensors")):
+        if not (root / source.name).is_file():
+            atomic_copy(source, root / source.name)
