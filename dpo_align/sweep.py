@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 
 from dpo_align.core.errors import TrainingDiverged, UserError
-from dpo_align.core.files import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files
+from dpo_align.core.files import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, read_text, slug, staged_files
 from dpo_align.core.memory import release_memory
 from dpo_align.core.models import resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
@@ -49,7 +49,7 @@ from dpo_align.score.evaluate import ModelSpec, ScoreOptions, quiet_lm_eval, sco
 from dpo_align.score.generate import report_generations
 from dpo_align.score.preference import markdown as preference_markdown
 from dpo_align.train import ref_logps
-from dpo_align.train.config import TrainConfig, check_resumable
+from dpo_align.train.config import TrainConfig, check_resumable, load_config_file, settings_diff
 from dpo_align.train.run import train
 
 
@@ -179,9 +179,6 @@ def kept_record(name: str, config: TrainConfig, folder: Path, models: Models, sp
     """The adapter digest a run recorded, when the run is not on this machine (no folder in --runs-dir), its record was
     made with these settings and is complete, and every result the sweep needs of it is cached under that digest; else
     None, and the run is trained."""
-    from dpo_align.core.files import read_text
-    from dpo_align.train.config import load_config_file, settings_diff
-
     run_dir = Path(config.output_dir)
     paths = {suffix: folder / f"{name}{suffix}" for suffix in RECORD.values()}
     if run_dir.exists() or not all(p.is_file() for p in paths.values()):
