@@ -311,8 +311,8 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     kept = sorted(p.name for p in (tmp_path / "runs" / "lr-0.05" / "checkpoint-1").iterdir())
     assert "adapter_model.safetensors" in kept and "optimizer.pt" not in kept and "trainer_state.json" in kept
     # each run's record: manifest, settings and training curves (what a machine without the adapters needs)
-    assert {p.name for p in (out / "manifests").iterdir()} == {f"lr-{lr}{suffix}" for lr in ("0.001", "0.05")
-                                                              for suffix in (".json", ".yaml", ".metrics.jsonl")}
+    assert {p.name for p in (out / "manifests").iterdir() if p.is_file()} == {f"lr-{lr}{suffix}" for lr in ("0.001", "0.05")
+                                                                              for suffix in (".json", ".yaml", ".metrics.jsonl")}
     assert (out / "curves" / "loss.png").is_file() and (out / "table.csv").is_file() and (out / "results.json").is_file()
     # Run again: nothing is trained or scored twice.
     before = (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns
