@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
@@ -598,6 +599,27 @@ def test_sweep_recomputes_a_cached_score_that_fails_its_checks(tiny_gpt2, pairs_
         assert again.output.count("already scored, kept") == 1  # the adapter's cache was sound
         assert json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]["table"] == clean[0]["table"]
     assert json.loads(cache.read_text())["documents"] == stored["documents"]  # rewritten with the model's own numbers
+
+
+def test_a_cached_result_is_keyed_on_the_files_its_paths_name_not_on_how_they_are_written(tmp_path, monkeypatch):
+    """../data/x and /abs/data/x are one setting (a sweep run with the README's relative paths reuses results made with
+    absolute ones); another file is another setting."""
+    from dpo_align.result_cache import key_of
+    from dpo_align.score.evaluate import ModelSpec, ScoreOptions
+
+    (tmp_path / "data").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / "data" / name).write_text("{}\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    spec = ModelSpec("m", str(tmp_path / "data"))
+
+    def keys(path):
+        return key_of(spec, ScoreOptions(data_dir=str(path.parent), pku_path=str(path))), key_of(spec, {"sources": [str(path)]})
+
+    absolute = tmp_path / "data" / "a.jsonl"
+    assert keys(Path("../data/a.jsonl")) == keys(absolute)
+    assert keys(tmp_path / "data" / "b.jsonl")[0] != keys(absolute)[0] and keys(tmp_path / "data" / "b.jsonl")[1] != keys(absolute)[1]
 
 
 def test_a_cached_result_covering_another_number_of_pairs_is_recomputed(tmp_path):
