@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
-from dpo_align.core.files import atomic_write_json, content_checksum
+from dpo_align.core.files import atomic_write_json, content_checksum, located
 from dpo_align.core.provenance import model_revision
 from dpo_align.score.evaluate import ModelSpec, ScoreOptions
 
@@ -42,21 +42,12 @@ def key_of(spec: ModelSpec, settings, *, adapter: dict | None = None) -> str:
         if settings.get("dataset_revisions") is None:  # added later: unpinned keeps the keys results already carry
             settings.pop("dataset_revisions", None)
     if isinstance(settings, dict):
-        settings = {name: _located(value) if name in LOCATED else value for name, value in settings.items()}
+        settings = {name: located(value) if name in LOCATED else value for name, value in settings.items()}
     parts = {"label": spec.label, "base": _digest(spec.pretrained), "adapter": adapter if adapter is not None else _digest(spec.peft), "settings": settings}
     return content_checksum(parts)
 
 
-LOCATED = ("data_dir", "pku_path", "sources")  # settings naming local files: ../data/x and /home/me/data/x are one setting
-
-
-def _located(value):
-    """A local path made absolute (each item of a list); hub ids and paths that are not there as written."""
-    if isinstance(value, list):
-        return [_located(item) for item in value]
-    if isinstance(value, str) and value and Path(value).expanduser().exists():
-        return str(Path(value).expanduser().resolve())
-    return value
+LOCATED = ("data_dir", "pku_path", "sources")  # settings naming local files: keyed on the file, not its spelling
 
 
 def cached(path: Path, key: str, progress, where: str, kept_message: str, compute, check=None) -> dict:

@@ -70,6 +70,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def located(value):
+    """A path setting as the file it names: each existing local path made absolute (links resolved), so ``../data/x``
+    and ``/home/me/data/x`` are one setting; hub ids and paths that are not there stay as written. Lists item by item."""
+    if isinstance(value, list):
+        return [located(item) for item in value]
+    return os.path.realpath(value) if isinstance(value, str) and value and os.path.exists(value) else value
+
+
 def atomic_copy(source: str | Path, target: str | Path) -> None:
     """Copy a file so that ``target`` is never seen half-written: beside it first, then renamed over it."""
     target = Path(target)

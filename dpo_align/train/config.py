@@ -285,14 +285,9 @@ PATH_SETTINGS = ("model", "data", "eval_data", "eval_suite_data_dir", "eval_suit
 
 def _located(key: str, value):
     """A path setting with each existing local path made absolute (hub ids and missing paths as written)."""
-    if key not in PATH_SETTINGS or value is None:
-        return value
-    import os
+    from dpo_align.core.files import located
 
-    def one(item):
-        return os.path.realpath(item) if isinstance(item, str) and os.path.exists(item) else item
-
-    return [one(v) for v in value] if isinstance(value, list) else one(value)
+    return located(value) if key in PATH_SETTINGS else value
 
 
 def check_resumable(run_dir: Path, wanted: TrainConfig, *, how_to_fix: str) -> None:
