@@ -50,7 +50,7 @@ from dpo_align.score.generate import report_generations
 from dpo_align.score.preference import markdown as preference_markdown
 from dpo_align.train import ref_logps
 from dpo_align.train.config import TrainConfig, check_resumable, load_config_file, settings_diff
-from dpo_align.train.run import train
+from dpo_align.train.run import InterruptedAfterFinishing, train
 
 
 def sweep(
@@ -107,12 +107,14 @@ def sweep(
                      f"its adapter is not in {runs_dir}, and is not needed.")
         else:
             try:
-                train_one(where, config, progress)
+                stop = train_one(where, config, progress)
             except TrainingDiverged as err:
                 progress(f"{where} FAILED: {err}")
                 failed[name] = str(err)
                 continue
             record(Path(config.output_dir), output / "manifests", name)
+            if stop is not None:  # Ctrl-C as the run finished: kept and recorded; the scoring waits for the next call
+                raise stop
         adapters[name] = Path(config.output_dir)
         models.score(spec, recorded)
     if not adapters:
@@ -144,17 +146,23 @@ def sweep(
     return runs
 
 
-def train_one(where: str, config: TrainConfig, progress) -> None:
-    """Train one grid point: a finished run is kept, a started one resumed (TrainingDiverged: it failed)."""
+def train_one(where: str, config: TrainConfig, progress) -> InterruptedAfterFinishing | None:
+    """Train one grid point: a finished run is kept, a started one resumed (TrainingDiverged: it failed).
+    Returns the Ctrl-C that came as the run was finishing, for the caller to stop on once the run is recorded."""
     run_dir = Path(config.output_dir)
     if (run_dir / "manifest.json").is_file():
         progress(f"{where}: already finished, kept.")
-        return
+        return None
     resume = (run_dir / "config.yaml").is_file()
     progress(where + (": resuming" if resume else ""))
+    stop = None
     try:
-        train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
+        try:
+            train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
+        except InterruptedAfterFinishing as asked:  # the run is complete: its report is written, then the sweep stops
+            stop = asked
         write_report_safely(run_dir, progress, generations=config.report_generations, generate=report_generations)
+        return stop
     finally:
         release_memory()  # the next run (or the scoring) starts from the memory of none, not the last run's high-water mark
 

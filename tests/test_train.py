@@ -17,7 +17,7 @@ from dpo_align.data.pairs import Pair
 from dpo_align.data.templates import render_prompt
 from dpo_align.train import run as train_module
 from dpo_align.train.config import TrainConfig
-from dpo_align.train.run import Interrupted, train
+from dpo_align.train.run import Interrupted, InterruptedAfterFinishing, train
 
 from .conftest import SHARED_DATA, needs_shared_data
 from .helpers import killed_before_outputs, read_rows, tiny_config
@@ -654,7 +654,7 @@ def test_ctrl_c_stops_a_real_sweep_in_its_training_and_the_rerun_equals_an_unint
 
     def command(name):
         return [sys.executable, "-m", "dpo_align", "sweep", "--lr", "1e-3", "--model", str(tiny_gpt2), "--data", str(pairs_file),
-                "--max-steps", "12", "--save-steps", "2", "--max-length", "96", "--precision", "fp32", "--report-generations", "0",
+                "--max-steps", "60", "--save-steps", "5", "--logging-steps", "1", "--max-length", "96", "--precision", "fp32", "--report-generations", "0",
                 "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"), "--eval-limit", "2", "--bootstrap", "100",
                 "--runs-dir", str(tmp_path / name / "runs"), "-o", str(tmp_path / name / "out")]
 
@@ -663,7 +663,8 @@ def test_ctrl_c_stops_a_real_sweep_in_its_training_and_the_rerun_equals_an_unint
     proc = subprocess.Popen(command("cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "cut" / "runs" / "lr-0.001" / "metrics.jsonl"
     deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 2):
+    # sent at step 6 of 60, after the first checkpoint: far from the last step, which would finish the run instead (next test)
+    while proc.poll() is None and time.time() < deadline and not (metrics.is_file() and metrics.read_text().count('"loss"') >= 6):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=600)[0]
@@ -682,6 +683,34 @@ def test_ctrl_c_stops_a_real_sweep_in_its_training_and_the_rerun_equals_an_unint
             assert after["table"][name]["ce"][0] == pytest.approx(row["ce"][0], rel=1e-5), (before["label"], name)
 
 
+def test_ctrl_c_in_the_last_step_of_a_sweep_finishes_the_run_and_stops_before_the_scoring(tiny_gpt2, pairs_file, tiny_data, tmp_path,
+                                                                                              monkeypatch):
+    """The race the test above steers clear of: Ctrl-C lands in the run's last step. The run is finished and recorded (a
+    checkpoint to resume would be one step too many), and the sweep stops there with 130 instead of scoring for minutes;
+    the same command then reuses the run and scores it."""
+    from dpo_align.train.callbacks import GracefulInterrupt
+
+    real_step_end = GracefulInterrupt.on_step_end
+
+    def ctrl_c_in_the_last_step(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps and not self.requested:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step_end(self, args, state, control, **kwargs)
+
+    command = ["sweep", "--lr", "1e-3", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--max-steps", "3", "--max-length", "96",
+               "--precision", "fp32", "--report-generations", "0", "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
+               "--eval-limit", "2", "--bootstrap", "100", "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "out")]
+    monkeypatch.setattr(GracefulInterrupt, "on_step_end", ctrl_c_in_the_last_step)
+    cut = runner.invoke(app, command)
+    assert cut.exit_code == 130 and "Sweep interrupted" in cut.output, cut.output
+    assert (tmp_path / "runs" / "lr-0.001" / "manifest.json").is_file() and (tmp_path / "out" / "manifests" / "lr-0.001.json").is_file()
+    assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "scores").exists()
+    monkeypatch.setattr(GracefulInterrupt, "on_step_end", real_step_end)
+    again = runner.invoke(app, command)
+    assert again.exit_code == 0 and "already finished, kept" in again.output, again.output
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
 def test_ctrl_c_while_the_outputs_are_written_finishes_them(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
     """Aimed at the window between the adapter being saved and the manifest being written."""
     out = tmp_path / "run"
@@ -696,7 +725,9 @@ def test_ctrl_c_while_the_outputs_are_written_finishes_them(tiny_gpt2, pairs_fil
         return real_plot_runs(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "plot_runs", plot_then_ctrl_c)
-    manifest = train(tiny_config(tiny_gpt2, pairs_file, out, max_steps=2), progress=lambda m: None)
+    with pytest.raises(InterruptedAfterFinishing, match="it finished, and its outputs are complete"):  # finished, then stopped as asked
+        train(tiny_config(tiny_gpt2, pairs_file, out, max_steps=2), progress=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
     assert sent and manifest["status"] == "complete" and manifest["global_steps"] == 2
     for name in ("manifest.json", "README.md", "adapter_model.safetensors", "config.yaml"):
         assert (out / name).is_file()

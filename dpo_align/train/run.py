@@ -51,6 +51,15 @@ class Interrupted(Exception):
         super().__init__(f"Training interrupted; {where}. Resume with:\n    dpo-align train --output-dir {output_dir} --resume")
 
 
+class InterruptedAfterFinishing(Interrupted):
+    """Ctrl-C came in the last step or while the outputs were written: the run was finished first (its
+    outputs are complete), and the caller stops there, as asked, rather than going on (a sweep to its scoring)."""
+
+    def __init__(self, output_dir: Path):
+        self.checkpoint, self.output_dir = None, output_dir
+        Exception.__init__(self, f"Interrupted as the run was finishing: it finished, and its outputs are complete in {output_dir}.")
+
+
 def check_fits_template(config: TrainConfig, tokenizer) -> None:
     """--max-length must leave room for a response after the template's own tokens."""
     overhead = len(tokenizer(render_prompt("", config.template, tokenizer) + render_response("", config.template),
@@ -315,7 +324,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
     state.wait_for_everyone()
 
     # 3. the run. Ctrl-C is handled until the manifest is written: during training it stops at the next
-    # step with a checkpoint; once training is done, the outputs are finished first.
+    # step with a checkpoint; in the last step or once training is done, the outputs are finished first,
+    # and then it stops all the same (InterruptedAfterFinishing).
     interrupt.install()
     try:
         if resume_from is not None and is_final(resume_from):
@@ -335,7 +345,10 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
                         truncation=truncation, contamination=prepared.contamination, precision=precision,
                         device="cuda" if use_cuda else "cpu", resumed_from=resume_from,
                         train_runtime_s=round(result.metrics.get("train_runtime", 0.0), 1), started=started)
-        return _write_outputs(config, trainer, tokenizer, run, output=output, main=main, progress=progress)
+        manifest = _write_outputs(config, trainer, tokenizer, run, output=output, main=main, progress=progress)
+        if interrupt.requested:  # asked to stop: a finished run is no reason to carry on
+            raise InterruptedAfterFinishing(output)
+        return manifest
     finally:
         interrupt.uninstall()
 
