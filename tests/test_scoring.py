@@ -225,12 +225,13 @@ def test_ratio_stderr_with_unequal_token_counts():
 @pytest.mark.slow
 @needs_shared_data
 def test_real_model_matches_independent_computation(default_model_path, tmp_path):
+    limit = 24  # documents per dataset, scored by the suite and recomputed independently
     runs = run_eval(
-        [str(default_model_path)], adapters=[], output=tmp_path / "out", limit=24, data_dir=str(SHARED_DATA),
+        [str(default_model_path)], adapters=[], output=tmp_path / "out", limit=limit, data_dir=str(SHARED_DATA),
         pku_path=str(SHARED_DATA / "splits" / "heldout.jsonl.gz"), template="alpaca", batch_size=16, device="cpu",
         dtype="float32", trust_remote_code=False, progress=lambda m: None,
     )
-    check_against_reference(default_model_path, runs[0]["table"], SHARED_DATA, SHARED_DATA / "splits" / "heldout.jsonl.gz", limit=24)
+    check_against_reference(default_model_path, runs[0]["table"], SHARED_DATA, SHARED_DATA / "splits" / "heldout.jsonl.gz", limit=limit)
 
 
 def test_apply_chat_template_counts_tokens_against_the_chat_context(tiny_gpt2, tiny_data, tmp_path):
