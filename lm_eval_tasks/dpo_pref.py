@@ -26,7 +26,7 @@ from lm_eval.api.task import ConfigurableTask
 
 from dpo_align.data.suite_docs import preference_docs
 from dpo_align.data.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
-from dpo_align.score.suite_requests import check_metadata
+from dpo_align.score.suite_requests import check_metadata, remote_code_allowed, tokenizer_for
 
 TIE = 1e-4  # nats
 
@@ -34,12 +34,7 @@ TIE = 1e-4  # nats
 def heldout(**metadata):
     check_metadata(metadata)
     template = check_template(metadata.get("template") or DEFAULT_TEMPLATE, option="metadata 'template'")
-    tokenizer = None
-    if template == "chat":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(metadata.get("tokenizer") or metadata["pretrained"],
-                                                  trust_remote_code=bool(metadata.get("trust_remote_code", False)))
+    tokenizer = tokenizer_for(metadata) if template == "chat" else None  # the suite's tokenizer rule, remote code typed
     docs = preference_docs(metadata.get("pref_path"), metadata.get("data_dir"))
     for doc in docs:
         doc["context"] = render_prompt(doc["instruction"], template, tokenizer)
@@ -62,7 +57,7 @@ class PreferenceTask(ConfigurableTask):
             metadata = self.config.metadata or {}
             self._reference = HFLM(pretrained=self._reference_name, dtype="float32", batch_size=1,
                                    device=metadata.get("reference_device", "cpu"),
-                                   trust_remote_code=bool(metadata.get("trust_remote_code", False)))
+                                   trust_remote_code=remote_code_allowed(metadata))
         requests = [Instance("loglikelihood", doc, (doc["context"], choice), i) for i, choice in enumerate(doc["choices"])]
         return [ll for ll, _ in self._reference.loglikelihood(requests, disable_tqdm=True)]
 

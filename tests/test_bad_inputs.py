@@ -479,6 +479,48 @@ def test_errors_inside_lm_eval_are_one_line_and_exit_2(entry, metadata, message,
     assert re.search(message, output.strip().splitlines()[-1]), output[-1000:]
 
 
+REMOTE_CODE = """
+import pathlib, os
+pathlib.Path(os.environ["DPO_ALIGN_REMOTE_MARKER"]).write_text("remote code ran")
+from transformers import PreTrainedTokenizerFast
+
+
+class MarkerTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+@pytest.mark.parametrize("value, runs", [("false", False), ("False", False), (0, False), ("true", False), (False, False), (True, True)],
+                         ids=["string false", "string False", "number 0", "string true", "JSON false", "JSON true (the control)"])
+def test_only_a_json_true_lets_a_tokenizer_run_its_own_code(value, runs, workspace, tmp_path):
+    """A tokenizer folder that ships code (``auto_map``) and writes a marker file when that code is imported, named
+    by --metadata: the string "false" once ran it (``bool("false")`` is True). Now only a JSON ``true`` runs it, which
+    the control shows (the marker appears); any non-boolean is a clean error naming trust_remote_code, exit 2."""
+    repo = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "remote-tokenizer"
+    shutil.copytree(workspace.model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "marker_tokenizer.MarkerTokenizer"]}
+    config["tokenizer_class"] = "MarkerTokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "marker_tokenizer.py").write_text(REMOTE_CODE)
+    marker = tmp_path / "marker.txt"
+    metadata = {"tokenizer": str(folder), "trust_remote_code": value, "data_dir": str(workspace.data)}
+    result = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={workspace.model}", "--include_path",
+         str(repo / "lm_eval_tasks"), "--tasks", "dpo_ppl_truthfulqa", "--limit", "1", "--metadata", json.dumps(metadata),
+         "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "DPO_ALIGN_REMOTE_MARKER": str(marker),
+                                             "HF_MODULES_CACHE": str(tmp_path / "modules")}, timeout=600)
+    output = result.stdout + result.stderr
+    assert marker.exists() == runs, output[-3000:]
+    if not isinstance(value, bool):
+        assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+        assert re.search(r"trust_remote_code is .*it takes a boolean", output.strip().splitlines()[-1]), output[-1000:]
+    elif not value:  # a boolean false: the folder's code is refused by transformers itself
+        assert result.returncode != 0 or not marker.exists()
+
+
 # --------------------------------------------------------------------------- in-process: settings, diverging runs, broken data
 # (what was tests/test_bad_settings.py: checked through Typer's runner, with the assertions those cases had)
 

@@ -57,7 +57,11 @@ MODEL_KEYS = ("pretrained", "peft", "gguf_file", "revision", "trust_remote_code"
 def check_metadata(metadata: dict) -> dict:
     """Refuse a key that is a misspelling of one of ours (``data_dri`` would quietly score the hub's copy instead of
     the local files), and values of the wrong type. Other unknown keys are lm-eval's --model_args, merged into the
-    same dict, and pass."""
+    same dict, and pass.
+
+    ``trust_remote_code`` must be a JSON boolean: ``bool("false")`` is True, so a string there once ran a checkpoint's
+    code while the user asked for the opposite. lm-eval's ``--model_args`` parser already turns ``true``/``false``
+    into booleans; ``--metadata`` is JSON, where only ``true`` may turn remote code on."""
     import difflib
 
     for key in metadata:
@@ -66,13 +70,22 @@ def check_metadata(metadata: dict) -> dict:
         close = difflib.get_close_matches(key, OWN_KEYS, n=1, cutoff=0.75)
         if close:
             raise UserError(f"--metadata: unknown key {key!r} (did you mean {close[0]!r}?). The suite reads: {', '.join(OWN_KEYS)}.")
-    for key in ("template", "data_dir", "pku_path", "tokenizer", "pref_path"):
+    for key in ("template", "data_dir", "pku_path", "tokenizer", "pref_path", "reference", "reference_device"):
         if metadata.get(key) is not None and not isinstance(metadata[key], str):
             raise UserError(f"--metadata: {key} is {metadata[key]!r}; it takes a string (a path or a name).")
+    remote = metadata.get("trust_remote_code")
+    if remote is not None and not isinstance(remote, bool):
+        raise UserError(f"--metadata/--model_args: trust_remote_code is {remote!r} ({type(remote).__name__}); it takes a boolean: "
+                        "JSON true or false, not a string or a number. Remote code runs only for a boolean true.")
     if metadata.get("dataset_revisions") is not None and not isinstance(metadata["dataset_revisions"], dict):
         raise UserError(f"--metadata: dataset_revisions is {metadata['dataset_revisions']!r}; it takes an object such as "
                         '{"winogrande": "SHA"}.')
     return metadata
+
+
+def remote_code_allowed(metadata: dict) -> bool:
+    """True only for a boolean ``true`` (after ``check_metadata``, anything else is refused or absent)."""
+    return check_metadata(metadata).get("trust_remote_code") is True
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -88,7 +101,7 @@ def _tokenizer_source(metadata: dict) -> tuple[str, dict]:
             "Pass --model_args pretrained=MODEL (or tokenizer=...), or with a model object, "
             "--metadata '{\"tokenizer\": \"PATH\"}'."
         )
-    kwargs = {"trust_remote_code": bool(metadata.get("trust_remote_code", False))}
+    kwargs = {"trust_remote_code": remote_code_allowed(metadata)}
     if metadata.get("gguf_file") and not metadata.get("tokenizer"):
         kwargs["gguf_file"] = metadata["gguf_file"]
     if metadata.get("revision"):
