@@ -556,6 +556,93 @@ def sweep_command(
                + (", preference.md" if preference_data else "") + (", learning-curve.png" if curve_docs else "") + ".")
 
 
+# --------------------------------------------------------------------------- search
+
+
+@app.command("search")
+@user_errors
+@with_settings(ScoreOptions, include=("batch_size", "dtype"), prefix="eval_")
+@with_settings(exclude=("output_dir",))
+def search_command(
+    ctx: typer.Context,
+    *,
+    space: Annotated[Path | None, typer.Option("--space", help="YAML search space: each setting a range {low, high, log} or a list of choices.")] = None,
+    trials: Annotated[int, typer.Option("--trials", help="Trials this worker runs (Optuna's n_trials).")] = 8,
+    max_trials: Annotated[int | None, typer.Option("--max-trials", help="Stop when the study holds this many finished or pruned trials, "
+                                                  "whichever worker ran them (running the command again then continues up to it).")] = None,
+    storage: Annotated[str | None, typer.Option("--storage", help="SQLAlchemy URL of the study database, the same on every worker "
+                                                "(postgresql://user@host/db). Default: a SQLite file OUTPUT/study.db.")] = None,
+    study: Annotated[str, typer.Option("--study", help="Study name in the database.")] = "dpo-align",
+    sampler: Annotated[str, typer.Option("--sampler", help="tpe (Optuna's TPE, seeded with --seed, Q2 and Q3 as constraints) or grid "
+                                         "(every combination of the choices and --grid-points values per range).")] = "tpe",
+    grid_points: Annotated[int, typer.Option("--grid-points", help="With --sampler grid: values per range.")] = 3,
+    search_docs: Annotated[int, typer.Option("--search-docs", help="Documents per dataset scored for every trial (the same for all, "
+                                             "with their foils).")] = 150,
+    search_pairs: Annotated[int, typer.Option("--search-pairs", help="Held-out pairs of --preference-data for Q2 and Q3 (the same for all).")] = 200,
+    preference_data: Annotated[list[str] | None, typer.Option("--preference-data", help="Held-out pairs for Q2 and Q3.")] = None,
+    prune_every: Annotated[float, typer.Option("--prune-every", help="Score a checkpoint every this fraction of a trial's steps and let "
+                                               "the median pruner stop trials behind the others (0: no pruning).")] = 0.25,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML of the settings every trial shares; options given here override it.")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where the trials' adapters go (not for git).")] = Path("runs/search"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="The study's folder: its database (by default), tables and plots.")] = Path("results/search"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a study of this name although its space or settings differ.")] = False,
+    status: Annotated[bool, typer.Option("--status", help="Print the study's trials and the best so far, and exit (any machine, any time).")] = False,
+    report_only: Annotated[bool, typer.Option("--report", help="Write the report from the database and exit.")] = False,
+) -> None:
+    """Search training settings with Optuna: each trial trains, and is scored by its controlled verdict.
+
+    The value minimised is the mean's specific change against the base model (ce beside its foils) on
+    --search-docs fixed documents per dataset; Q2 and Q3 of the scorecard are constraints. Run the same
+    command on several machines with one --storage to share the study. Example, offline:
+
+        dpo-align search --space configs/search-space.yaml --data ../shared/data/splits/train-pool.jsonl.gz \\
+          --max-pairs 1000 --pair-sample random --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz \\
+          --preference-data ../shared/data/splits/heldout.jsonl.gz -o results/search
+    """
+    from dpo_align.core.folder_lock import check_output_folder
+    from dpo_align.search import study as studies
+    from dpo_align.search.space import load_space
+    from dpo_align.train.config import resolve_settings
+
+    url = storage or studies.default_storage(output)
+    def echo(message: str) -> None:
+        typer.echo(message, err=True)
+    if status or report_only:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            found = optuna.load_study(study_name=study, storage=studies.open_storage(url, heartbeat=False))
+        except KeyError:
+            raise UserError(f"--study {study}: no such study in {studies._hidden(url)}.") from None
+        from dpo_align.search import report
+
+        if status:
+            typer.echo(report.markdown(found, report.rows(found), *report.pick(found), resolve_settings(config, given_settings(ctx))))
+            return
+        report.write(found, None, resolve_settings(config, given_settings(ctx)), output, progress=echo)
+        return
+    if space is None:
+        raise UserError("--space FILE is needed: a YAML search space, such as configs/search-space.yaml.")
+    for folder, option in ((runs_dir, "--runs-dir"), (output, "--output")):
+        check_output_folder(folder, option)
+    search_space = load_space(space)
+    base = resolve_settings(config, given_settings(ctx))
+    options = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_")).validate()
+    output.mkdir(parents=True, exist_ok=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    from dpo_align.train.run import Interrupted
+
+    try:
+        studies.run_worker(space=search_space, base=base, storage_url=url, study_name=study, output=output, runs_dir=runs_dir, trials=trials,
+                           max_trials=max_trials, search_docs=search_docs, search_pairs=search_pairs, preference_data=preference_data,
+                           prune_every=prune_every, sampler=sampler, grid_points=grid_points, resume=resume, score_options=options, progress=echo)
+    except (Interrupted, KeyboardInterrupt):
+        typer.secho("Search interrupted: the trial that was running is recorded as failed. Run the same command again to continue the "
+                    "study.", fg="yellow", err=True)
+        raise typer.Exit(130) from None
+
+
 def main() -> None:
     app()
 

@@ -119,14 +119,15 @@ def frozen_linears_to(model, dtype) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress=print) -> dict:
-    """Train one adapter; the output folder is locked for the run (one writer per folder)."""
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress=print, callbacks: tuple = ()) -> dict:
+    """Train one adapter; the output folder is locked for the run (one writer per folder). ``callbacks``: more
+    TrainerCallbacks, after the run's own (the search's pruner scores each checkpoint from one)."""
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` the main process holds the lock
-        return _train(config, resume=resume, overwrite=overwrite, progress=progress)
+        return _train(config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks)
     with locked(Path(config.output_dir), "dpo-align train", "--output-dir"):
-        return _train(config, resume=resume, overwrite=overwrite, progress=progress)
+        return _train(config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks)
 
 
 # TrainConfig fields that DPOConfig takes as they are, under its own name (the rest is derived below)
@@ -230,7 +231,7 @@ def warmup_warning(config: TrainConfig, pairs: int, processes: int = 1) -> str |
 
 
 def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset, eval_dataset, *, output: Path, precision: str,
-                  use_cuda: bool, interrupt: GracefulInterrupt, progress, data_sha256: list | None = None):
+                  use_cuda: bool, interrupt: GracefulInterrupt, progress, data_sha256: list | None = None, callbacks: tuple = ()):
     """The model in its precision, its LoRA, and the shared-prompt DPO trainer (tokenization and the reference pass run here)."""
     import torch
     from peft import LoraConfig
@@ -256,7 +257,8 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker({**dataclasses.asdict(config), DATA_KEY: data_sha256}), interrupt],
+        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker({**dataclasses.asdict(config), DATA_KEY: data_sha256}), interrupt,
+                   *callbacks],
     )
     trainer.setup_s = round(time.time() - setup_started, 1)  # tokenization and the reference pass (or its cache)
     for callback in (ProgressCallback, PrinterCallback):
@@ -264,7 +266,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset
     return trainer
 
 
-def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> dict:
+def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress, callbacks: tuple = ()) -> dict:
     import warnings
 
     import torch
@@ -309,7 +311,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, progress) -> d
     precision = resolve_precision(config.precision)
     interrupt = GracefulInterrupt()
     trainer = build_trainer(config, model_path, tokenizer, train_dataset, eval_dataset, output=output, precision=precision,
-                            use_cuda=use_cuda, interrupt=interrupt, progress=progress, data_sha256=data_sha256)
+                            use_cuda=use_cuda, interrupt=interrupt, progress=progress, data_sha256=data_sha256, callbacks=callbacks)
     warning = warmup_warning(config, len(train_dataset), state.num_processes)
     if warning:
         progress(f"Warning: {warning}")

@@ -1,0 +1,131 @@
+"""What a search leaves in its output folder, written from the study's database alone (any machine can write it):
+
+* ``results.md`` and ``results.json``: every trial's settings, specific change (its 95% interval), verdict, Q2, Q3,
+  state and time; the pick by the scorecard's rule (``report/scorecard.py``), fixed before any study ran;
+* ``history.png``, ``importances.png``, ``slice.png``: Optuna's own plots (matplotlib backend);
+* ``best-config.yaml``: the picked trial's settings, which ``dpo-align train --config best-config.yaml`` repeats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dpo_align.core.plots import png_bytes
+from dpo_align.report import scorecard
+from dpo_align.train.config import TrainConfig
+
+
+def cards(study) -> list[scorecard.Card]:
+    """The scorecard of every finished trial, from what it recorded in the study."""
+    from optuna.trial import TrialState
+
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        attrs = t.user_attrs
+        low, high = (attrs.get("specific_interval") or [None, None])[:2]
+        out.append(scorecard.Card(f"trial {t.number}", verdict=attrs.get("verdict"), specific=t.value, specific_low=low, specific_high=high,
+                                  accuracy=attrs.get("accuracy"), stderr=attrs.get("stderr"), chosen_per_token=attrs.get("chosen_per_token")))
+    return out
+
+
+def pick(study):
+    """(the picked trial or None, the sentence saying why), by the scorecard's rule over the finished trials."""
+    chosen, reason = scorecard.recommend(cards(study))
+    if chosen is None:
+        return None, reason
+    number = int(chosen.model.removeprefix("trial "))
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number), reason
+
+
+def _answer(value) -> str:
+    return "n/a" if value is None else ("yes" if value else "no")
+
+
+def rows(study) -> list[dict]:
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        out.append({"trial": t.number, "state": t.state.name.lower(), "settings": json.loads(a.get("settings") or "{}"),
+                    "specific_change": t.value, "specific_interval": a.get("specific_interval"), "verdict": a.get("verdict"),
+                    "ce_change": a.get("ce_change"), "foil_change": a.get("foil_change"), "accuracy": a.get("accuracy"),
+                    "stderr": a.get("stderr"), "chosen_per_token": a.get("chosen_per_token"), "q1": a.get("q1"), "q2": a.get("q2"),
+                    "q3": a.get("q3"), "seconds": a.get("seconds"), "last_step": max(t.intermediate_values) if t.intermediate_values else None,
+                    "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())}})
+    return out
+
+
+def _number(value, spec: str, scale: float = 1.0) -> str:
+    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value * scale, spec)
+
+
+def markdown(study, table: list[dict], chosen, reason: str, base: TrainConfig) -> str:
+    from dpo_align.search.study import state_line
+
+    lines = [f"# Search `{study.study_name}`", "", f"{state_line(study)}.", "",
+             "The value minimised is the mean's specific change against the base model on the study's fixed documents "
+             "(Δlog ce − Δlog ce_foil; below 0: the reference answers got cheaper than their foils). Q2 and Q3 are Optuna "
+             "constraints. The pick follows the scorecard's rule: " + scorecard.RULE, "",
+             "| trial | state | settings | specific change [95%] | ce (foils) | verdict | held-out reward acc | Δ log p chosen/token | Q1 | Q2 | Q3 | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["settings"].items())
+        interval = r["specific_interval"]
+        specific = (_number(r["specific_change"], "+.4f") + (f" [{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "")) \
+            if r["specific_change"] is not None else (f"at step {r['last_step']}: {r['intermediate'][str(r['last_step'])]:+.4f}" if r["last_step"] is not None else "")
+        ce = f"{_number(r['ce_change'], '+.2f', 100)}% ({_number(r['foil_change'], '+.2f', 100)}%)" if r["ce_change"] is not None else ""
+        acc = f"{100 * r['accuracy']:.1f}% ± {100 * r['stderr']:.1f}" if r["accuracy"] is not None and r["stderr"] is not None else ""
+        lines.append(f"| {r['trial']} | {r['state']} | {settings} | {specific} | {ce} | {r['verdict'] or ''} | {acc} | "
+                     f"{_number(r['chosen_per_token'], '+.4f')} | {_answer(r['q1']) if r['state'] == 'complete' else ''} | "
+                     f"{_answer(r['q2']) if r['state'] == 'complete' else ''} | {_answer(r['q3']) if r['state'] == 'complete' else ''} | "
+                     f"{_number(r['seconds'], '.0f')} |")
+    lines += ["", reason, ""]
+    if chosen is not None:
+        lines += [f"Its settings are in `best-config.yaml`: `dpo-align train --config best-config.yaml -o runs/best` trains it again "
+                  f"(on {base.max_pairs or 'all'} pairs, as the trials did).", ""]
+    lines += ["Plots: `history.png` (Optuna's optimisation history), `importances.png` (parameter importances, fANOVA), `slice.png`.", ""]
+    return "\n".join(lines)
+
+
+def _plot(kind: str, study) -> bytes | None:
+    """One of Optuna's matplotlib plots as PNG bytes, or None where the study cannot give it yet (too few trials)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as plots
+
+    draw = {"history": plots.plot_optimization_history, "importances": plots.plot_param_importances, "slice": plots.plot_slice}[kind]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            axes = draw(study)
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return None
+    figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+    figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 5))
+    figure.tight_layout()
+    return png_bytes(figure)  # closes it
+
+
+def write(study, space, base: TrainConfig, output: Path, progress=print) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    table = rows(study)
+    chosen, reason = pick(study)
+    atomic_write_json(output / "results.json", {"study": study.study_name, "trials": table, "pick": chosen.number if chosen else None,
+                                                "reason": reason, "space": json.loads(space.as_json()) if space else None,
+                                                "base": {k: v for k, v in dataclasses.asdict(base).items() if k != "output_dir"}})
+    atomic_write_text(output / "results.md", markdown(study, table, chosen, reason, base))
+    for kind in ("history", "importances", "slice"):
+        data = _plot(kind, study) if any(r["state"] == "complete" for r in table) else None
+        if data is not None:
+            atomic_write_bytes(output / f"{kind}.png", data)
+    if chosen is not None:
+        settings = json.loads(chosen.user_attrs.get("settings") or "{}")
+        best = dataclasses.replace(base, **settings, output_dir="runs/best")
+        atomic_write_text(output / "best-config.yaml", best.to_yaml())
+    progress(f"Search report: {output}/results.md ({reason.split(':')[0].strip('*')})")
