@@ -108,7 +108,9 @@ def _plot(kind: str, study) -> bytes | None:
         return None
     figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
     figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 5))
-    figure.tight_layout()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a colour bar's axes: laid out as well as it can be
+        figure.tight_layout()
     return png_bytes(figure)  # closes it
 
 

@@ -6,7 +6,7 @@ the workers. SQLite (the default, a file in the output folder) serves the worker
 MySQL serve several machines.
 
 A worker that dies stops sending heartbeats; after ``GRACE`` seconds another worker's next trial marks its trial
-failed and ``RetryFailedTrialCallback`` puts the same settings back in the queue, so the study still holds every
+failed and ``RetryHeartbeatStaleTrialCallback`` puts the same settings back in the queue, so the study still holds every
 trial's result. The retry continues in the first attempt's run folder (from its latest checkpoint) where it can
 see that folder.
 
@@ -27,6 +27,7 @@ from dpo_align.train.config import TrainConfig
 
 HEARTBEAT = 60  # seconds between a running trial's heartbeats
 GRACE = 600  # a trial whose worker has been silent this long is failed and retried (a scoring pass can hold the GIL a while)
+# both may be shortened through the environment (DPO_ALIGN_SEARCH_HEARTBEAT, DPO_ALIGN_SEARCH_GRACE): the fault tests do
 RETRIES = 2  # attempts after the first, per trial
 SAMPLERS = ("tpe", "grid")
 
@@ -49,10 +50,26 @@ def open_storage(url: str, *, heartbeat: bool = True):
         if not path.parent.is_dir():
             raise UserError(f"--storage {url}: the folder {path.parent} does not exist.")
         engine = {"connect_args": {"timeout": 60}}  # workers wait on each other's writes instead of failing
-    kwargs = {"heartbeat_interval": HEARTBEAT, "grace_period": GRACE,
-              "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=RETRIES)} if heartbeat else {}
+    import os
+
+    heartbeat_s = int(os.environ.get("DPO_ALIGN_SEARCH_HEARTBEAT", HEARTBEAT))
+    grace_s = int(os.environ.get("DPO_ALIGN_SEARCH_GRACE", GRACE))
+    kwargs = {"heartbeat_interval": heartbeat_s, "grace_period": grace_s,
+              "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)} if heartbeat else {}
+    import time
+    import warnings
+
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+        for attempt in range(4):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: experimental since 2.8
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # two workers creating the tables of a new database at once: the second finds them half made; again
+                if attempt == 3:
+                    raise
+                time.sleep(1 + attempt)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
         raise UserError(f"--storage {_hidden(url)}: cannot open the study database ({reason}). Check the URL, that the server "

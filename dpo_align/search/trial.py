@@ -21,6 +21,7 @@ import fcntl
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,16 +177,18 @@ class PruneOnCheckpoints(TrainerCallback):
 
 def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path, output: Path, prune_every: float, progress) -> float:
     """Train, score and record one trial; returns its specific change (the value minimised)."""
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     from dpo_align.train.run import train
 
     settings = space.suggest(trial)
     # a retried trial (its worker died) continues in the first attempt's folder, from its latest checkpoint
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    first = RetryFailedTrialCallback.retried_trial_number(frozen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks it experimental
+        first = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
     name = f"trial-{first if first is not None else trial.number}"
-    run_dir = runs_dir / name
+    run_dir = runs_dir / trial.study.study_name / name  # studies may share --runs-dir
     overrides = {"save_steps": prune_every, "save_total_limit": None} if prune_every else {}
     config = dataclasses.replace(base, **settings, **overrides, output_dir=str(run_dir), report_generations=0).validate()
     trial.set_user_attr("settings", json.dumps({k: v for k, v in settings.items()}))

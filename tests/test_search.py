@@ -1,0 +1,236 @@
+"""`dpo-align search`: a study trains what Optuna draws, scores it by its controlled verdict, prunes on the learning
+curve, and many workers share one database (SQLite here; PostgreSQL, with two worker processes and a SIGKILL, below)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dpo_align.cli import app
+from dpo_align.core.errors import UserError
+from dpo_align.search.space import load_space
+from dpo_align.train.config import TrainConfig
+
+runner = CliRunner()
+SPACE = "learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\nloss_type: [sigmoid, ipo]\n"
+
+
+def search_args(model, pairs, data, tmp_path, *extra, steps: int = 4) -> list[str]:
+    return ["search", "--space", str(tmp_path / "space.yaml"), "--model", str(model), "--data", str(pairs), "--max-steps", str(steps),
+            "--data-dir", str(data), "--pku-path", str(data / "pku.jsonl.gz"), "--preference-data", str(data / "pku.jsonl.gz"),
+            "--search-pairs", "2", "--search-docs", "2", "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "out"), *extra]
+
+
+def load(tmp_path, name="dpo-align", url=None):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=url or f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+
+
+# --------------------------------------------------------------------------- the space
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learnin_rate: {low: 1.0e-5, high: 1.0e-4}\n", r"'learnin_rate' is not a training setting"),
+    ("learning_rate: {low: 1.0e-3, high: 1.0e-4}\n", r"learning_rate has low 0.001 >= high 0.0001"),
+    ("beta: {low: 0, high: 1, log: true}\n", r"beta is a log range from 0; a log range needs low > 0"),
+    ("loss_type: [sigmoid, nosuch]\n", r"loss_type=nosuch: .*not one of"),
+    ("recipe:\n  - {loss_type: sigmoid+sft, loss_weights: 1+1+1}\n", r"recipe=.*loss-weights"),
+    ("learning_rate: {low: 1e-5, high: 1.0e-4}\n", r"learning_rate.low is '1e-5'.*write 1.0e-5"),
+    ("lora_r: {low: 4.5, high: 16}\n", r"lora_r is a whole-number setting"),
+    ("- 1\n", r"a search space is a YAML mapping"),
+], ids=["unknown setting", "low above high", "log from 0", "a loss TRL refuses", "weights of the wrong length",
+        "YAML exponent read as text", "a fraction for an int", "not a mapping"])
+def test_a_bad_space_is_refused_before_any_training(text, message, tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_space(path).check(TrainConfig())
+
+
+def test_the_space_reads_ranges_choices_and_recipes(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("learning_rate: {low: 1.0e-5, high: 5.0e-4, log: true}\nlora_r: {low: 8, high: 32, step: 8}\n"
+                    "loss_type: [sigmoid, sigmoid+sft]\nrecipe:\n  - {beta: 0.1}\n  - {beta: 0.5, loss_weights: null}\n")
+    space = load_space(path)
+    space.check(TrainConfig())
+    params = {p.name: p for p in space.params}
+    assert params["lora_r"].integer and params["learning_rate"].log
+    assert params["loss_type"].settings("sigmoid+sft") == {"loss_type": "sigmoid,sft"}
+    assert params["recipe"].settings("beta=0.5;loss_weights=None") == {"beta": 0.5, "loss_weights": None}
+    assert space.grid(3)["lora_r"] == [8, 20, 32] and space.grid(3)["learning_rate"][1] == pytest.approx(7.07e-5, rel=0.01)
+
+
+# --------------------------------------------------------------------------- a real (tiny) study
+
+
+def test_a_two_trial_study_trains_two_differently_configured_adapters_and_reports(tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    result = runner.invoke(app, search_args(tiny_gpt2, pairs_file, tiny_data, tmp_path, "--trials", "2", "--prune-every", "0"))
+    assert result.exit_code == 0, result.output[-3000:]
+    study = load(tmp_path)
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert trials[0].params != trials[1].params
+    # each trial trained with its own settings: the run's config.yaml holds them, and the adapters differ
+    for t in trials:
+        saved = (Path(t.user_attrs["run_dir"]) / "config.yaml").read_text()
+        assert f"learning_rate: {t.params['learning_rate']}" in saved and f"loss_type: {t.params['loss_type']}" in saved
+    adapters = [(Path(t.user_attrs["run_dir"]) / "adapter_model.safetensors").read_bytes() for t in trials]
+    assert adapters[0] != adapters[1]
+    # the value is the specific change, inside its own interval, with the verdict and answers recorded
+    for t in trials:
+        low, high = t.user_attrs["specific_interval"]
+        assert low <= t.value <= high and t.user_attrs["verdict"] and t.user_attrs["q2"] in (True, False)
+    out = tmp_path / "out"
+    text = (out / "results.md").read_text()
+    assert "| 0 | complete |" in text and "| 1 | complete |" in text and (out / "history.png").stat().st_size > 1000
+    best = json.loads((out / "results.json").read_text())["pick"]
+    assert best in (0, 1) and f"learning_rate: {trials[best].params['learning_rate']}" in (out / "best-config.yaml").read_text()
+    # the same command again: the study goes on (two more trials), the baseline is not scored again
+    again = runner.invoke(app, search_args(tiny_gpt2, pairs_file, tiny_data, tmp_path, "--trials", "1", "--prune-every", "0"))
+    assert again.exit_code == 0 and "already scored, kept" in again.output and len(load(tmp_path).trials) == 3
+    # another space under the same study name is refused, naming what differs
+    (tmp_path / "space.yaml").write_text(SPACE.replace("ipo", "hinge"))
+    other = runner.invoke(app, search_args(tiny_gpt2, pairs_file, tiny_data, tmp_path, "--trials", "1"))
+    assert other.exit_code == 2 and "exists in this database with another space" in other.output and len(load(tmp_path).trials) == 3
+
+
+def test_the_median_pruner_stops_a_trial_behind_the_others():
+    """The pruner's wiring with a stub objective: four trials at -1 at step 10, then one at +1 is pruned and one at -2 is not."""
+    import optuna
+
+    from dpo_align.search.study import open_study
+
+    space_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"space-{os.getpid()}.yaml"
+    space_file.write_text(SPACE)
+    study = open_study(optuna.storages.InMemoryStorage(), "stub", load_space(space_file), TrainConfig(), {}, sampler="tpe", grid_points=3,
+                       resume=False)
+
+    def objective(value):
+        def run(trial):
+            trial.report(value, 10)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+            return value
+        return run
+
+    for _ in range(4):
+        study.optimize(objective(-1.0), n_trials=1)
+    study.optimize(objective(1.0), n_trials=1)
+    study.optimize(objective(-2.0), n_trials=1)
+    assert [t.state.name for t in study.trials[4:]] == ["PRUNED", "COMPLETE"]
+
+
+def test_a_pruned_trial_loses_its_folder_and_keeps_its_values(tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    """A real tiny trial whose checkpoint (step 2 of 4) scores behind four earlier trials is pruned there: its run folder is
+    removed, its intermediate value stays in the study."""
+    import optuna
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    (tmp_path / "out").mkdir()
+    url = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    study = optuna.create_study(study_name="dpo-align", storage=url)
+    distributions = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                     "loss_type": optuna.distributions.CategoricalDistribution(["sigmoid", "ipo"])}
+    for _ in range(4):  # earlier trials far ahead at step 2: any real trial is behind their median
+        study.add_trial(optuna.trial.create_trial(params={"learning_rate": 1e-3, "loss_type": "sigmoid"}, distributions=distributions,
+                                                  value=-10.0, intermediate_values={2: -10.0}))
+    result = runner.invoke(app, search_args(tiny_gpt2, pairs_file, tiny_data, tmp_path, "--trials", "1", "--prune-every", "0.5"))
+    assert result.exit_code == 0, result.output[-3000:]
+    trial = load(tmp_path).trials[-1]
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [2]
+    assert not Path(trial.user_attrs["run_dir"]).exists()
+    assert "| 4 | pruned |" in (tmp_path / "out" / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------- many workers, one PostgreSQL database
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server in a temporary folder, run as the postgres user (it refuses root); its URL."""
+    if not (PG_BIN / "initdb").is_file() or shutil.which("runuser") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL 15 is not installed, and CI must run the two-worker test")
+        pytest.skip("PostgreSQL 15 is not installed")
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="dpo-align-pg-"))  # not under pytest's root-only folders: postgres must reach it
+    shutil.chown(folder, "postgres")
+    port = 54000 + os.getpid() % 1000
+
+    def as_postgres(*args):
+        done = subprocess.run(["runuser", "-u", "postgres", "--", *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{args[0]}: {done.stdout}{done.stderr}"
+
+    as_postgres(PG_BIN / "initdb", "-D", folder / "data", "-A", "trust", "-U", "postgres")
+    as_postgres(PG_BIN / "pg_ctl", "-D", folder / "data", "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "-l",
+                folder / "server.log", "-w", "start")
+    try:
+        as_postgres(PG_BIN / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "study")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/study"
+    finally:
+        as_postgres(PG_BIN / "pg_ctl", "-D", folder / "data", "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _worker(args, tmp_path, name, env=None):
+    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (the process holds it)
+    return subprocess.Popen([sys.executable, "-m", "dpo_align", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_postgres_study_and_a_killed_workers_trial_is_retried(postgres, tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    """Two worker processes, one PostgreSQL study: every trial runs once. Then a worker is SIGKILLed mid-trial; the other
+    fails its trial on the missed heartbeats, retries the same settings, and the study ends with every trial's result."""
+    import optuna
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    common = search_args(tiny_gpt2, pairs_file, tiny_data, tmp_path, "--storage", postgres, "--prune-every", "0", "--study", "shared")
+    workers = [_worker([*common, "--trials", "2"], tmp_path, f"worker-{i}") for i in (1, 2)]
+    for w in workers:
+        assert w.wait(timeout=900) == 0, (tmp_path / "worker-1.log").read_text()[-2000:] + (tmp_path / "worker-2.log").read_text()[-2000:]
+    study = optuna.load_study(study_name="shared", storage=postgres)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    folders = [t.user_attrs["run_dir"] for t in study.trials]
+    assert len(set(folders)) == 4 and all((Path(f) / "manifest.json").is_file() for f in folders)  # each trained once, in its own folder
+
+    # the fault: a worker killed while its trial trains (a long one: 400 steps); the other fails and retries it
+    fast = {"DPO_ALIGN_SEARCH_HEARTBEAT": "1", "DPO_ALIGN_SEARCH_GRACE": "4"}
+    slow = search_args(tiny_gpt2, pairs_file, tiny_data, tmp_path, "--storage", postgres, "--prune-every", "0", "--study", "fault", steps=400)
+    victim = _worker([*slow, "--trials", "1"], tmp_path, "victim", fast)
+    deadline = time.time() + 300
+    while "DPO:" not in (tmp_path / "victim.log").read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    survivor = _worker([*slow, "--trials", "2", "--max-trials", "2"], tmp_path, "survivor", fast)
+    assert survivor.wait(timeout=900) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
+    trials = optuna.load_study(study_name="fault", storage=postgres).trials
+    assert trials[0].state.name == "FAIL"  # the killed worker's trial, failed on its missed heartbeats
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE" and retried[0].params == trials[0].params
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 2
+    assert retried[0].user_attrs["run_dir"].endswith("trial-0")  # continued in the first attempt's folder
+
+
+def test_an_unreachable_database_is_named_within_seconds(tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    started = time.time()
+    result = runner.invoke(app, search_args(tiny_gpt2, pairs_file, tiny_data, tmp_path, "--storage",
+                                            "postgresql+psycopg://someone:secret@127.0.0.1:9/study"))
+    assert result.exit_code == 2 and "--storage postgresql+psycopg://someone:***@127.0.0.1:9/study: cannot open" in result.output
+    assert "secret" not in result.output and time.time() - started < 60
