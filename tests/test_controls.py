@@ -84,3 +84,21 @@ def test_mcnemar_by_hand():
     assert mcnemar(0, 5) == pytest.approx(2 / 32)  # five flips all one way: 2 * 0.5^5
     assert mcnemar(3, 3) == 1.0 and mcnemar(0, 0) == 1.0
     assert mcnemar(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+
+
+@pytest.mark.parametrize("ref_factor, foil_factor, verdict", [
+    (0.90, 1.00, "better"),  # ce falls, specifically
+    (0.88, 0.88, "format shift"),  # ce falls, foils as much
+    (0.93, 0.85, "format shift"),  # ce falls, foils more
+    (1.00, 1.06, "relatively better"),  # ce flat, foils dearer: the reference got cheaper than its foils
+    (1.00, 1.00, "no detectable change"),
+    (1.00, 0.94, "relatively worse"),  # ce flat, foils cheaper
+    (1.12, 1.12, "format shift (dearer)"),  # a shared rise: format, as a shared fall is (was "worse")
+    (1.07, 1.15, "format shift (dearer)"),  # ce rises, foils more
+    (1.10, 1.00, "worse"),  # ce rises, specifically
+], ids=lambda v: str(v))
+def test_every_cell_of_the_symmetric_verdict_table(ref_factor, foil_factor, verdict):
+    """Each cell of the rule table in controls.py, on documents made to order (every dataset and the mean)."""
+    a, b = suite(5, ref_factor=ref_factor, foil_factor=foil_factor, noise=0.01)
+    rows = compare_controlled(a, b, replicates=2000, permutations=2000)
+    assert {r.verdict for r in rows} == {verdict}, [(r.dataset, r.verdict, r.ce.verdict, r.specific) for r in rows]

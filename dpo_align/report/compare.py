@@ -240,10 +240,13 @@ def has_controls(base: Scored, other: Scored) -> bool:
 # --------------------------------------------------------------------------- outputs
 
 
-CONTROL_RULE = ("The verdict reads ce together with its control, the foils (wrong answers scored like the reference): **better** when "
-                "ce falls significantly and the specific change Δlog ce − Δlog ce_foil is significantly below 0 (the reference got "
-                "cheaper than its foils did); **format shift** when ce falls significantly but the specific change is not below 0 (the "
-                "foils got as cheap, or cheaper); **worse** when ce rises significantly; **no detectable change** otherwise. Δacc "
+CONTROL_RULE = ("The verdict reads ce together with its control, the foils (wrong answers scored like the reference), the same way up "
+                "and down: **better** when ce falls significantly and the specific change Δlog ce − Δlog ce_foil is significantly below "
+                "0 (the reference got cheaper than its foils did); **format shift** when ce falls significantly but the specific change "
+                "is not below 0 (the foils got as cheap, or cheaper); **worse** when ce rises significantly and the specific change is "
+                "significantly above 0; **format shift (dearer)** when ce rises significantly but the specific change is not above 0; "
+                "**relatively better** / **relatively worse** when ce does not move significantly but the specific change is "
+                "significantly below / above 0; **no detectable change** otherwise. Δacc "
                 "(the reference has the lowest NLL of its document's responses) has its own exact McNemar test and verdict.")
 NO_CONTROL = ("No control was scored (these folders hold no dpo_contrast tasks: scored with --no-controls, by an older dpo-align, or "
               "by lm_eval without them), so nothing here can tell a better model from a change of format: the verdicts below read "
@@ -357,6 +360,10 @@ def scorecard_of(models: list[Scored], changes: dict, preference: dict[str, dict
     return scorecard.cards(changes, preference, [m.label for m in models[1:]]), base in preference and "reward" not in preference[base]
 
 
+VERDICT_COLOURS = {"better": "tab:green", "relatively better": "yellowgreen", "format shift": "tab:orange",
+                   "format shift (dearer)": "goldenrod", "relatively worse": "lightcoral", "worse": "tab:red"}
+
+
 def plot(changes: dict, metric: str = "ce") -> bytes:
     """PNG: each model's relative change per dataset, with its 95% interval; 0 marked."""
     import matplotlib
@@ -372,7 +379,7 @@ def plot(changes: dict, metric: str = "ce") -> bytes:
     for label, row in rows.items():
         for j, c in enumerate(row):
             verdict = verdicts[label][j] if label in verdicts else c.verdict
-            color = {"better": "tab:green", "worse": "tab:red", "format shift": "tab:orange"}.get(verdict, "tab:gray")
+            color = VERDICT_COLOURS.get(verdict, "tab:gray")
             ax.errorbar(100 * c.relative, y, xerr=[[100 * (c.relative - c.low)], [100 * (c.high - c.relative)]], fmt="o",
                         color=color, capsize=3)
             ticks.append(y)
@@ -383,5 +390,12 @@ def plot(changes: dict, metric: str = "ce") -> bytes:
     ax.set_yticks(ticks, labels, fontsize=8)
     ax.set_xlabel(f"{metric} change against the baseline (%), 95% paired bootstrap interval")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    # a legend for the verdicts shown (colour = the controlled verdict where controls were scored, else ce's own)
+    shown = {verdicts[label][j] if label in verdicts else c.verdict for label, row in rows.items() for j, c in enumerate(row)}
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", linestyle="", color=VERDICT_COLOURS.get(v, "tab:gray"), label=v) for v in sorted(shown)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(handles) - 1) // 3), 1, 1))  # room for the legend under the axis label
+    fig.set_figheight(fig.get_figheight() + 0.4)
     return png_bytes(fig)

@@ -13,12 +13,17 @@ and a change of model B against model A is read three ways, paired over the same
 * Δacc: how often the reference has the lowest summed NLL of its document's responses, with an
   exact McNemar test on the documents whose outcome changed.
 
-The verdict reads ce together with its control:
+The verdict reads ce together with its control, the same way up and down (``VERDICTS``):
 
-* ``better``: ce falls significantly and the specific change is significantly below 0;
-* ``format shift``: ce falls significantly, but the specific change is not below 0;
-* ``worse``: ce rises significantly;
-* ``no detectable change``: otherwise.
+| ce (paired, Holm) | specific change significantly below 0 | not significant | significantly above 0 |
+|---|---|---|---|
+| falls | ``better`` | ``format shift`` | ``format shift`` |
+| does not move | ``relatively better`` | ``no detectable change`` | ``relatively worse`` |
+| rises | ``format shift (dearer)`` | ``format shift (dearer)`` | ``worse`` |
+
+A shared rise of ce and foils is a change of format, as a shared fall is; ``worse`` needs the reference to get
+dearer than its foils did. "relatively better/worse": ce did not move significantly, but the reference moved
+against its foils (the reference got cheaper, or dearer, than the wrong answers).
 
 Δacc has its own verdict. The mean row is the same rule on the mean of the datasets (each
 replicate resamples every dataset; its McNemar test pools the documents of all datasets).
@@ -40,6 +45,14 @@ ALPHA = paired.ALPHA
 COLUMNS = ("nll", "tokens", "foil_nll", "foil_tokens")
 
 
+# {ce's own verdict: {direction of the specific change: the controlled verdict}}: the table in the docstring above
+VERDICTS = {
+    "better": {-1: "better", 0: "format shift", 1: "format shift"},
+    "no detectable change": {-1: "relatively better", 0: "no detectable change", 1: "relatively worse"},
+    "worse": {-1: "format shift (dearer)", 0: "format shift (dearer)", 1: "worse"},
+}
+
+
 @dataclass(frozen=True)
 class Controlled:
     dataset: str
@@ -58,13 +71,18 @@ class Controlled:
     acc_p_holm: float | None = None
 
     @property
+    def specific_direction(self) -> int:
+        """-1 when the specific change is significantly below 0, +1 when significantly above, 0 otherwise."""
+        significant = self.specific_p_holm is None or self.specific_p_holm < ALPHA
+        if significant and self.specific_high < 0:
+            return -1
+        if significant and self.specific_low > 0:
+            return 1
+        return 0
+
+    @property
     def verdict(self) -> str:
-        if self.ce.verdict == "better":
-            specific_below = self.specific_high < 0 and (self.specific_p_holm is None or self.specific_p_holm < ALPHA)
-            return "better" if specific_below else "format shift"
-        if self.ce.verdict == "worse":
-            return "worse"
-        return "no detectable change"
+        return VERDICTS[self.ce.verdict][self.specific_direction]
 
     @property
     def acc_verdict(self) -> str:
