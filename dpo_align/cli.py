@@ -526,10 +526,18 @@ def sweep_command(
     from dpo_align.sweep import sweep
     from dpo_align.train.config import resolve_settings
 
+    from dpo_align.core.folder_lock import check_apart
+
     for folder, option in ((runs_dir, "--runs-dir"), (output, "--output")):  # before hours of training
         check_output_folder(folder, option)
+    check_apart(runs_dir, output)
     scoring = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_"), controls=ctx.params["controls"]).validate()  # before hours of training
     lr_given = ctx.get_parameter_source("lr").name not in ("DEFAULT", "DEFAULT_MAP")
+    from dpo_align.train.config import load_config_file
+
+    config_lr = load_config_file(config).get("learning_rate") if config is not None else None
+    if not lr_given and not grid and config_lr is not None:  # --config's learning rate, not the default pair, is the sweep's one point
+        lr = str(config_lr)
     spanned = parse_grid(grid or [], lr=lr if (lr_given or not grid) else None)  # --grid alone: the learning rate of --config/default
     given = given_settings(ctx)
     both = sorted(set(given) & set(spanned))
@@ -624,8 +632,11 @@ def search_command(
         return
     if space is None:
         raise UserError("--space FILE is needed: a YAML search space, such as configs/search-space.yaml.")
+    from dpo_align.core.folder_lock import check_apart
+
     for folder, option in ((runs_dir, "--runs-dir"), (output, "--output")):
         check_output_folder(folder, option)
+    check_apart(runs_dir, output)
     search_space = load_space(space)
     base = resolve_settings(config, given_settings(ctx))
     options = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_")).validate()

@@ -81,7 +81,23 @@ def parse_grid(items: list[str], *, lr: str | None = None) -> dict[str, list]:
         grid = {"learning_rate": parse_lrs(lr), **grid}
     if not grid:
         raise UserError("The sweep has nothing to vary: give --lr RATES or --grid NAME=V1,V2,...")
+    check_scorable(grid, "--grid")
     return grid
+
+
+# Settings the scoring follows for every model alike (one base model to compare against, one template and length for
+# the requests): a grid over them would score a run otherwise than it was trained.
+SCORED_ALIKE = {"model": "every run is compared with one base model, the one the others start from",
+                "template": "every model is scored with one template, so that all see the same requests",
+                "max_length": "the held-out pairs are cut to one length for every model"}
+
+
+def check_scorable(names, option: str) -> None:
+    """Refuse, before any training, a setting that would make a run scored otherwise than it was trained."""
+    for name in names:
+        if name in SCORED_ALIKE:
+            raise UserError(f"{option} {name}: {SCORED_ALIKE[name]}, so runs that differ in {name} cannot share a table. "
+                            f"Run one sweep (or search) per {name}, each with its own --output, and compare them with `dpo-align compare`.")
 
 
 def parse_lrs(text: str) -> list[float]:

@@ -1,10 +1,16 @@
-"""Results the sweep keeps between runs: reused only when the same weights and settings made them.
+"""Results the sweep keeps between runs: reused only when the same weights, settings and data made them.
 
 Each cached result (a model's scores, its held-out log-probs, a learning-curve point) is a JSON file
 holding a ``key`` (the sha256 of the model's and adapter's weight files, the label and the settings)
 and a ``checksum`` of its values. A read checks both, and that the values are possible ones (every
 per-document NLL finite and >= 0 with whole token and byte counts >= 1, every log-prob finite and
 <= 0, every table number finite). A file that fails any check is recomputed, with a word saying why.
+
+The data a result was made from is keyed on its **content**, not its name: each cached result records the sha256 of
+every file it read (``inputs``: the scoring files of ``data_dir``, resolved through ``DPO_ALIGN_DATA_DIR`` when no
+folder is given, the PKU files, the held-out pairs), and a file replaced in place, or the environment variable
+pointed elsewhere, makes it stale. Each file is hashed once per process while its size and time stay the same.
+A result written before inputs were recorded is kept once and given the inputs read now.
 """
 
 from __future__ import annotations
@@ -48,23 +54,71 @@ def key_of(spec: ModelSpec, settings, *, adapter: dict | None = None) -> str:
 
 
 LOCATED = ("data_dir", "pku_path", "sources")  # settings naming local files: keyed on the file, not its spelling
+# the files of a data folder the suite reads (data/suite_docs.py): the PKU split only when no pku_path is given
+DATA_DIR_FILES = ("truthfulqa/TruthfulQA.csv", "winogrande/dev.jsonl", "splits/heldout.jsonl.gz")
 
 
-def cached(path: Path, key: str, progress, where: str, kept_message: str, compute, check=None) -> dict:
-    """The result stored at ``path`` when its key matches and it passes its checks (``check(result)``: a problem or
-    None, for what only the caller knows, such as how many pairs it must cover); else ``compute()``, stored with its
-    key and checksum."""
-    if (kept := reusable(path, key, progress, check)) is not None:
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, stamp: tuple) -> str:
+    from dpo_align.core.files import sha256_file
+
+    return sha256_file(path)
+
+
+def file_digest(path: str | Path) -> str | None:
+    """sha256 of a local file (once per process while its size and modification time stay the same); None if absent."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), (stat.st_size, stat.st_mtime_ns))
+
+
+def inputs_of(settings) -> dict:
+    """What a result read, by content: {setting: {resolved path: sha256}} for the data folder (``DPO_ALIGN_DATA_DIR``
+    when none is given), the PKU files and the held-out pair files. Hub ids stay as written (their commit is recorded
+    with the scores)."""
+    from dpo_align.data.suite_docs import local_data_dir
+
+    if isinstance(settings, ScoreOptions):
+        settings = dataclasses.asdict(settings)
+    out = {}
+    data_dir = local_data_dir(settings.get("data_dir")) if "data_dir" in settings else None
+    if data_dir:
+        root = Path(data_dir)
+        files = DATA_DIR_FILES if not settings.get("pku_path") else DATA_DIR_FILES[:2]
+        out["data_dir"] = {"path": str(root.resolve()), "sha256": {name: file_digest(root / name) for name in files}}
+    for name in ("pku_path", "sources"):
+        value = settings.get(name)
+        if value:
+            paths = value if isinstance(value, list) else [value]
+            out[name] = {str(located(p)): (file_digest(p) if Path(p).is_file() else None) for p in paths}
+    return out
+
+
+def _changed(kept: dict, wanted: dict) -> str:
+    """Which recorded input differs from the one read now, in words."""
+    for name in sorted(set(kept) | set(wanted)):
+        if kept.get(name) != wanted.get(name):
+            return f"its {name} is not the one it was made from (the files' content differs)"
+    return "its inputs differ"
+
+
+def cached(path: Path, key: str, progress, where: str, kept_message: str, compute, check=None, inputs: dict | None = None) -> dict:
+    """The result stored at ``path`` when its key matches, it was made from the same ``inputs`` (file contents, see
+    ``inputs_of``) and it passes its checks (``check(result)``: a problem or None, for what only the caller knows, such
+    as how many pairs it must cover); else ``compute()``, stored with its key, inputs and checksum."""
+    if (kept := reusable(path, key, progress, check, inputs)) is not None:
         progress(f"{where}: {kept_message}.")
         return kept
     progress(where)
     result = compute()
-    atomic_write_json(path, {**result, "key": key, "checksum": content_checksum(result)})
+    atomic_write_json(path, {**result, "key": key, "checksum": content_checksum(result), **({"inputs": inputs} if inputs is not None else {})})
     return result
 
 
-def reusable(path: Path, key: str, progress, check=None) -> dict | None:
-    """A cached result when it was made from the same weights and settings and passes its checks; None otherwise
+def reusable(path: Path, key: str, progress, check=None, inputs: dict | None = None) -> dict | None:
+    """A cached result when it was made from the same weights, settings and data and passes its checks; None otherwise
     (it is recomputed)."""
     if not path.is_file():
         return None
@@ -76,12 +130,16 @@ def reusable(path: Path, key: str, progress, check=None) -> dict | None:
     if not isinstance(kept, dict) or kept.get("key") != key:
         progress(f"{path}: made from other weights or settings; recomputing it.")
         return None
-    result = {k: v for k, v in kept.items() if k not in ("key", "checksum")}
+    result = {k: v for k, v in kept.items() if k not in ("key", "checksum", "inputs")}
     problem = "its values do not match their checksum (changed or damaged after it was written)" \
         if kept.get("checksum") != content_checksum(result) else impossible_values(result) or (check(result) if check else None)
+    if not problem and inputs is not None and kept.get("inputs") is not None and kept["inputs"] != inputs:
+        problem = _changed(kept["inputs"], inputs)
     if problem:
         progress(f"{path}: {problem}; recomputing it.")
         return None
+    if inputs is not None and kept.get("inputs") is None:  # written before inputs were recorded: from now on they are
+        atomic_write_json(path, {**kept, "inputs": inputs})
     return result
 
 

@@ -43,7 +43,7 @@ from dpo_align.report import compare, scorecard
 from dpo_align.report.compare import Scored
 from dpo_align.report.html import write_report_safely
 from dpo_align.report.tables import sweep_table, write_outputs
-from dpo_align.result_cache import cached, key_of, reusable
+from dpo_align.result_cache import cached, inputs_of, key_of, reusable
 from dpo_align.score import learning_curve
 from dpo_align.score.evaluate import ModelSpec, ScoreOptions, quiet_lm_eval, score_spec
 from dpo_align.score.generate import report_generations
@@ -88,6 +88,7 @@ def sweep(
                for name, point in zip(names, settings_per_run, strict=True)}
     for config in configs.values():
         check_resumable(Path(config.output_dir), config, how_to_fix="give the sweep another --runs-dir, or delete that folder to train it again.")
+        check_finished(Path(config.output_dir), config)
 
     # the scoring sets given as files (with their foils) are read now: a broken one fails in seconds, not after the training
     decontaminate.suite_docs(data_dir, pku_path, foils=controls)
@@ -136,7 +137,8 @@ def sweep(
 
     settings = {"command": "dpo-align sweep", "grid": grid, "learning_rates": grid.get("learning_rate", [base.learning_rate]),
                 "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
-                "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs}
+                "bootstrap_replicates": replicates, "preference_data": preference_data, "curve_docs": curve_docs,
+                "inputs": {**inputs_of(options), **inputs_of({"sources": preference_data or []})}}
     write_sweep(output, runs, settings, list(adapters), changes=changes, failed=failed, preference=preference, cards=cards, curve=curve,
                 beta=base.beta, betas={name: configs[name].beta for name in adapters})
     write_report_safely(output, progress, generations=base.report_generations, generate=report_generations)
@@ -144,6 +146,47 @@ def sweep(
         raise UserError(f"{len(failed)} of {len(configs)} runs failed ({', '.join(failed)}); the others are scored in {output}/. "
                         + " ".join(failed.values()))
     return runs
+
+
+def changed_since(manifest: dict, config: TrainConfig, run_dir: Path | None) -> str | None:
+    """Why a finished run (its manifest or record) no longer stands for what is on disk, or None: training files whose
+    content is not what it trained on (the config's files now, against the sha256 it recorded), or, with its folder,
+    an adapter file that is not the one it wrote."""
+    from dpo_align.core.provenance import model_revision
+    from dpo_align.data.pairs import data_files
+    from dpo_align.result_cache import file_digest
+
+    recorded = sorted(s["sha256"] for s in (manifest.get("data") or {}).get("sources") or [] if s.get("sha256"))
+    local = [Path(d) for d in config.data if Path(d).exists()]
+    if recorded and local:
+        try:
+            now = sorted(file_digest(p) or "" for d in local for p in data_files(d))
+        except UserError:
+            now = []
+        if now != recorded:
+            return (f"its training data ({', '.join(config.data)}) is not what it trained on (sha256 {', '.join(r[:12] for r in recorded)} "
+                    f"then, {', '.join(n[:12] for n in now) or 'no data file'} now)")
+    if run_dir is not None:
+        wrote = ((manifest.get("adapter") or {}).get("sha256")) or {}
+        there = model_revision(str(run_dir)).get("sha256") or {}
+        wrong = sorted(name for name in set(wrote) | set(there) if wrote.get(name) != there.get(name))
+        if wrong:
+            return f"its {', '.join(wrong)} is not the file the run wrote (the sha256 in its manifest.json differs)"
+    return None
+
+
+def check_finished(run_dir: Path, config: TrainConfig) -> None:
+    """A finished run is kept only for the content it was made from: checked for every run before the first trains."""
+    if not (run_dir / "manifest.json").is_file():
+        return
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return  # an unreadable manifest is handled where the run is used
+    why = changed_since(manifest, config, run_dir)
+    if why:
+        raise UserError(f"{run_dir}: finished earlier, but {why}; its results would be the old ones under the new name. Restore the "
+                        "file, or delete that run folder (or give another --runs-dir) to train it again.")
 
 
 def train_one(where: str, config: TrainConfig, progress) -> InterruptedAfterFinishing | None:
@@ -200,6 +243,7 @@ def kept_record(name: str, config: TrainConfig, folder: Path, models: Models, sp
         return None
     why = ("its record says it did not complete" if manifest.get("status") != "complete" else
            f"it was made with other settings ({', '.join(changed)})" if changed else
+           changed_since(manifest, config, None) if changed_since(manifest, config, None) else
            "its adapter's digest is not in the record" if not isinstance(digest, dict) or not digest.get("sha256") else
            models.missing(spec, digest))
     if why:
@@ -226,8 +270,8 @@ class Models:
                                   trust_remote_code=base.trust_remote_code)
 
     def _caches(self, spec: ModelSpec, adapter: dict | None):
-        """(path, key, check) of every cached result of one model."""
-        yield self.scores / f"{slug(spec.label)}.json", key_of(spec, self.options, adapter=adapter), None
+        """(path, key, check, inputs) of every cached result of one model."""
+        yield self.scores / f"{slug(spec.label)}.json", key_of(spec, self.options, adapter=adapter), None, inputs_of(self.options)
         if self.pairs is not None:
             n = len(self.pairs[0])
 
@@ -235,12 +279,12 @@ class Models:
                 return None if all(len(v) == n for v in result["logps"].values()) else f"it covers another number of pairs than {n}"
 
             settings = {"sources": self.sources, "template": self.base.template, "max_length": self.base.max_length}
-            yield self.preferences / f"{slug(spec.label)}.json", key_of(spec, settings, adapter=adapter), covers
+            yield self.preferences / f"{slug(spec.label)}.json", key_of(spec, settings, adapter=adapter), covers, inputs_of(settings)
 
     def missing(self, spec: ModelSpec, adapter: dict) -> str | None:
         """Why a run kept by its record would need its adapter (a result not cached under its digest), or None."""
-        for path, key, check in self._caches(spec, adapter):
-            if reusable(path, key, lambda message: None, check) is None:
+        for path, key, check, inputs in self._caches(spec, adapter):
+            if reusable(path, key, lambda message: None, check, inputs) is None:
                 return f"{path} is missing, stale or damaged"
         return None
 
@@ -250,12 +294,13 @@ class Models:
         todo = [(self.baseline, None)] if not self.runs else []
         for spec, adapter in [*todo, (adapter_spec, recorded)]:
             self.count += 1
-            (score, score_key, _), *preference = self._caches(spec, adapter)
+            (score, score_key, _, inputs), *preference = self._caches(spec, adapter)
             self.runs.append(cached(score, score_key, self.progress, f"[score {self.count}/{self.total}] {spec.label}",
-                                    "already scored, kept", lambda spec=spec: score_spec(spec, self.options)))
-            for path, key, covers in preference:
+                                    "already scored, kept", lambda spec=spec: score_spec(spec, self.options), inputs=inputs))
+            for path, key, covers, inputs in preference:
                 where = f"[preference {self.count}/{self.total}] {spec.label} ({len(self.pairs[0])} held-out pairs)"
-                done = cached(path, key, self.progress, where, "already computed, kept", lambda spec=spec: self._logps(spec), check=covers)
+                done = cached(path, key, self.progress, where, "already computed, kept", lambda spec=spec: self._logps(spec), check=covers,
+                              inputs=inputs)
                 self.logps[spec.label] = done["logps"]
 
     def _logps(self, spec: ModelSpec) -> dict:
@@ -342,7 +387,8 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
             return {"step": step, "label": spec.label, "peft": spec.peft, "seconds": result["seconds"], "table": result["table"]}
 
         where = f"[curve {i}/{len(steps)}] {run_name} step {step}/{total} ({per_dataset} documents per dataset)"
-        points.append(cached(folder / f"step-{step}.json", key_of(spec, options), progress, where, "already scored, kept", compute))
+        points.append(cached(folder / f"step-{step}.json", key_of(spec, options), progress, where, "already scored, kept", compute,
+                             inputs=inputs_of(options)))
     return {"run": run_name, "total_steps": total, "documents": chosen, "points": points}
 
 

@@ -22,7 +22,7 @@ from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
 from dpo_align.score import metrics
-from dpo_align.score.suite_requests import scored_span, suite_dataset, tokenizer_for
+from dpo_align.score.suite_requests import check_request_options, scored_span, suite_dataset, tokenizer_for
 
 
 def truthfulqa(**metadata):
@@ -54,6 +54,7 @@ class ContrastTask(ConfigurableTask):
 
     def build_all_requests(self, *args, **kwargs):
         # counted from the requests lm-eval sends (after --apply_chat_template, or restored from its cache)
+        check_request_options(self, kwargs)
         result = super().build_all_requests(*args, **kwargs)
         for instance in self._instances:
             context, continuation = instance.arguments

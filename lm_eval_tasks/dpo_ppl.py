@@ -19,7 +19,7 @@ from lm_eval.api.task import ConfigurableTask
 
 from dpo_align.data.suite import PPL
 from dpo_align.score import metrics
-from dpo_align.score.suite_requests import scored_span, suite_dataset, tokenizer_for
+from dpo_align.score.suite_requests import check_request_options, scored_span, suite_dataset, tokenizer_for
 
 METRICS = PPL.metrics
 
@@ -54,6 +54,7 @@ class ResponseCrossEntropyTask(ConfigurableTask):
         # Count from the requests lm-eval actually sends: their context is the final one (after any
         # --apply_chat_template), and requests restored from lm-eval's request cache are counted too.
         # No add_bos_token option: a BOS (or EOS) added to both encodings cancels in the difference.
+        check_request_options(self, kwargs)
         result = super().build_all_requests(*args, **kwargs)
         for instance in self._instances:
             context, continuation = instance.arguments

@@ -26,7 +26,7 @@ from lm_eval.api.task import ConfigurableTask
 
 from dpo_align.data.suite_docs import preference_docs
 from dpo_align.data.templates import DEFAULT_TEMPLATE, check_template, render_prompt, render_response
-from dpo_align.score.suite_requests import check_metadata, remote_code_allowed, tokenizer_for
+from dpo_align.score.suite_requests import check_metadata, check_request_options, remote_code_allowed, tokenizer_for
 
 TIE = 1e-4  # nats
 
@@ -49,6 +49,10 @@ class PreferenceTask(ConfigurableTask):
         super().__init__(config=config, **kwargs)
         self._reference_name = (self.config.metadata or {}).get("reference")
         self._reference = None
+
+    def build_all_requests(self, *args, **kwargs):
+        check_request_options(self, kwargs, reference=bool(self._reference_name))
+        return super().build_all_requests(*args, **kwargs)
 
     def _reference_lls(self, doc: dict) -> list[float]:
         if self._reference is None:

@@ -71,6 +71,9 @@ def _cases() -> list[Case]:
         c("lr negative", "train", [*train, "--lr", "-1e-5"], r"--lr must be positive"),
         c("beta inf", "train", [*train, "--beta", "inf"], r"--beta must be a finite number"),
         c("unknown loss type", "train", [*train, "--loss-type", "unknown"], r"--loss-type 'unknown' is not one of"),
+        c("robust without label smoothing", "train", [*train, "--loss-type", "robust"], r"--loss-type robust needs --label-smoothing above 0"),
+        c("exo_pair without label smoothing", "train", [*train, "--loss-type", "exo_pair"], r"--loss-type exo_pair needs --label-smoothing above 0"),
+        c("label smoothing 0.5", "train", [*train, "--label-smoothing", "0.5"], r"--label-smoothing 0\.5 must be in \[0, 0\.5\)"),
         c("logging steps 0", "train", [*train, "--logging-steps", "0"], r"--logging-steps must be at least 1"),
         c("eval steps 0", "train", [*train, "--eval-steps", "0"], r"--eval-steps must be at least 1"),
         c("save steps 0", "train", [*train, "--save-steps", "0"], r"--save-steps must be"),
@@ -168,6 +171,21 @@ def _cases() -> list[Case]:
         # ---- sweep (checked before any training)
         c("sweep lr not a number", "sweep", [*sweep, "--lr", "fast"], r"--lr"),
         c("sweep lr inf", "sweep", [*sweep, "--lr", "1e-5,inf"], r"--lr"),
+        # round 4: every run scored as it was trained (a grid over what the scoring holds alike is refused before training)
+        c("sweep runs dir equal to the output", "sweep", ["sweep", "--model", "{model}", "--data", "{pairs}", "--runs-dir", "{out}", "-o", "{out}"],
+          r"--runs-dir .* is the same folder as --output", output=""),
+        c("sweep runs dir inside the output", "sweep", ["sweep", "--model", "{model}", "--data", "{pairs}", "--runs-dir", "{out}/runs", "-o", "{out}"],
+          r"--runs-dir .*/runs is inside --output", output=""),
+        c("sweep grid over templates", "sweep", [*sweep, "--grid", "template=alpaca,raw"], r"--grid template: every model is scored with one template"),
+        c("sweep grid over base models", "sweep", [*sweep, "--grid", "model=smollm2-135m-instruct,{model}"], r"--grid model: every run is compared with one base"),
+        c("sweep grid over max length", "sweep", [*sweep, "--grid", "max_length=128,256"], r"--grid max_length: the held-out pairs are cut to one"),
+        c("search space over templates", "search", ["search", "--space", "{ws}/template-space.yaml", "--model", "{model}", "--data", "{pairs}",
+                                                     "--runs-dir", "{ws}/search-runs", "-o", "{out}"], r"template-space\.yaml: template: every model"),
+        c("search space unknown setting", "search", ["search", "--space", "{ws}/unknown-space.yaml", "--model", "{model}", "--data", "{pairs}",
+                                                      "--runs-dir", "{ws}/search-runs", "-o", "{out}"], r"unknown-space\.yaml: 'learnin_rate' is not a training setting"),
+        c("search storage unreachable", "search", ["search", "--space", "{ws}/good-space.yaml", "--model", "{model}", "--data", "{pairs}",
+                                                    "--storage", "postgresql+psycopg://u:pw@127.0.0.1:9/x", "--runs-dir", "{ws}/search-runs", "-o", "{out}"],
+          r"--storage postgresql\+psycopg://u:\*\*\*@127\.0\.0\.1:9/x: cannot open the study database"),
         c("sweep eval limit 0", "sweep", [*sweep, "--eval-limit", "0"], r"--limit 0"),
         c("sweep eval batch size 0", "sweep", [*sweep, "--eval-batch-size", "0"],
           r"--batch-size 0"),
@@ -267,6 +285,9 @@ class Workspace:
         (root / "latin1.txt").write_bytes("hello\nun caf\xe9 noir\n".encode("latin-1"))
         (root / "latin1.yaml").write_bytes("model: caf\xe9\n".encode("latin-1"))
         (root / "empty.yaml").write_text("# nothing here\n")
+        (root / "template-space.yaml").write_text("template: [alpaca, raw]\n")
+        (root / "unknown-space.yaml").write_text("learnin_rate: {low: 1.0e-5, high: 1.0e-4}\n")
+        (root / "good-space.yaml").write_text("learning_rate: {low: 1.0e-5, high: 1.0e-4, log: true}\n")
         (root / "long-prompt.txt").write_text(" ".join(["word"] * 400) + "\n")
         os.mkfifo(root / "fifo.jsonl")
         os.mkfifo(root / "fifo.txt")
@@ -739,3 +760,99 @@ def test_a_yaml_exponent_without_a_dot_is_the_number_it_looks_like(tmp_path):
         from dpo_align.train.config import build_config
 
         build_config(load_config_file(tmp_path / "c.yaml"), {})
+
+
+# --------------------------------------------------------------------------- round 4: caches and records keyed on content
+
+
+def test_caches_and_finished_runs_are_reused_only_for_the_same_content(cli, tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    """Real sweep command lines, each in a fresh process: a scoring file replaced in place, the data folder moved by
+    DPO_ALIGN_DATA_DIR, other held-out pairs of the same count, the training data replaced, two adapters swapped. Each
+    is noticed: re-scored (with the new numbers), or refused with the file named, never "kept" with the old results."""
+    data, held, train = tmp_path / "data", tmp_path / "held.jsonl", tmp_path / "train.jsonl"
+    shutil.copytree(tiny_data, data)
+    rows = pairs_file.read_text().splitlines()
+    held.write_text("\n".join(rows[:6]) + "\n")
+    train.write_text("\n".join(rows) + "\n")
+    args = ["sweep", "--lr", "1e-3,5e-2", "--model", str(tiny_gpt2), "--data", str(train), "--max-steps", "2", "--max-length", "96",
+            "--precision", "fp32", "--pku-path", str(data / "pku.jsonl.gz"), "--preference-data", str(held), "--report-generations", "0",
+            "--bootstrap", "100", "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "out")]
+    env = {"DPO_ALIGN_DATA_DIR": str(data)}  # the data folder from the environment, not --data-dir
+    first = cli.run(args, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["data_dir_read"] == str(data) and results["settings"]["inputs"]["data_dir"]["path"] == str(data.resolve())
+    tqa_ce = results["models"][0]["table"]["truthfulqa"]["ce"][0]
+
+    # 1. TruthfulQA's file replaced in place (other answers): every model is scored again, on the new file
+    csv_path = data / "truthfulqa" / "TruthfulQA.csv"
+    csv_path.write_text(csv_path.read_text().replace("Paris is the capital.", "The capital of France is Paris, a large city."))
+    replaced = cli.run(args, env)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert "already scored, kept" not in replaced.stderr and replaced.stderr.count("its data_dir is not the one it was made from") == 3
+    new_ce = json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]["table"]["truthfulqa"]["ce"][0]
+    assert new_ce != tqa_ce
+
+    # 2. DPO_ALIGN_DATA_DIR pointed at another folder with other content: scored again, and the folder read is recorded
+    other = tmp_path / "other-data"
+    shutil.copytree(data, other)
+    (other / "winogrande" / "dev.jsonl").write_text((other / "winogrande" / "dev.jsonl").read_text().replace("quick", "fast"))
+    moved = cli.run(args, {"DPO_ALIGN_DATA_DIR": str(other)})
+    assert moved.returncode == 0 and moved.stderr.count("its data_dir is not the one it was made from") == 3, moved.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["data_dir_read"] == str(other)
+
+    # 3. other held-out pairs, the same count: the held-out log-probs are computed again (only the count was compared)
+    held.write_text("\n".join(rows[10:16]) + "\n")
+    pairs = cli.run(args, {"DPO_ALIGN_DATA_DIR": str(other)})
+    assert pairs.returncode == 0 and pairs.stderr.count("its sources is not the one it was made from") == 3, pairs.stderr[-3000:]
+
+    # 4. two runs' adapters swapped: refused before anything is scored, naming the file
+    a, b = (tmp_path / "runs" / name / "adapter_model.safetensors" for name in ("lr-0.001", "lr-0.05"))
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    swapped = cli.run(args, {"DPO_ALIGN_DATA_DIR": str(other)})
+    assert swapped.returncode == 2 and "Traceback" not in swapped.stderr
+    assert re.search(r"lr-0\.001: finished earlier, but its adapter_model\.safetensors is not the file the run wrote", swapped.stderr)
+    a.write_bytes(a_bytes)
+    b.write_bytes(b_bytes)
+
+    # 5. the training data replaced in place: the finished runs are not "kept" for the new data
+    train.write_text("\n".join(rows[::-1]) + "\n")
+    retrained = cli.run(args, {"DPO_ALIGN_DATA_DIR": str(other)})
+    assert retrained.returncode == 2 and "already finished, kept" not in retrained.stderr
+    assert re.search(r"finished earlier, but its training data \(.*train\.jsonl\) is not what it trained on", retrained.stderr)
+
+
+def test_a_sweeps_config_file_learning_rate_is_the_one_it_trains(cli, tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    """`sweep --config` with a learning rate and no --lr/--grid trains that rate (it trained the default 5e-6 and 1e-5
+    without a word, while the file's beta was applied)."""
+    (tmp_path / "cfg.yaml").write_text("learning_rate: 2.0e-3\nbeta: 0.25\n")
+    result = cli.run(["sweep", "--config", str(tmp_path / "cfg.yaml"), "--model", str(tiny_gpt2), "--data", str(pairs_file), "--max-steps", "1",
+                      "--max-length", "96", "--precision", "fp32", "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
+                      "--eval-limit", "1", "--report-generations", "0", "--bootstrap", "100", "--runs-dir", str(tmp_path / "runs"),
+                      "-o", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == ["lr-0.002"]
+    saved = (tmp_path / "runs" / "lr-0.002" / "config.yaml").read_text()
+    assert "learning_rate: 0.002" in saved and "beta: 0.25" in saved
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--system_instruction", "Answer briefly."], r"--system_instruction changes every prompt the suite scores"),
+    (["--num_fewshot", "2"], r"--num_fewshot 2 puts other documents before each prompt"),
+    (["--cache_requests", "true"], r"--cache_requests restores requests keyed on the task's name, not on its data files"),
+], ids=["system instruction", "few-shot", "request cache"])
+def test_lm_eval_options_that_change_the_measure_are_refused(options, message, workspace, tmp_path):
+    """Plain `lm_eval` with an option that would change what the suite measures (or serve old requests for changed
+    data): one clean line naming the option, exit 2, no results file."""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={workspace.model}", "--include_path",
+         str(repo / "lm_eval_tasks"), "--tasks", "dpo_ppl_truthfulqa", "--limit", "1", "--metadata", json.dumps({"data_dir": str(workspace.data)}),
+         "--output_path", str(tmp_path / "out"), *options],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert re.search(message, output.strip().splitlines()[-1]), output[-1000:]
+    assert not list(tmp_path.rglob("results_*.json"))

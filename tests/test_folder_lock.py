@@ -59,3 +59,20 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tiny_gpt2, pairs_file, tm
     assert result.exit_code == 0, result.output
     assert (out / "manifest.json").is_file()
     assert f"process {os.getpid()}" in lock_path(out).read_text()  # the new holder named itself
+
+
+def test_two_links_to_one_folder_share_its_lock(tiny_gpt2, tmp_path):
+    """Two evals whose -o are two symbolic links to one folder: the lock is the real folder's, so the second is refused
+    (each took its own lock before, and the second replaced the first's results)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "a").symlink_to(real)
+    (tmp_path / "b").symlink_to(real)
+    holder = hold(tmp_path / "a")
+    try:
+        result = runner.invoke(app, ["eval", str(tiny_gpt2), "-o", str(tmp_path / "b")])
+        assert result.exit_code == 2 and f"is in use by process {holder.pid}" in result.output, result.output
+        assert list(real.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()

@@ -69,3 +69,15 @@ def test_warmup_ratio_is_a_fraction_of_the_steps(tiny_gpt2, pairs_file, tmp_path
     lrs = [r["learning_rate"] for r in rows if "learning_rate" in r]
     assert lrs[:4] == pytest.approx([1e-2 * k / 4 for k in range(4)])
     assert lrs[4:] == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)])
+
+
+def test_label_smoothing_makes_robust_another_loss_than_sigmoid(tiny_gpt2, pairs_file, tmp_path):
+    # At the LoRA init every margin h is 0, so the robust loss (-(1-e) log s(bh) - e log s(-bh)) / (1-2e) is exactly
+    # log 2 / (1 - 2e) * (1 - e + e) = log 2 / (1 - 2e); without label smoothing it would be sigmoid's log 2 (which is
+    # why robust at 0 is refused), and the adapters after a few steps differ.
+    _, sigmoid = run(tiny_gpt2, pairs_file, tmp_path / "s", loss_type="sigmoid", max_steps=2)
+    _, robust = run(tiny_gpt2, pairs_file, tmp_path / "r", loss_type="robust", label_smoothing=0.25, max_steps=2)
+    assert first(sigmoid, "loss") == pytest.approx(math.log(2), rel=1e-5)
+    assert first(robust, "loss") == pytest.approx(math.log(2) / (1 - 2 * 0.25), rel=1e-5)
+    a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("s", "r"))
+    assert any(not (a[k] == b[k]).all() for k in a)

@@ -23,8 +23,19 @@ from dpo_align.core.errors import UserError
 
 
 def lock_path(folder: Path) -> Path:
-    folder = Path(folder).expanduser().absolute()
+    """The lock of the real folder: two symbolic links to one folder share it (links resolved, `..` folded)."""
+    folder = Path(folder).expanduser().resolve()
     return folder.parent / f".{folder.name}.lock"
+
+
+def check_apart(runs_dir: Path, output: Path) -> None:
+    """A command's run folders and its output folder are two places: the runs (weights) are not for git, the output is,
+    and each is locked on its own."""
+    runs, out = Path(runs_dir).expanduser().resolve(), Path(output).expanduser().resolve()
+    if runs == out or out in runs.parents:
+        raise UserError(f"--runs-dir {runs_dir} is {'the same folder as' if runs == out else 'inside'} --output {output}: the adapters "
+                        "and checkpoints (not for git) would sit in the results (for git), under two locks. Give --runs-dir a folder of its "
+                        "own, such as runs/NAME.")
 
 
 def _writable_ancestor(path: Path, option: str) -> None:

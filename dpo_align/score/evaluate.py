@@ -157,8 +157,11 @@ class ScoreOptions:
         return self
 
     def settings(self) -> dict:
-        """For results files: the options plus where and with what they ran."""
-        return {**dataclasses.asdict(self), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        """For results files: the options plus where and with what they ran (the data folder actually read: the one
+        given, else ``DPO_ALIGN_DATA_DIR``'s)."""
+        from dpo_align.data.suite_docs import local_data_dir
+
+        return {**dataclasses.asdict(self), "data_dir_read": local_data_dir(self.data_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": package_versions(), "git_commit": git_commit(), "machine": machine()}
 
 

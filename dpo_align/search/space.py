@@ -176,6 +176,10 @@ class Space:
 
     def check(self, base: TrainConfig) -> None:
         """Every choice, and each range's ends, validated as a TrainConfig before any training."""
+        from dpo_align.grid import check_scorable
+
+        check_scorable({key for param in self.params for choice in (param.choices or ({param.name: None},)) for key in choice},
+                       f"{self.source}:")
         corners = []
         for param in self.params:
             if param.labels:

@@ -111,12 +111,22 @@ def open_study(storage, name: str, space, base: TrainConfig, study_settings: dic
         for key, value in wanted.items():
             study.set_user_attr(key, value)
         return study
-    differs = [key for key, value in wanted.items() if study.user_attrs.get(key) not in (None, value)]
+    differs = [key for key, value in wanted.items() if study.user_attrs.get(key) is not None and not _same(key, study.user_attrs[key], value)]
     if differs and not resume:
         raise UserError(f"--study {name}: the study exists in this database with another {' and '.join(differs)} "
                         f"({_what_differs(study.user_attrs, wanted, differs)}); its trials would not be comparable with these. "
                         "Give another --study name, or --resume to continue it with this command's settings.")
     return study
+
+
+def _same(key: str, saved: str, wanted: str) -> bool:
+    """A stored study attribute against this command's; shared settings the study's version did not have count as their
+    default (as a run's config.yaml is read), so a setting added later does not lock workers out of a running study."""
+    if key != "base" or saved == wanted:
+        return saved == wanted
+    defaults = json.loads(json.dumps(base_digest(TrainConfig()), default=str))
+    a, b = json.loads(saved), json.loads(wanted)
+    return all(a.get(k, defaults.get(k)) == b.get(k, defaults.get(k)) for k in set(a) | set(b))
 
 
 def _what_differs(saved: dict, wanted: dict, keys: list[str]) -> str:

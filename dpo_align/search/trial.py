@@ -31,7 +31,7 @@ from dpo_align.core.errors import TrainingDiverged, UserError
 from dpo_align.core.files import atomic_write_json
 from dpo_align.data.suite import CONTRAST, DATASETS
 from dpo_align.report import controls, scorecard
-from dpo_align.result_cache import cached, key_of
+from dpo_align.result_cache import cached, inputs_of, key_of
 from dpo_align.score.evaluate import ModelSpec, ScoreOptions, score_spec
 from dpo_align.train.config import TrainConfig
 
@@ -79,13 +79,13 @@ def prepare(base: TrainConfig, model_path: str, *, output: Path, per_dataset: in
     try:
         baseline = cached(output / "baseline" / "scores.json", key_of(spec, options), progress,
                           f"[baseline] the base model on {sum(map(len, documents.values()))} documents", "already scored, kept",
-                          lambda: score_spec(spec, options))
+                          lambda: score_spec(spec, options), inputs=inputs_of(options))
         pairs = logps = None
         if preference_data and search_pairs:
             pairs = held_out(base, model_path, preference_data, search_pairs)
             logps = cached(output / "baseline" / "logps.json", _pairs_key(spec, base, preference_data, search_pairs), progress,
                            f"[baseline] the base model on {search_pairs} held-out pairs", "already computed, kept",
-                           lambda: pair_logps(spec, base, pairs))
+                           lambda: pair_logps(spec, base, pairs), inputs=inputs_of({"sources": preference_data}))
     finally:
         handle.close()
     return Subset(documents, options, baseline, pairs, logps)

@@ -61,6 +61,8 @@ class TrainConfig:
     loss_type: str = setting("sigmoid", "TRL DPO loss: sigmoid (the paper's), ipo, hinge, ... (TRL's list); several, comma-separated, "
                              "are summed with --loss-weights (sigmoid,sft is DPO plus NLL on the chosen responses: RPO).")
     loss_weights: str | None = setting(None, "Weights of the --loss-type components, comma-separated, one per loss type (default: 1 each).")
+    label_smoothing: float = setting(0.0, "Label smoothing (TRL's label_smoothing): the assumed share of flipped preference labels, "
+                                     "in [0, 0.5). The robust and exo_pair losses need it above 0 (robust at 0 is exactly sigmoid).")
     # optimisation (the reference experiment: 1 epoch, lr 1e-5, cosine with warmup)
     learning_rate: float = setting(1e-5, "Peak learning rate (cosine schedule with warmup).", "--lr")
     lr_scheduler: str = setting("cosine", "Learning-rate schedule (a transformers scheduler name).")
@@ -176,6 +178,13 @@ class TrainConfig:
             raise UserError(f"Invalid training option: --loss-type {self.loss_type!r}{which} is not one of TRL's: {', '.join(LOSS_TYPES)}.")
         if len(set(types)) != len(types):
             raise UserError(f"Invalid training option: --loss-type {self.loss_type!r} names a loss twice.")
+        if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 0.5):
+            raise UserError(f"Invalid training option: --label-smoothing {self.label_smoothing!r} must be in [0, 0.5).")
+        needs = [t for t in types if t in ("robust", "exo_pair")]
+        if needs and self.label_smoothing == 0:
+            raise UserError(f"Invalid training option: --loss-type {needs[0]} needs --label-smoothing above 0 (the share of flipped labels it "
+                            "assumes; the EXO paper uses 1e-3, the robust DPO paper 0.1 to 0.4): at 0, robust trains exactly sigmoid "
+                            "and exo_pair is refused by TRL.")
         if self.loss_weights is None:
             return
         try:

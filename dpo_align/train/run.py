@@ -137,7 +137,7 @@ DPO_ARGS = {
     "warmup_ratio": "warmup_steps", "epochs": "num_train_epochs", "max_steps": "max_steps",
     "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps", "max_length": "max_length",
     "seed": "seed", "logging_steps": "logging_steps", "save_steps": "save_steps", "save_total_limit": "save_total_limit",
-    "eval_steps": "eval_steps", "trust_remote_code": "trust_remote_code",
+    "eval_steps": "eval_steps", "trust_remote_code": "trust_remote_code", "label_smoothing": "label_smoothing",
 }
 
 
