@@ -521,12 +521,10 @@ def sweep_command(
 
         dpo-align sweep --lr 5e-6,1e-5 --data ../shared/data/splits/train-pool.jsonl.gz --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
-    from dpo_align.core.folder_lock import check_output_folder
+    from dpo_align.core.folder_lock import check_apart, check_output_folder
     from dpo_align.grid import parse_grid
     from dpo_align.sweep import sweep
     from dpo_align.train.config import resolve_settings
-
-    from dpo_align.core.folder_lock import check_apart
 
     for folder, option in ((runs_dir, "--runs-dir"), (output, "--output")):  # before hours of training
         check_output_folder(folder, option)

@@ -141,3 +141,17 @@ def test_sweep_write_error_injected(monkeypatch, tiny_gpt2, pairs_file, tiny_dat
     _assert_clean(result, out)
     assert list((out / "scores").glob("*.json"))  # the scores are kept: a re-run after freeing space reuses them
     assert (out / "manifests" / "lr-0.001.yaml").is_file()  # and so is the run's record, written when the run finished
+
+
+def test_a_full_reference_cache_costs_only_time(small_disk, tiny_gpt2, pairs_file, tmp_path, monkeypatch):
+    """The reference log-prob cache on a disk too small for it (safetensors raises its own error, not an OSError): the run
+    trains and finishes, as the README promises, and leaves no temporary file in the cache."""
+    cache = small_disk(8)
+    monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(cache))
+    many = tmp_path / "many.jsonl"
+    many.write_text(pairs_file.read_text() * 40)  # 1,920 pairs: more log-probs than 8 KiB holds
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--model", str(tiny_gpt2), "--data", str(many), "-o", str(out), "--epochs", "1", "--batch-size", "64",
+                                 "--max-length", "64", "--precision", "fp32", "--report-generations", "0"])
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").is_file() and list(cache.iterdir()) == []

@@ -95,3 +95,23 @@ def test_default_model_prepares_and_loads(default_model_path):
     with torch.no_grad():
         loss = model(**ids, labels=ids["input_ids"]).loss.item()
     assert loss < 6.0  # a trained model, not random init (which sits near ln(49152) = 10.8)
+
+
+def test_a_killed_conversions_staging_folder_is_removed_by_the_next(tmp_path):
+    """A `models prepare` killed mid-write leaves `.NAME-PID-*` beside its target: the next atomic write there removes it
+    (its process is gone), and leaves a live process's staging folder alone."""
+    import os
+    import subprocess
+    import sys
+
+    from dpo_align.core.files import atomic_directory
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".model-{gone}-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".model-{os.getpid()}-def456"
+    live.mkdir()
+    with atomic_directory(tmp_path / "model") as staging:
+        (staging / "config.json").write_text("{}")
+    assert not stale.exists() and live.exists() and (tmp_path / "model" / "config.json").is_file()

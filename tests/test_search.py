@@ -207,6 +207,8 @@ def test_two_workers_share_one_postgres_study_and_a_killed_workers_trial_is_retr
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     folders = [t.user_attrs["run_dir"] for t in study.trials]
     assert len(set(folders)) == 4 and all((Path(f) / "manifest.json").is_file() for f in folders)  # each trained once, in its own folder
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 4  # the workers drew different settings
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
 
     # the fault: a worker killed while its trial trains (a long one: 400 steps); the other fails and retries it
     fast = {"DPO_ALIGN_SEARCH_HEARTBEAT": "1", "DPO_ALIGN_SEARCH_GRACE": "4"}

@@ -148,7 +148,8 @@ def atomic_directory(target: str | Path):
     so an interruption never leaves a folder that looks complete."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-{os.getpid()}-", dir=target.parent))
     staging.chmod(0o755)
     try:
         with named_write_errors(target):
@@ -159,6 +160,28 @@ def atomic_directory(target: str | Path):
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders a killed process left beside ``target`` (``.NAME-PID-*``, PID no longer running; a
+    killed ``models prepare`` left 517 MB that no later run removed). Older ones without a PID go after a day."""
+    import time
+
+    for path in target.parent.glob(f".{target.name}-*"):
+        if not path.is_dir():
+            continue
+        pid = path.name[len(target.name) + 2:].split("-", 1)[0]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # its writer is alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # another user's live process
+        elif time.time() - path.stat().st_mtime < 86_400:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager

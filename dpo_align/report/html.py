@@ -66,6 +66,12 @@ def _read_json(path: Path):
         return None
 
 
+def _throughput(t: dict | None) -> str:
+    if not t or not t.get("tokens_per_s"):
+        return "n/a (not recorded by the version that trained it)"
+    return f"{t['tokens_per_s']:,.0f} tokens/s, MFU {100 * t['mfu']:.2f}% (6N FLOPs per token; peak: {t['peak_source']})"
+
+
 def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
@@ -117,6 +123,9 @@ def run_blocks(folder: Path, generations: int = 3, generate=None, progress=print
         ["epochs / batch", f"{config.get('epochs')} / {config.get('batch_size')}"], ["template", _fmt(config.get("template"))],
         ["precision / device", f"{manifest.get('precision')} / {manifest.get('device')}"],
         ["wall time", f"{manifest.get('wall_time_s')} s"], ["rows read / kept", f"{data.get('rows_read')} / {data.get('rows_kept')}"],
+        ["throughput (run mean)", _throughput(manifest.get("throughput"))],
+        ["resumed", f"from {manifest['resumed_from']}: the losses logged after it start new running means" if manifest.get("resumed_from")
+         else "no"],
         ["versions", ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())],
         ["git commit", _fmt(manifest.get("git_commit"))],
     ]

@@ -99,7 +99,7 @@ def check_request_options(task, kwargs: dict, *, reference: bool = False) -> Non
     if kwargs.get("system_instruction"):
         raise UserError(f"{name}: --system_instruction changes every prompt the suite scores (its templates are fixed, as in training); "
                         "leave it out, or choose the prompt format with --metadata '{\"template\": \"chat\"}'.")
-    if (task.config.num_fewshot or 0) > 0 or kwargs.get("fewshot_as_multiturn"):
+    if (task.config.num_fewshot or 0) > 0:
         raise UserError(f"{name}: --num_fewshot {task.config.num_fewshot} puts other documents before each prompt; the suite scores "
                         "zero-shot (as the adapters were trained). Leave --num_fewshot out.")
     if kwargs.get("cache_requests"):

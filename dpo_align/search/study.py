@@ -98,10 +98,11 @@ def open_study(storage, name: str, space, base: TrainConfig, study_settings: dic
 
     if sampler not in SAMPLERS:
         raise UserError(f"--sampler {sampler!r} is not one of: {', '.join(SAMPLERS)}.")
+    seed = _worker_seed(base.seed)
     if sampler == "grid":
-        chosen = optuna.samplers.GridSampler(space.grid(grid_points), seed=base.seed)
+        chosen = optuna.samplers.GridSampler(space.grid(grid_points), seed=seed)
     else:
-        chosen = optuna.samplers.TPESampler(seed=base.seed, constraints_func=_constraints, multivariate=True, group=True)
+        chosen = optuna.samplers.TPESampler(seed=seed, constraints_func=_constraints, multivariate=True, group=True)
     wanted = {"space": space.as_json(), "base": json.dumps(base_digest(base), sort_keys=True, default=str),
               "scoring": json.dumps(study_settings, sort_keys=True, default=str), "sampler": sampler}
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
@@ -117,6 +118,22 @@ def open_study(storage, name: str, space, base: TrainConfig, study_settings: dic
                         f"({_what_differs(study.user_attrs, wanted, differs)}); its trials would not be comparable with these. "
                         "Give another --study name, or --resume to continue it with this command's settings.")
     return study
+
+
+def worker_name() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _worker_seed(seed: int) -> int:
+    """The sampler's seed for this worker: --seed mixed with the worker's host and process id. Workers seeded alike would
+    draw the same settings (TPE's first trials are random draws), and workers started together on several machines are
+    the normal case. Each trial records its worker and the seed it drew with."""
+    import zlib
+
+    return (seed + zlib.crc32(worker_name().encode())) % 2**32
 
 
 def _same(key: str, saved: str, wanted: str) -> bool:

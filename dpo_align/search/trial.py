@@ -179,6 +179,7 @@ def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path
     """Train, score and record one trial; returns its specific change (the value minimised)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    from dpo_align.search.study import worker_name
     from dpo_align.train.run import train
 
     settings = space.suggest(trial)
@@ -193,6 +194,7 @@ def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path
     config = dataclasses.replace(base, **settings, **overrides, output_dir=str(run_dir), report_generations=0).validate()
     trial.set_user_attr("settings", json.dumps({k: v for k, v in settings.items()}))
     trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("worker", worker_name())
     trial.set_user_attr("constraints", (1.0, 1.0))  # until the trial is scored: not met
     shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
     progress(f"[trial {trial.number}] {shown} -> {run_dir}")

@@ -28,7 +28,7 @@ tags: [dpo, lora, trl, dpo-align]
 
 Trained with `dpo-align train` (TRL `DPOTrainer`, PEFT LoRA) on {manifest['pairs_trained_on']} preference pairs
 from {', '.join(config.data)}, rendered with the `{config.template}` template. {manifest['global_steps']} optimizer steps,
-{manifest['train_runtime_s']} s on {manifest['device']} ({manifest['precision']}).
+{manifest['train_runtime_s']} s on {manifest['device']} ({manifest['precision']}){throughput_line(manifest)}.
 
 ## Use
 
@@ -58,3 +58,9 @@ Data files, their sha256 and skip counts, package versions and the git commit ar
 """
 
 
+def throughput_line(manifest: dict) -> str:
+    """", 1,234 tokens/s, MFU 3.1% (6N FLOPs per token against the measured ... rate)" where the run recorded it."""
+    t = manifest.get("throughput")
+    if not t or not t.get("tokens_per_s"):
+        return ""
+    return f", {t['tokens_per_s']:,.0f} tokens/s, MFU {100 * t['mfu']:.1f}% (6N FLOPs per token against the {t['peak_source']})"

@@ -132,6 +132,7 @@ def load(key: str, pairs: int, report=lambda message: None) -> tuple[torch.Tenso
 
 
 def save(key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> Path | None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = cache_dir()
@@ -146,7 +147,10 @@ def save(key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> Path | None:
         save_file({"chosen": chosen, "rejected": rejected}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
         return path
-    except OSError:  # a cache that cannot be written only costs time next run
+    except (OSError, SafetensorError):  # a cache that cannot be written (a full disk: safetensors' own error) only costs time
+        tmp = locals().get("tmp")
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         return None
 
 
@@ -172,4 +176,7 @@ def restore(folder: Path) -> None:
         return
     for source in sorted(folder.glob("*.safetensors")):
         if not (root / source.name).is_file():
-            atomic_copy(source, root / source.name)
+            try:
+                atomic_copy(source, root / source.name)
+            except OSError:  # an unwritable cache only costs the reference pass
+                return

@@ -40,6 +40,7 @@ from dpo_align.train.run_folder import (
     prune_checkpoints,
     rewind_to,
 )
+from dpo_align.train.throughput import Throughput, peak_flops, run_summary
 
 
 class Interrupted(Exception):
@@ -240,6 +241,8 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset
     from dpo_align.train.fast_dpo import SharedPromptDPOTrainer
 
     model = load_model(model_path, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())  # the base model's: FLOPs per token are 6 N (throughput.py)
+    peak, peak_source = peak_flops("cuda" if use_cuda else "cpu", precision)
     if precision == "bf16":
         frozen_linears_to(model, torch.bfloat16)
     peft_config = LoraConfig(
@@ -257,10 +260,11 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step), CheckpointMarker({**dataclasses.asdict(config), DATA_KEY: data_sha256}), interrupt,
-                   *callbacks],
+        callbacks=[Throughput(n_params, peak), MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step),
+                   CheckpointMarker({**dataclasses.asdict(config), DATA_KEY: data_sha256}), interrupt, *callbacks],
     )
     trainer.setup_s = round(time.time() - setup_started, 1)  # tokenization and the reference pass (or its cache)
+    trainer.throughput_basis = (n_params, peak, peak_source)
     for callback in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(callback)
     return trainer
@@ -421,6 +425,7 @@ def _write_outputs(config: TrainConfig, trainer, tokenizer, run: RunResult, *, o
             "trainer_setup_s": trainer.setup_s,
             "reference_logps": trainer.ref_logps_report,
             "train_runtime_s": run.train_runtime_s,
+            "throughput": run_summary(rows, *trainer.throughput_basis, run.train_runtime_s),
             "wall_time_s": round(time.time() - run.started, 1),
             "final_train": final_train,
             "final_eval": final_eval,

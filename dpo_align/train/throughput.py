@@ -1,0 +1,118 @@
+"""Tokens per second and model FLOPs utilisation (MFU) of a training run, at every logged step and for the whole run.
+
+FLOPs per token are the usual ``6 N`` (forward 2N, backward 4N) from the model's parameter count N, counted on the
+tokens actually fed (TRL's ``num_tokens``: the real tokens of each row, prompt once per pair in this trainer's layout).
+It is the convention of the scaling-law and PaLM papers, so an MFU here compares with theirs; a LoRA run computes no
+weight gradients for the frozen matrices, so its true work is nearer 4N and the MFU is an upper estimate of the share.
+
+The peak: on a GPU, the device's published dense bf16 (or fp32) rate where this table knows the device; otherwise (a
+CPU, or an unknown GPU) the best matmul rate measured once on this machine, in the precision the run computes in, and
+cached in ``~/.cache/dpo-align/peak-flops.json`` under the CPU model, thread count and torch version. Which one was
+used is recorded beside the number (``peak_source``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+# dense tensor-core peaks, TFLOP/s, from the vendors' data sheets (bf16, fp32 without sparsity)
+PUBLISHED = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6), "A10G": (125.0, 31.2),
+             "L4": (121.0, 30.3)}
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "dpo-align" / "peak-flops.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measured_matmul_rate(dtype) -> float:
+    """Best FLOP/s over model-shaped and square matmuls in ``dtype`` on the CPU (a second or two)."""
+    import torch
+
+    best = 0.0
+    for m, k, n in ((2048, 576, 1536), (2048, 1536, 576), (1024, 1024, 1024)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 2 * m * k * n * 5 / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops(device: str, precision: str) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for a run on ``device`` ("cpu"/"cuda") computing in ``precision``."""
+    import torch
+
+    bf16 = precision in ("bf16", "fp16")
+    if device == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        for key, (half, full) in PUBLISHED.items():
+            if key in name:
+                return (half if bf16 else full) * 1e12, f"published peak of the {name} ({'bf16' if bf16 else 'fp32'}, dense)"
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{'bf16' if bf16 else 'fp32'}"
+    path = _cache_file()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measured_matmul_rate(torch.bfloat16 if bf16 else torch.float32)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=2))
+            os.replace(tmp, path)
+        except OSError:  # an unwritable cache: measured again next run
+            pass
+    return known[key], f"measured {'bf16' if bf16 else 'fp32'} matmul rate of this CPU ({torch.get_num_threads()} threads), cached"
+
+
+def mfu(tokens_per_s: float, n_params: int, peak: float) -> float:
+    return 6 * n_params * tokens_per_s / peak
+
+
+class Throughput(TrainerCallback):
+    """Adds ``tokens_per_s`` and ``mfu`` to every logged step (since the previous log), before the metrics file reads it."""
+
+    def __init__(self, n_params: int, peak: float):
+        self.n_params, self.peak = n_params, peak
+        self.last_tokens = self.last_time = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_time, self.last_tokens = time.perf_counter(), 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "num_tokens" not in logs:
+            return
+        now, tokens = time.perf_counter(), float(logs["num_tokens"])
+        if self.last_tokens is not None and now > self.last_time and tokens > self.last_tokens:
+            rate = (tokens - self.last_tokens) / (now - self.last_time)
+            logs["tokens_per_s"] = round(rate, 1)
+            logs["mfu"] = round(mfu(rate, self.n_params, self.peak), 5)
+        self.last_tokens, self.last_time = tokens, now
+
+
+def run_summary(rows: list[dict], n_params: int, peak: float, source: str, train_runtime_s: float) -> dict:
+    """The run's mean: all tokens fed over the training time, and its MFU."""
+    tokens = max((float(r["num_tokens"]) for r in rows if "num_tokens" in r), default=0.0)
+    rate = tokens / train_runtime_s if train_runtime_s > 0 else 0.0
+    return {"tokens": tokens, "tokens_per_s": round(rate, 1), "mfu": round(mfu(rate, n_params, peak), 5), "params": n_params,
+            "flops_per_token": 6 * n_params, "peak_flops": peak, "peak_source": source}
