@@ -224,3 +224,20 @@ def test_shared_rows_score_each_response_as_its_own_sequence_would(arch, pack, t
                 logps = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
                 alone.append(logps[len(ex["prompt_ids"]) - 1:].sum())
     torch.testing.assert_close(torch.stack([chosen, rejected], 1).flatten(), torch.stack(alone), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sft_alone_feeds_no_rejected_response_and_equals_stock_trl(arch, tiny_gpt2, tiny_llama, tmp_path):
+    """loss_type ["sft"]: the rows hold prompt + chosen only (fewer tokens fed), no reference pass runs, and the loss and
+    LoRA gradients are stock DPOTrainer's with loss_type ["sft"] (fp32, 1e-4)."""
+    stock, ours = build_trainers(tiny_gpt2 if arch == "gpt2" else tiny_llama, pairs_file(tmp_path), tmp_path, max_length=150, loss_type=["sft"])
+    assert ours.chosen_only and ours.ref_logps_report["train"]["mode"].startswith("skipped")
+    full = type(ours.data_collator)(pad_token_id=ours.data_collator.pad_token_id, max_length=150)
+    examples = [ours.train_dataset[i] for i in range(4)]
+    assert ours.data_collator(examples)["real_tokens"].sum() < full(examples)["real_tokens"].sum()
+    loss_s, _, grads_s = loss_metrics_and_grads(stock, "sft")
+    loss_o, _, grads_o = loss_metrics_and_grads(ours, "sft")
+    assert loss_o == pytest.approx(loss_s, rel=1e-4, abs=1e-6)
+    assert grads_o.keys() == grads_s.keys() and grads_s
+    for name, grad in grads_s.items():
+        assert (grads_o[name] - grad).norm() / grad.norm().clamp(min=1e-12) < 1e-4, name

@@ -1,6 +1,7 @@
 """Model names -> paths, the cached default model, and safe loading."""
 
 import importlib.metadata
+import json
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,82 @@ def test_a_killed_conversions_staging_folder_is_removed_by_the_next(tmp_path):
     with atomic_directory(tmp_path / "model") as staging:
         (staging / "config.json").write_text("{}")
     assert not stale.exists() and live.exists() and (tmp_path / "model" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- any GGUF file is a model
+
+
+def _default_gguf() -> Path:
+    from dpo_align.core.models import BUILTIN_MODELS, find_gguf
+
+    return find_gguf(*BUILTIN_MODELS["smollm2-135m-instruct"])
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_converted_once_keyed_by_its_content_and_scored(default_model_path, tiny_data, tmp_path, monkeypatch):
+    """A .gguf path given as a model (here the default model's own file, under another name): converted once into the
+    model cache under its sha256, with the weights the built-in conversion gives, and scored by `eval` like any model."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from dpo_align.cli import app
+    from dpo_align.core.models import gguf_source, resolve_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gguf = tmp_path / "third-party.Q4_1.gguf"
+    shutil.copyfile(_default_gguf(), gguf)
+    folder = Path(resolve_model(str(gguf)))
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert folder.parent == tmp_path / "cache" / "dpo-align" / "models" and digest[:16] in folder.name
+    assert gguf_source(folder) == {"source": str(gguf), "gguf_sha256": digest, "architecture": "llama"}
+    ours, builtin = load_file(str(folder / "model.safetensors")), load_file(str(default_model_path / "model.safetensors"))
+    assert ours.keys() == builtin.keys() and all((ours[k] == builtin[k]).all() for k in ours)
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(str(gguf)) == str(folder) and (folder / "model.safetensors").stat().st_mtime_ns == mtime  # once
+    result = CliRunner().invoke(app, ["eval", str(gguf), "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
+                                      "--limit", "1", "--no-controls", "-o", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["models"][0]["pretrained"] == str(folder)
+
+
+def test_a_file_named_gguf_that_is_not_one_or_is_cut_short_is_refused_before_anything_is_cached(tmp_path, monkeypatch):
+    from dpo_align.core.errors import UserError
+    from dpo_align.core.models import resolve_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model\n")
+    with pytest.raises(UserError, match=r"notes\.gguf: not a GGUF file \(it starts with b'not '"):
+        resolve_model(str(text))
+    try:
+        head = _default_gguf().read_bytes()[:65536]
+    except UserError:
+        head = b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(head)
+    with pytest.raises(UserError, match=r"cut\.gguf: a damaged or truncated GGUF file"):
+        resolve_model(str(cut))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_load_is_named(tmp_path, monkeypatch):
+    import gguf
+
+    from dpo_align.core.errors import UserError
+    from dpo_align.core.models import resolve_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "nosucharch")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match=r"odd\.gguf: transformers cannot load this GGUF file's 'nosucharch' architecture"):
+        resolve_model(str(path))
+    models_dir = tmp_path / "cache" / "dpo-align" / "models"
+    assert not models_dir.exists() or list(models_dir.iterdir()) == []  # nothing half-converted left to trust

@@ -72,12 +72,22 @@ def test_warmup_ratio_is_a_fraction_of_the_steps(tiny_gpt2, pairs_file, tmp_path
 
 
 def test_label_smoothing_makes_robust_another_loss_than_sigmoid(tiny_gpt2, pairs_file, tmp_path):
-    # At the LoRA init every margin h is 0, so the robust loss (-(1-e) log s(bh) - e log s(-bh)) / (1-2e) is exactly
-    # log 2 / (1 - 2e) * (1 - e + e) = log 2 / (1 - 2e); without label smoothing it would be sigmoid's log 2 (which is
-    # why robust at 0 is refused), and the adapters after a few steps differ.
-    _, sigmoid = run(tiny_gpt2, pairs_file, tmp_path / "s", loss_type="sigmoid", max_steps=2)
-    _, robust = run(tiny_gpt2, pairs_file, tmp_path / "r", loss_type="robust", label_smoothing=0.25, max_steps=2)
-    assert first(sigmoid, "loss") == pytest.approx(math.log(2), rel=1e-5)
-    assert first(robust, "loss") == pytest.approx(math.log(2) / (1 - 2 * 0.25), rel=1e-5)
+    # TRL's robust loss, (-(1-e) log s(bh) + e log s(-bh)) / (1-2e), is sigmoid's -log s(bh) at e = 0 for every margin
+    # (why --loss-type robust without --label-smoothing is refused) and at h = 0 (the LoRA init) for every e. Once the
+    # first step has moved the margins, e = 0.25 gives another loss, and another adapter.
+    _, sigmoid = run(tiny_gpt2, pairs_file, tmp_path / "s", loss_type="sigmoid", max_steps=3)
+    _, robust = run(tiny_gpt2, pairs_file, tmp_path / "r", loss_type="robust", label_smoothing=0.25, max_steps=3)
+    losses = [[r["loss"] for r in rows if "loss" in r] for rows in (sigmoid, robust)]
+    assert losses[0][0] == pytest.approx(math.log(2), rel=1e-5) and losses[1][0] == pytest.approx(math.log(2), rel=1e-5)
+    assert abs(losses[1][2] - losses[0][2]) > 1e-4 * losses[0][2]
     a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("s", "r"))
     assert any(not (a[k] == b[k]).all() for k in a)
+
+
+def test_sft_alone_runs_no_reference_pass_and_logs_no_rewards(tiny_gpt2, pairs_file, tmp_path):
+    manifest, rows = run(tiny_gpt2, pairs_file, tmp_path / "sft", loss_type="sft", max_steps=2)
+    assert manifest["reference_logps"]["train"]["mode"].startswith("skipped") and manifest["reference_logps"]["train"]["seconds"] == 0
+    logged = {k for r in rows for k in r}
+    assert "loss" in logged and not any(k.startswith("rewards/") or "rejected" in k for k in logged)
+    _, dpo = run(tiny_gpt2, pairs_file, tmp_path / "dpo", loss_type="sigmoid", max_steps=2)
+    assert any(k.startswith("rewards/") for r in dpo for k in r)  # DPO logs them: the SFT run's absence is its own

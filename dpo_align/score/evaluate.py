@@ -285,7 +285,9 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict | None:
     results = score(spec, options)
     if results is None:  # a process other than the first under `accelerate launch`: lm-eval gathers on the first
         return None
-    revision = {"base": model_revision(spec.pretrained)}
+    from dpo_align.core.models import gguf_source
+
+    revision = {"base": model_revision(spec.pretrained), "converted_from": gguf_source(spec.pretrained)}
     if spec.peft:
         revision["adapter"] = model_revision(spec.peft)
     table = summarize(results)

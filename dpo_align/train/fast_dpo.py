@@ -33,6 +33,9 @@ from dpo_align.core.pair_batch import SharedPromptCollator, pair_length
 from dpo_align.core.pair_logps import add_pair_logps, model_inputs, pair_sums
 from dpo_align.train import ref_logps
 
+SKIPPED = "skipped: loss_type sft needs no reference (rewards are not logged)"
+NOT_LOGGED_FOR_SFT = ("rewards/", "rejected")
+
 
 class _Outputs:
     """Stands in for the model inside TRL's `_compute_loss`: returns the outputs already computed."""
@@ -62,7 +65,11 @@ class SharedPromptDPOTrainer(DPOTrainer):
         pad = processing_class.pad_token_id if processing_class.pad_token_id is not None else processing_class.eos_token_id
         # one pair a row; packing several short pairs into a row measured no faster than length grouping
         # (results/train-throughput.md), so it is left to the benchmark
-        collator = SharedPromptCollator(pad_token_id=pad, max_length=args.max_length)
+        # SFT alone (loss_type ["sft"]) needs neither the reference nor the rejected responses: both are skipped, and the
+        # rewards, which would read a reference of zeros, are not logged (the manifest's reference_logps says so)
+        loss_types = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
+        self.chosen_only = list(loss_types) == ["sft"]
+        collator = SharedPromptCollator(pad_token_id=pad, max_length=args.max_length, chosen_only=self.chosen_only)
         if group_by_length:
             args.train_sampling_strategy = "group_by_length"
             args.length_column_name = "length"
@@ -72,7 +79,7 @@ class SharedPromptDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if "length" not in dataset.column_names:
-            dataset = dataset.add_column("length", [pair_length(ex, args.max_length) for ex in dataset])
+            dataset = dataset.add_column("length", [pair_length(ex, args.max_length, self.chosen_only) for ex in dataset])
         return dataset
 
     def _set_signature_columns_if_needed(self):
@@ -82,6 +89,14 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     # ---- reference log-probs: once per pair, from the disk cache when it has them
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self.chosen_only:
+            self.ref_logps_report[name] = {"pairs": len(dataset), "cached": None, "seconds": 0.0, "key": None,
+                                           "mode": SKIPPED}
+            self._log(f"loss_type sft: no reference pass over the {len(dataset)} {name} pairs and no rejected responses in the "
+                      "batches; rewards are not logged.")
+            zeros = [0.0] * len(dataset)
+            dataset = dataset.remove_columns([c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in dataset.column_names])
+            return dataset.add_column("ref_chosen_logps", zeros).add_column("ref_rejected_logps", zeros)
         if name == "train" and not self.ref_upfront:
             self.ref_logps_report[name] = {"pairs": len(dataset), "cached": False, "seconds": 0.0, "key": None,
                                            "mode": "per step: --max-steps consumes fewer pairs than the data holds"}
@@ -117,6 +132,11 @@ class SharedPromptDPOTrainer(DPOTrainer):
         return loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
+        if self.chosen_only:  # rewards against a reference of zeros, and the rejected side that was not fed, mean nothing
+            logs = {k: v for k, v in logs.items() if not any(part in k for part in NOT_LOGGED_FOR_SFT)}
+            for metrics in self._metrics.values():  # TRL adds its collected metrics to the logs in its own log()
+                for key in [k for k in metrics if any(part in k for part in NOT_LOGGED_FOR_SFT)]:
+                    del metrics[key]
         grad_norm = logs.get("grad_norm")
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise TrainingDiverged(self.state.global_step, "gradient norm", grad_norm)
@@ -124,6 +144,9 @@ class SharedPromptDPOTrainer(DPOTrainer):
 
     # ---- the loss: our forward, TRL's loss and metrics
     def _compute_loss(self, model, inputs, return_outputs):
+        if "ref_chosen_logps" not in inputs and self.chosen_only:  # SFT alone reads no reference
+            zeros = torch.zeros(inputs["completion_mask"].shape[0] // 2)
+            inputs = {**inputs, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
         if "ref_chosen_logps" not in inputs:  # reference per step: same batch, adapter off, no grad
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
                 reference = model(**model_inputs(inputs)).log_probs

@@ -19,7 +19,7 @@ from pathlib import Path
 from dpo_align.core.errors import TrainingDiverged, UserError
 from dpo_align.core.files import atomic_write_json, atomic_write_text, named_write_errors, staged_files
 from dpo_align.core.folder_lock import locked
-from dpo_align.core.models import load_model, load_tokenizer, resolve_model
+from dpo_align.core.models import gguf_source, load_model, load_tokenizer, resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
 from dpo_align.core.provenance import git_commit, machine, model_revision, package_versions
 from dpo_align.data.decontaminate import overlap, same_source_split, suite_instructions
@@ -406,7 +406,8 @@ def _write_outputs(config: TrainConfig, trainer, tokenizer, run: RunResult, *, o
         manifest = {
             "status": "complete",
             "command": "dpo-align train --config config.yaml",
-            "model": {"name": config.model, "path": run.model_path, "revision": model_revision(run.model_path)},
+            "model": {"name": config.model, "path": run.model_path, "revision": model_revision(run.model_path),
+                      "converted_from": gguf_source(run.model_path)},  # a .gguf file (or the built-in's): its path and sha256
             "adapter": {**model_revision(str(staging)), "path": str(output.resolve())},
             "data": run.data.as_dict(),
             "eval_data": run.eval_data.as_dict() if run.eval_data else None,
