@@ -483,17 +483,19 @@ def test_lm_eval_itself_ends_with_the_same_message(workspace, tmp_path):
     ("dpo-lm-eval", {"data_dri": "DATA"}, r"unknown key 'data_dri' \(did you mean 'data_dir'\?\)"),
     ("dpo-lm-eval", {"data_dir": "WS/nodata"}, r"nodata/truthfulqa/TruthfulQA\.csv"),
     ("dpo-lm-eval", [1, 2], r"--metadata .*a JSON object is needed"),
+    ("dpo-lm-eval --batch_size auto", {"data_dir": "DATA"}, r"--batch_size auto: on a CPU lm-eval's probe runs forward passes"),
 ], ids=["lm_eval misspelt key", "dpo-lm-eval misspelt key", "dpo-lm-eval data dir missing",
-        "dpo-lm-eval metadata not an object"])
+        "dpo-lm-eval metadata not an object", "dpo-lm-eval batch size auto on a CPU"])
 def test_errors_inside_lm_eval_are_one_line_and_exit_2(entry, metadata, message, workspace, tmp_path):
     """The task code's errors end plain `lm_eval` and `dpo-lm-eval` alike in one clean line naming the option, exit 2;
     a misspelt --metadata key is refused instead of quietly falling back to the hub's copy of the data."""
     repo = Path(__file__).resolve().parents[1]
     text = json.dumps(metadata).replace("WS", str(workspace.root)).replace("DATA", str(workspace.data))
     program = [sys.executable, "-m", "lm_eval"] if entry == "lm_eval" else [sys.executable, "-m", "dpo_align.score.lm_eval_cli"]
+    extra = ["--batch_size", "auto"] if entry.endswith("auto") else []
     result = subprocess.run(
         [*program, "--model", "hf", "--model_args", f"pretrained={workspace.model}", "--include_path", str(repo / "lm_eval_tasks"),
-         "--tasks", "dpo_ppl_truthfulqa", "--metadata", text, "--output_path", str(tmp_path / "out")],
+         "--tasks", "dpo_ppl_truthfulqa", "--metadata", text, "--output_path", str(tmp_path / "out"), *extra],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
@@ -840,9 +842,8 @@ def test_a_sweeps_config_file_learning_rate_is_the_one_it_trains(cli, tiny_gpt2,
 
 @pytest.mark.parametrize("options, message", [
     (["--system_instruction", "Answer briefly."], r"--system_instruction changes every prompt the suite scores"),
-    (["--num_fewshot", "2"], r"--num_fewshot 2 puts other documents before each prompt"),
     (["--cache_requests", "true"], r"--cache_requests restores requests keyed on the task's name, not on its data files"),
-], ids=["system instruction", "few-shot", "request cache"])
+], ids=["system instruction", "request cache"])
 def test_lm_eval_options_that_change_the_measure_are_refused(options, message, workspace, tmp_path):
     """Plain `lm_eval` with an option that would change what the suite measures (or serve old requests for changed
     data): one clean line naming the option, exit 2, no results file."""
@@ -856,3 +857,20 @@ def test_lm_eval_options_that_change_the_measure_are_refused(options, message, w
     assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
     assert re.search(message, output.strip().splitlines()[-1]), output[-1000:]
     assert not list(tmp_path.rglob("results_*.json"))
+
+
+def test_an_adapter_whose_config_lists_fewer_modules_than_its_weights_is_refused(tiny_gpt2, tiny_data, tmp_path):
+    """adapter_config.json listing only one of the modules its weights adapt: PEFT would load that one and drop the rest
+    (a smaller adapter, scored under the whole one's name). eval refuses it, naming the modules left out."""
+    adapter = noisy_adapter(tiny_gpt2, tmp_path / "adapter")
+    config_path = Path(adapter) / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    targets = sorted(config["target_modules"])
+    assert len(targets) > 1
+    config["target_modules"] = targets[:1]
+    config_path.write_text(json.dumps(config))
+    result = runner.invoke(app, ["eval", str(tiny_gpt2), "--peft", str(adapter), "--data-dir", str(tiny_data), "--limit", "1",
+                                 "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"its weights adapt {', '.join(targets[1:])}, which adapter_config.json's target_modules ({targets[0]})" in result.output
+    assert not (tmp_path / "out" / "results.json").exists()

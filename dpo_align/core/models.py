@@ -343,7 +343,33 @@ def check_adapter_folder(path: str | Path, what: str = "--peft") -> None:
         raise UserError(f"{what} {directory}: adapter_config.json is there but no adapter weights (adapter_model.safetensors). "
                         "The run may not have finished: resume it with `dpo-align train --output-dir "
                         f"{directory} --resume`, or pass a finished run's folder.")
+    if weights[0].endswith(".safetensors"):
+        check_adapter_matches(directory, what)
 
+
+def check_adapter_matches(directory: Path, what: str = "--peft") -> None:
+    """The adapter's config names every module its weights adapt: PEFT loads only the modules the config lists and drops the
+    other weights without a word (an adapter scored as a smaller one than it is)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+    except ValueError:
+        raise UserError(f"{what} {directory}/adapter_config.json: not valid JSON; is the adapter folder complete?") from None
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):  # a regular expression or "all-linear": PEFT matches the names itself
+        return
+    try:
+        with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as handle:
+            names = list(handle.keys())
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{what} {directory}/adapter_model.safetensors: truncated or corrupt ({err}).") from None
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names if ".lora_" in name}
+    missing = sorted(adapted - set(targets))
+    if missing:
+        raise UserError(f"{what} {directory}: its weights adapt {', '.join(missing)}, which adapter_config.json's target_modules "
+                        f"({', '.join(targets)}) does not list, so PEFT would load the adapter without them. The config and the "
+                        "weights come from different adapters: restore the adapter's own adapter_config.json.")
 
 def load_model(path: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, dtype=None, **kwargs):
     """Load a causal LM: safetensors only unless ``allow_pickle``, no remote code unless asked."""

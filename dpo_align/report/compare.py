@@ -35,6 +35,7 @@ from dpo_align.data.templates import DEFAULT_TEMPLATE  # the tasks' default when
 from dpo_align.report import controls, paired, scorecard
 
 TASKS = PPL.tasks
+FEW_DOCUMENTS = 10  # below this many documents per dataset the bootstrap interval is not worth printing without a warning
 
 
 @dataclass
@@ -334,6 +335,11 @@ def markdown(models: list[Scored], changes: dict, *, replicates: int, permutatio
     lines = [f"# {' vs '.join(m.label for m in models[1:])} against {models[0].label}", "",
              f"Paired over documents: bootstrap 95% intervals ({replicates:,} replicates) and permutation p-values "
              f"({permutations:,} permutations, Holm-adjusted across the datasets). Negative change = lower loss.", ""]
+    few = sorted({(c.dataset, c.documents) for rows in changes["ce"].values() for c in rows if c.documents < FEW_DOCUMENTS})
+    if few:  # a bootstrap over one document has zero width: an interval that says nothing must say so
+        lines += [f"**Too few documents for an interval**: {', '.join(f'{display_name(d)} ({n})' for d, n in few)}. A paired "
+                  f"bootstrap over fewer than {FEW_DOCUMENTS} documents gives intervals that are too narrow (zero-width with one "
+                  "document) and verdicts that cannot be trusted; score more documents (`--limit`).", ""]
     lines += scorecard_section(models, card)
     lines += control_section(changes)
     for metric, title in (("ce", "Cross-entropy (nats per response token), alone"), ("bpb", "Bits per byte, alone")):

@@ -91,17 +91,14 @@ def remote_code_allowed(metadata: dict) -> bool:
 def check_request_options(task, kwargs: dict, *, reference: bool = False) -> None:
     """Refuse lm-eval options that would change what the suite measures, before any request is built.
 
-    ``--system_instruction`` and few-shot examples put other text before every prompt than the templates the suite
-    defines (and than training saw); ``--cache_requests`` restores requests keyed on the task's name, not its data, so
+    ``--system_instruction`` puts other text before every prompt than the templates the suite defines (and than training
+    saw; ``--num_fewshot`` needs no check: the tasks' YAML fixes it at 0, and lm-eval then ignores the option); ``--cache_requests`` restores requests keyed on the task's name, not its data, so
     a data file changed in place would be scored with the old requests. ``--apply_chat_template`` is applied by lm-eval
     to every request alike and stays allowed, except beside a ``reference`` model, whose requests are built without it."""
     name = getattr(task.config, "task", "the task")
     if kwargs.get("system_instruction"):
         raise UserError(f"{name}: --system_instruction changes every prompt the suite scores (its templates are fixed, as in training); "
                         "leave it out, or choose the prompt format with --metadata '{\"template\": \"chat\"}'.")
-    if (task.config.num_fewshot or 0) > 0:
-        raise UserError(f"{name}: --num_fewshot {task.config.num_fewshot} puts other documents before each prompt; the suite scores "
-                        "zero-shot (as the adapters were trained). Leave --num_fewshot out.")
     if kwargs.get("cache_requests"):
         raise UserError(f"{name}: --cache_requests restores requests keyed on the task's name, not on its data files, so a file "
                         "changed in place would be scored with the old requests. Leave it out: building the suite's requests takes seconds.")

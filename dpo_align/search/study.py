@@ -192,8 +192,8 @@ def run_worker(*, space, base: TrainConfig, storage_url: str, study_name: str, o
     space.check(base)  # every choice and each range's ends are valid settings, before any work
     if search_docs < 1:
         raise UserError(f"--search-docs {search_docs}: score at least 1 document per dataset for each trial.")
-    if search_pairs < 0 or (search_pairs and not preference_data):
-        raise UserError("--search-pairs N needs --preference-data FILE (the held-out pairs of Q2 and Q3); give both, or neither.")
+    if search_pairs < 0:
+        raise UserError(f"--search-pairs {search_pairs}: give 0 or more held-out pairs (without --preference-data, Q2 and Q3 are n/a).")
     if not 0 <= prune_every < 1:
         raise UserError(f"--prune-every {prune_every}: give a fraction of each trial's steps in (0, 1), or 0 for no pruning.")
     if trials < 1 or (max_trials is not None and max_trials < 1):
