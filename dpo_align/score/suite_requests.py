@@ -92,8 +92,9 @@ def check_request_options(task, kwargs: dict, *, reference: bool = False) -> Non
     """Refuse lm-eval options that would change what the suite measures, before any request is built.
 
     ``--system_instruction`` puts other text before every prompt than the templates the suite defines (and than training
-    saw; ``--num_fewshot`` needs no check: the tasks' YAML fixes it at 0, and lm-eval then ignores the option); ``--cache_requests`` restores requests keyed on the task's name, not its data, so
-    a data file changed in place would be scored with the old requests. ``--apply_chat_template`` is applied by lm-eval
+    saw; ``--num_fewshot`` needs no check: the tasks' YAML fixes it at 0, and lm-eval then ignores the option);
+    ``--cache_requests`` restores requests keyed on the task's name, not its data, so a data file changed in place would
+    be scored with the old requests. ``--apply_chat_template`` is applied by lm-eval
     to every request alike and stays allowed, except beside a ``reference`` model, whose requests are built without it."""
     name = getattr(task.config, "task", "the task")
     if kwargs.get("system_instruction"):
