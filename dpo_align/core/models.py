@@ -364,8 +364,10 @@ def check_adapter_matches(directory: Path, what: str = "--peft") -> None:
             names = list(handle.keys())
     except (SafetensorError, OSError) as err:
         raise UserError(f"{what} {directory}/adapter_model.safetensors: truncated or corrupt ({err}).") from None
-    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names if ".lora_" in name}
-    missing = sorted(adapted - set(targets))
+    # PEFT's rule: a module is adapted when its name is a target, or ends with "." + a target
+    adapted = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in names if ".lora_" in name}
+    missing = sorted({module.rsplit(".", 1)[-1] for module in adapted
+                      if not any(module == t or module.endswith("." + t) for t in targets)})
     if missing:
         raise UserError(f"{what} {directory}: its weights adapt {', '.join(missing)}, which adapter_config.json's target_modules "
                         f"({', '.join(targets)}) does not list, so PEFT would load the adapter without them. The config and the "
