@@ -160,11 +160,14 @@ class PruneOnCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         import optuna
 
+        from dpo_align.core.models import adapter_base
+
         step, total = state.global_step, state.max_steps
         if step >= total:
             return control
-        checkpoint = self.run_dir / f"checkpoint-{step}"
-        spec = ModelSpec(f"trial {self.trial.number} step {step}", self.subset.baseline["pretrained"], str(checkpoint))
+        checkpoint = Path(args.output_dir) / f"checkpoint-{step}"  # a two-stage run's second stage saves in its own folder
+        base = adapter_base(checkpoint) or self.subset.baseline["pretrained"]  # and its adapter is on the SFT model
+        spec = ModelSpec(f"trial {self.trial.number} step {step}", base, str(checkpoint))
         result = score_spec(spec, self.subset.options)
         change = controlled_change(self.subset, result, seed=self.seed)
         self.trial.report(change.specific, step)

@@ -61,6 +61,9 @@ class TrainConfig:
     loss_type: str = setting("sigmoid", "TRL DPO loss: sigmoid (the paper's), ipo, hinge, ... (TRL's list); several, comma-separated, "
                              "are summed with --loss-weights (sigmoid,sft is DPO plus NLL on the chosen responses: RPO).")
     loss_weights: str | None = setting(None, "Weights of the --loss-type components, comma-separated, one per loss type (default: 1 each).")
+    sft_first_pairs: int | None = setting(None, "Two stages, the DPO paper's recipe on hh-rlhf: first SFT on the chosen responses of N "
+                                          "pairs (drawn as --max-pairs draws them), folded into the weights; then --loss-type from that "
+                                          "model, with it as the reference. One folder, one adapter for the original base.")
     label_smoothing: float = setting(0.0, "Label smoothing (TRL's label_smoothing): the assumed share of flipped preference labels, "
                                      "in [0, 0.5). The robust and exo_pair losses need it above 0 (robust at 0 is exactly sigmoid).")
     # optimisation (the reference experiment: 1 epoch, lr 1e-5, cosine with warmup)
@@ -180,6 +183,13 @@ class TrainConfig:
             raise UserError(f"Invalid training option: --loss-type {self.loss_type!r} names a loss twice.")
         if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 0.5):
             raise UserError(f"Invalid training option: --label-smoothing {self.label_smoothing!r} must be in [0, 0.5).")
+        if self.sft_first_pairs is not None:
+            if self.sft_first_pairs < 1:
+                raise UserError(f"Invalid training option: --sft-first-pairs {self.sft_first_pairs}: the first stage needs at least 1 pair "
+                                "(leave the option out for one stage).")
+            if types == ["sft"]:
+                raise UserError("Invalid training option: --sft-first-pairs with --loss-type sft would train SFT twice: give the "
+                                "second stage's preference objective (such as --loss-type sigmoid).")
         needs = [t for t in types if t in ("robust", "exo_pair")]
         if needs and self.label_smoothing == 0:
             raise UserError(f"Invalid training option: --loss-type {needs[0]} needs --label-smoothing above 0 (the share of flipped labels it "

@@ -128,6 +128,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch` the main process holds the lock
         return _train(config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks)
     with locked(Path(config.output_dir), "dpo-align train", "--output-dir"):
+        if config.sft_first_pairs is not None:  # SFT, merged, then the preference objective from it (two_stage.py)
+            from dpo_align.train.two_stage import train_two_stage
+
+            return train_two_stage(config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks)
         return _train(config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks)
 
 
