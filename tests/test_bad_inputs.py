@@ -879,3 +879,19 @@ def test_an_adapter_whose_config_lists_fewer_modules_than_its_weights_is_refused
     assert "its weights adapt c_attn, c_fc, c_proj, which adapter_config.json's target_modules" in result.output
     assert f"({targets[0]}) does not list" in result.output
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_loading_failure_hints_name_the_cause_the_error_shows(tmp_path):
+    """The hints of a loading failure: a LoRA rank mismatch is the adapter's own config, a missing shard an incomplete
+    copy, and only a folder of pickle weights gets --allow-pickle (each once got another's hint)."""
+    from dpo_align.score.evaluate import ModelSpec, failure_hint
+
+    spec = ModelSpec("m", str(tmp_path))
+    rank = "Error(s) in loading state_dict for PeftModel: size mismatch for base_model.model.h.0.attn.c_attn.lora_A.default.weight: ..."
+    assert "adapter_config.json gives them" in failure_hint(rank, spec, False)
+    assert "belong to this base" in failure_hint("size mismatch for transformer.wte.weight: copying a param", spec, False)
+    shard = "model-00002-of-00002.safetensors not found in /some/folder"
+    assert "weight file the checkpoint names is missing" in failure_hint(shard, spec, False)
+    assert failure_hint("an error about safetensors headers", spec, False) == ""  # no pickle files: no pickle hint
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    assert "--allow-pickle" in failure_hint("an error about safetensors headers", spec, False)

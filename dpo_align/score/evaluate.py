@@ -207,13 +207,28 @@ def score(spec: ModelSpec, options: ScoreOptions) -> dict:
         if isinstance(err, UserError) or not (isinstance(err, OSError | pickle.UnpicklingError) or _user_fixable(err)):
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        hint = ""
-        if "size mismatch" in str(err) or "adapter" in str(err).lower():
-            hint = " Does the adapter belong to this base model? An adapter only loads on the base it was trained on."
-        elif "safetensors" in str(err) and not allow_pickle:
-            hint = " The checkpoint may have only pickle weights: pass --allow-pickle if you trust it."
+        hint = failure_hint(str(err), spec, allow_pickle)
         raise UserError(f"Scoring {spec.label} ({spec.pretrained}" + (f" + {spec.peft}" if spec.peft else "")
                         + f") failed: {message}.{hint}") from None
+
+
+def failure_hint(text: str, spec: ModelSpec, allow_pickle: bool) -> str:
+    """The likely cause of a loading failure, only where the error shows it (a hint that names the wrong cause is worse
+    than none: a missing shard once got "pass --allow-pickle", a LoRA rank mismatch "wrong base")."""
+    import re
+
+    if "size mismatch" in text:
+        if re.search(r"size mismatch for [\w.]*lora_", text):
+            return (" The adapter's weights do not have the shapes its own adapter_config.json gives them (r, target modules): the "
+                    "config was edited or comes from another adapter. Restore the adapter's own adapter_config.json.")
+        return " Does the adapter belong to this base model? An adapter only loads on the base it was trained on."
+    if re.search(r"\.safetensors.*(not found|No such file|does not exist|missing)|(not found|No such file|missing).*\.safetensors", text):
+        return " A weight file the checkpoint names is missing (an incomplete download or copy): copy the whole folder again."
+    folder = Path(spec.pretrained).expanduser()
+    if "safetensors" in text and not allow_pickle and folder.is_dir() and not list(folder.glob("*.safetensors")) \
+            and any(folder.glob("*.bin")):
+        return " The checkpoint has only pickle weights: pass --allow-pickle if you trust it."
+    return ""
 
 
 # Messages of ValueError/RuntimeError raised by transformers/peft/lm-eval for bad user input.
