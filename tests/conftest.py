@@ -18,6 +18,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Reference log-probs cached by one test run must not leak into the user's cache or the next run.
 os.environ.setdefault("DPO_ALIGN_REF_CACHE", tempfile.mkdtemp(prefix="dpo-align-ref-cache-"))
+# so does a CPU peak measured while the tests load the machine (it would make every later run's MFU too high)
+os.environ.setdefault("DPO_ALIGN_PEAK_CACHE", os.path.join(tempfile.mkdtemp(prefix="dpo-align-peak-"), "peak-flops.json"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

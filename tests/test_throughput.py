@@ -14,7 +14,7 @@ from .helpers import read_rows, tiny_config
 
 
 def test_every_logged_step_has_tokens_per_second_and_mfu(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("DPO_ALIGN_PEAK_CACHE", str(tmp_path / "cache" / "peak-flops.json"))
     calls = []
     real = throughput.measured_matmul_rate
     monkeypatch.setattr(throughput, "measured_matmul_rate", lambda dtype: calls.append(dtype) or real(dtype))
@@ -28,4 +28,4 @@ def test_every_logged_step_has_tokens_per_second_and_mfu(tiny_gpt2, pairs_file, 
     assert "tokens/s, MFU" in (tmp_path / "a" / "README.md").read_text()
     # the peak is measured once per machine: a second run reads it from the cache
     train(tiny_config(tiny_gpt2, pairs_file, tmp_path / "b", max_steps=2), progress=lambda m: None)
-    assert len(calls) == 1 and len(json.loads((tmp_path / "cache" / "dpo-align" / "peak-flops.json").read_text())) == 1
+    assert len(calls) == 1 and len(json.loads((tmp_path / "cache" / "peak-flops.json").read_text())) == 1

@@ -27,6 +27,9 @@ PUBLISHED = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5)
 
 
 def _cache_file() -> Path:
+    """``DPO_ALIGN_PEAK_CACHE`` (the tests point it away from the user's cache), else the user cache."""
+    if os.environ.get("DPO_ALIGN_PEAK_CACHE"):
+        return Path(os.environ["DPO_ALIGN_PEAK_CACHE"])
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "dpo-align" / "peak-flops.json"
 
@@ -106,7 +109,7 @@ class Throughput(TrainerCallback):
         if self.last_tokens is not None and now > self.last_time and tokens > self.last_tokens:
             rate = (tokens - self.last_tokens) / (now - self.last_time)
             logs["tokens_per_s"] = round(rate, 1)
-            logs["mfu"] = round(mfu(rate, self.n_params, self.peak), 5)
+            logs["mfu"] = float(f"{mfu(rate, self.n_params, self.peak):.4g}")
         self.last_tokens, self.last_time = tokens, now
 
 
@@ -114,5 +117,5 @@ def run_summary(rows: list[dict], n_params: int, peak: float, source: str, train
     """The run's mean: all tokens fed over the training time, and its MFU."""
     tokens = max((float(r["num_tokens"]) for r in rows if "num_tokens" in r), default=0.0)
     rate = tokens / train_runtime_s if train_runtime_s > 0 else 0.0
-    return {"tokens": tokens, "tokens_per_s": round(rate, 1), "mfu": round(mfu(rate, n_params, peak), 5), "params": n_params,
+    return {"tokens": tokens, "tokens_per_s": round(rate, 1), "mfu": float(f"{mfu(rate, n_params, peak):.4g}"), "params": n_params,
             "flops_per_token": 6 * n_params, "peak_flops": peak, "peak_source": source}
