@@ -279,6 +279,8 @@ def compare_command(
     typer.echo(text)
     if output is None:
         return
+    # the plots first: a plot that cannot be drawn leaves no compare.md without its compare.png
+    plots = {"compare.png": compare.plot(changes), **({"scorecard.png": scorecard.plot(card[0])} if card else {})}
     with locked(output, "dpo-align compare"):
         atomic_write_text(output / "compare.md", text)
         atomic_write_json(output / "compare.json", {"baseline": models[0].label, "sources": [m.source for m in models],
@@ -286,9 +288,8 @@ def compare_command(
                                                     **compare.as_json(changes), "displacement": displacement,
                                                     "scorecard": scorecard.as_json(card[0], baseline_is_reference=card[1])
                                                     if card else None})
-        atomic_write_bytes(output / "compare.png", compare.plot(changes))
-        if card:
-            atomic_write_bytes(output / "scorecard.png", scorecard.plot(card[0]))
+        for name, data in plots.items():
+            atomic_write_bytes(output / name, data)
     typer.echo(f"Wrote {output}/compare.md, compare.json and compare.png" + (" and scorecard.png." if card else "."))
 
 

@@ -229,3 +229,13 @@ def test_baseline_by_a_word_of_its_label_picks_plain_dpo_among_its_variants():
     assert [m.label for m in with_baseline(models, "sigmoid")[1:]] == [m.label for m in models if m.label != "DPO loss_type-sigmoid"]
     with pytest.raises(UserError, match="names 3 models"):
         with_baseline(models, "loss_type")
+
+
+def test_a_degenerate_interval_is_drawn_not_a_crash():
+    """A bootstrap over one document can leave the point a rounding error outside its interval: the plot clamps the
+    error bar at 0 instead of matplotlib refusing it (compare once wrote compare.md and crashed in the plot)."""
+    from dpo_align.report import compare as compare_module
+    from dpo_align.report.paired import Change
+
+    row = [Change("dpo_ppl_truthfulqa", 2.0, 1.9, -0.05, -0.05 + 1e-17, -0.05 + 2e-17, 1), Change("mean", 2.0, 1.9, -0.05, -0.05, -0.05, 1)]
+    assert compare_module.plot({"ce": {"adapter": row}})[:4] == b"\x89PNG"

@@ -386,7 +386,7 @@ def plot(changes: dict, metric: str = "ce") -> bytes:
         for j, c in enumerate(row):
             verdict = verdicts[label][j] if label in verdicts else c.verdict
             color = VERDICT_COLOURS.get(verdict, "tab:gray")
-            ax.errorbar(100 * c.relative, y, xerr=[[100 * (c.relative - c.low)], [100 * (c.high - c.relative)]], fmt="o",
+            ax.errorbar(100 * c.relative, y, xerr=[[max(0.0, 100 * (c.relative - c.low))], [max(0.0, 100 * (c.high - c.relative))]], fmt="o",
                         color=color, capsize=3)
             ticks.append(y)
             labels.append(f"{label}: {display_name(c.dataset)}" if len(rows) > 1 else display_name(c.dataset))

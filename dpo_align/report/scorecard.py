@@ -180,7 +180,8 @@ def plot(table: list[Card]) -> bytes:
             if x is None:
                 ax.text(line, y, "n/a", ha="center", va="center", fontsize=8, color="tab:gray")
                 continue
-            err = None if low is None or high is None else [[x - low], [high - x]]
+            # an interval of one document can put the point a rounding error outside it: matplotlib refuses negative errors
+            err = None if low is None or high is None else [[max(0.0, x - low)], [max(0.0, high - x)]]
             ax.errorbar(x, y, xerr=err, fmt="o", capsize=3, color="tab:green" if answer(card) else "tab:red")
         ax.axvline(line, color="black", linewidth=0.8)
         ax.set_title(title, fontsize=9)
