@@ -32,15 +32,15 @@ class MetricsFile(TrainerCallback):
 class PairsProgress(TrainerCallback):
     """A progress bar counted in preference pairs (rate in pairs/s, ETA), with the last loss."""
 
-    def __init__(self, pairs_per_step: int):
-        self.pairs_per_step = pairs_per_step
+    def __init__(self, pairs_per_step: int, desc: str = "DPO"):
+        self.pairs_per_step, self.desc = pairs_per_step, desc  # desc: the objective, so an SFT run does not read "DPO"
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             total = state.max_steps * self.pairs_per_step
             self.bar = tqdm(total=total, initial=state.global_step * self.pairs_per_step, unit="pair",
-                            desc="DPO", dynamic_ncols=True, smoothing=0.1)
+                            desc=self.desc, dynamic_ncols=True, smoothing=0.1)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -264,7 +264,8 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[Throughput(n_params, peak), MetricsFile(output / "metrics.jsonl"), PairsProgress(pairs_per_step),
+        callbacks=[Throughput(n_params, peak), MetricsFile(output / "metrics.jsonl"),
+                   PairsProgress(pairs_per_step, "SFT" if config.loss_types() == ["sft"] else config.loss_type.replace(",", "+")),
                    CheckpointMarker({**dataclasses.asdict(config), DATA_KEY: data_sha256}), interrupt, *callbacks],
     )
     trainer.setup_s = round(time.time() - setup_started, 1)  # tokenization and the reference pass (or its cache)
