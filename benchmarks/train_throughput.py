@@ -18,10 +18,10 @@ one after another, so its peak resident memory is its own:
 Time is trainer set-up (tokenization and any reference pass) plus the training loop; model
 loading is left out of every figure. Model-FLOPs utilisation counts 6N FLOPs per pair token
 kept at max_length 512 (prompt + chosen + rejected: 4N for the policy's forward and
-backward, 2N for the reference's forward, N = base parameters) against the machine's bf16
-matmul rate measured here. ``tokens_fed`` is TRL's own ``num_tokens`` count (padding
-excluded; stock TRL feeds each prompt twice). The last
-line is ``speedup=<dpo-align cold pairs/s ÷ stock pairs/s>``.
+backward, 2N for the reference's forward, N = base parameters) against the peak every run's MFU uses
+(``dpo_align.train.throughput.peak_flops``: this CPU's measured matmul rate in dpo-align's precision, cached). ``tokens_fed`` is TRL's own ``num_tokens`` count (padding
+excluded; stock TRL feeds each prompt twice). ``speedup`` is dpo-align cold pairs/s ÷ stock pairs/s;
+``sft_vs_dpo_cold``/``_warm`` SFT alone against DPO. ``--only`` runs a subset of the trainers.
 
     python benchmarks/train_throughput.py --data ../shared/data/splits/train-pool.jsonl.gz --steps 16
 """
@@ -75,23 +75,11 @@ def write_sample(data: str, model: str, pairs: int, max_length: int, path: Path)
             "length_max": picked[-1]}
 
 
-def bf16_matmul_rate() -> float:
-    """Best measured bf16 GFLOP/s over model-shaped and square matmuls."""
-    import torch
-
-    best = 0.0
-    for m, k, n in ((2048, 576, 1536), (2048, 1536, 576), (2048, 2048, 2048)):
-        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ b
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        best = max(best, 2 * m * k * n * 10 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
 # --------------------------------------------------------------------------- one trainer per process
+
+
+# every trainer the benchmark knows; dpo_align_sft is SFT alone on the same pairs (no reference pass, no rejected half)
+TRAINERS = ("stock", "stock_best", "dpo_align_cold", "dpo_align_warm", "dpo_align_sft")
 
 
 def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags: bool, output: Path) -> dict:
@@ -121,18 +109,19 @@ def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags:
             "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length}
 
 
-def run_dpo_align(sample: Path, model: str, steps: int, batch_size: int, output: Path) -> dict:
+def run_dpo_align(sample: Path, model: str, steps: int, batch_size: int, output: Path, loss_type: str = "sigmoid") -> dict:
     from dpo_align.train.config import TrainConfig
     from dpo_align.train.run import train
 
     config = TrainConfig(model=model, data=[str(sample)], max_steps=steps, batch_size=batch_size, output_dir=str(output),
-                         logging_steps=1, save_steps=10_000).validate()
+                         logging_steps=1, save_steps=10_000, loss_type=loss_type).validate()
     manifest = train(config, overwrite=True, progress=lambda m: None)
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return {"setup_s": manifest["trainer_setup_s"], "train_s": manifest["train_runtime_s"], "losses": [r["loss"] for r in rows if "loss" in r],
             "tokens_fed": max(r.get("num_tokens", 0) for r in rows),
             "reference_pass_s": manifest["reference_logps"]["train"]["seconds"], "reference_cached": manifest["reference_logps"]["train"]["cached"],
-            "precision": manifest["precision"], "max_length": config.max_length}
+            "precision": manifest["precision"], "max_length": config.max_length,
+            "run_tokens_per_s": manifest["throughput"]["tokens_per_s"], "run_mfu": manifest["throughput"]["mfu"]}
 
 
 def child(args) -> None:
@@ -140,7 +129,9 @@ def child(args) -> None:
     if args.child in ("stock", "stock_best"):
         result = run_stock(Path(args.sample), args.model, args.steps, args.batch_size, args.child == "stock_best", output)
     else:
-        result = run_dpo_align(Path(args.sample), args.model, args.steps, args.batch_size, output)
+        # dpo_align_sft: SFT alone (no reference pass, no rejected half), on the same pairs
+        result = run_dpo_align(Path(args.sample), args.model, args.steps, args.batch_size, output,
+                               loss_type="sft" if args.child == "dpo_align_sft" else "sigmoid")
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -155,6 +146,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--only", default=",".join(TRAINERS), help="comma-separated trainers to run (default: all, in this order)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sample", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -172,10 +164,19 @@ def main() -> None:
         sample = Path(tmp) / "sample.jsonl"
         numbers = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "pairs": pairs, "params": n_params,
                    **write_sample(args.data, args.model, pairs, 512, sample)}
-        numbers["bf16_matmul_gflops"] = round(bf16_matmul_rate(), 1)
+        # the peak of the precision dpo-align trains in here (bf16 where the CPU has it), as every run's MFU uses
+        from dpo_align.train.run import resolve_precision
+        from dpo_align.train.throughput import peak_flops
+
+        numbers["precision"] = resolve_precision("auto")
+        peak, numbers["peak_source"] = peak_flops("cpu", numbers["precision"])
+        numbers["peak_gflops"] = round(peak / 1e9, 1)
         numbers["torch_threads"] = torch.get_num_threads()
         env = {**os.environ, "DPO_ALIGN_REF_CACHE": str(Path(tmp) / "ref-cache"), "TQDM_DISABLE": "1"}
-        for name in ("stock", "stock_best", "dpo_align_cold", "dpo_align_warm"):
+        chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+        if unknown := [name for name in chosen if name not in TRAINERS]:
+            sys.exit(f"--only: {', '.join(unknown)} not among {', '.join(TRAINERS)}")
+        for name in chosen:
             command = [sys.executable, __file__, "--child", name, "--sample", str(sample), "--workdir", tmp, "--model", args.model,
                        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--data", args.data]
             print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -188,16 +189,23 @@ def main() -> None:
             for key, value in run.items():
                 numbers[f"{name}_{key}"] = [round(v, 4) for v in value] if isinstance(value, list) else round(value, 3) if isinstance(value, float) else value
             numbers[f"{name}_pairs_per_s"] = round(pairs / run["total_s"], 3)
-            numbers[f"{name}_mfu"] = round(6 * n_params * numbers["sample_tokens"] / run["total_s"] / (numbers["bf16_matmul_gflops"] * 1e9), 4)
+            numbers[f"{name}_mfu"] = round(6 * n_params * numbers["sample_tokens"] / run["total_s"] / (numbers["peak_gflops"] * 1e9), 4)
 
-    numbers["speedup_vs_stock_best"] = round(numbers["dpo_align_cold_pairs_per_s"] / numbers["stock_best_pairs_per_s"], 3)
-    numbers["warm_speedup_vs_stock"] = round(numbers["dpo_align_warm_pairs_per_s"] / numbers["stock_pairs_per_s"], 3)
-    numbers["second_run_saves_s"] = round(numbers["dpo_align_cold_total_s"] - numbers["dpo_align_warm_total_s"], 1)
+    def ratio(name, a, b):  # only between trainers that ran
+        if f"{a}_pairs_per_s" in numbers and f"{b}_pairs_per_s" in numbers:
+            numbers[name] = round(numbers[f"{a}_pairs_per_s"] / numbers[f"{b}_pairs_per_s"], 3)
+
+    ratio("speedup", "dpo_align_cold", "stock")
+    ratio("speedup_vs_stock_best", "dpo_align_cold", "stock_best")
+    ratio("warm_speedup_vs_stock", "dpo_align_warm", "stock")
+    ratio("sft_vs_dpo_cold", "dpo_align_sft", "dpo_align_cold")
+    ratio("sft_vs_dpo_warm", "dpo_align_sft", "dpo_align_warm")
+    if "dpo_align_warm_total_s" in numbers and "dpo_align_cold_total_s" in numbers:
+        numbers["second_run_saves_s"] = round(numbers["dpo_align_cold_total_s"] - numbers["dpo_align_warm_total_s"], 1)
     for key, value in numbers.items():
         print(f"{key}={value}")
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
-    print(f"speedup={numbers['dpo_align_cold_pairs_per_s'] / numbers['stock_pairs_per_s']:.3f}")
 
 
 if __name__ == "__main__":
