@@ -522,14 +522,12 @@ def sweep_command(
 
         dpo-align sweep --lr 5e-6,1e-5 --data ../shared/data/splits/train-pool.jsonl.gz --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz
     """
-    from dpo_align.core.folder_lock import check_apart, check_output_folder
+    from dpo_align.core.folder_lock import check_run_folders
     from dpo_align.grid import parse_grid
     from dpo_align.sweep import sweep
     from dpo_align.train.config import resolve_settings
 
-    for folder, option in ((runs_dir, "--runs-dir"), (output, "--output")):  # before hours of training
-        check_output_folder(folder, option)
-    check_apart(runs_dir, output)
+    check_run_folders(runs_dir, output)  # before hours of training
     scoring = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_"), controls=ctx.params["controls"]).validate()  # before hours of training
     lr_given = ctx.get_parameter_source("lr").name not in ("DEFAULT", "DEFAULT_MAP")
     from dpo_align.train.config import load_config_file
@@ -580,7 +578,7 @@ def search_command(
     storage: Annotated[str | None, typer.Option("--storage", help="SQLAlchemy URL of the study database, the same on every worker "
                                                 "(postgresql://user@host/db). Default: a SQLite file OUTPUT/study.db.")] = None,
     study: Annotated[str, typer.Option("--study", help="Study name in the database.")] = "dpo-align",
-    sampler: Annotated[str, typer.Option("--sampler", help="tpe (Optuna's TPE, seeded with --seed, Q2 and Q3 as constraints) or grid "
+    sampler: Annotated[str, typer.Option("--sampler", help="tpe (Optuna's TPE, seeded from --seed and the worker, Q2 and Q3 as constraints) or grid "
                                          "(every combination of the choices and --grid-points values per range).")] = "tpe",
     grid_points: Annotated[int, typer.Option("--grid-points", help="With --sampler grid: values per range.")] = 3,
     search_docs: Annotated[int, typer.Option("--search-docs", help="Documents per dataset scored for every trial (the same for all, "
@@ -606,14 +604,17 @@ def search_command(
           --max-pairs 1000 --pair-sample random --data-dir ../shared/data --pku-path ../shared/data/splits/heldout.jsonl.gz \\
           --preference-data ../shared/data/splits/heldout.jsonl.gz -o results/search
     """
-    from dpo_align.core.folder_lock import check_output_folder
+    from dpo_align.core.folder_lock import check_run_folders
     from dpo_align.search import study as studies
     from dpo_align.search.space import load_space
     from dpo_align.train.config import resolve_settings
 
     url = storage or studies.default_storage(output)
+    base = resolve_settings(config, given_settings(ctx))
+
     def echo(message: str) -> None:
         typer.echo(message, err=True)
+
     if status or report_only:
         import optuna
 
@@ -621,23 +622,18 @@ def search_command(
         try:
             found = optuna.load_study(study_name=study, storage=studies.open_storage(url, heartbeat=False))
         except KeyError:
-            raise UserError(f"--study {study}: no such study in {studies._hidden(url)}.") from None
+            raise UserError(f"--study {study}: no such study in {studies.hidden_url(url)}.") from None
         from dpo_align.search import report
 
         if status:
-            typer.echo(report.markdown(found, report.rows(found), *report.pick(found), resolve_settings(config, given_settings(ctx))))
+            typer.echo(report.markdown(found, report.rows(found), *report.pick(found), base))
             return
-        report.write(found, None, resolve_settings(config, given_settings(ctx)), output, progress=echo)
+        report.write(found, None, base, output, progress=echo)
         return
     if space is None:
         raise UserError("--space FILE is needed: a YAML search space, such as configs/search-space.yaml.")
-    from dpo_align.core.folder_lock import check_apart
-
-    for folder, option in ((runs_dir, "--runs-dir"), (output, "--output")):
-        check_output_folder(folder, option)
-    check_apart(runs_dir, output)
+    check_run_folders(runs_dir, output)
     search_space = load_space(space)
-    base = resolve_settings(config, given_settings(ctx))
     options = ScoreOptions(**settings_of(ctx, ScoreOptions, prefix="eval_")).validate()
     output.mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)

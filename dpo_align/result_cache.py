@@ -92,7 +92,7 @@ def inputs_of(settings) -> dict:
         value = settings.get(name)
         if value:
             paths = value if isinstance(value, list) else [value]
-            out[name] = {str(located(p)): (file_digest(p) if Path(p).is_file() else None) for p in paths}
+            out[name] = {str(located(p)): file_digest(p) for p in paths}
     return out
 
 

@@ -243,9 +243,9 @@ def kept_record(name: str, config: TrainConfig, folder: Path, models: Models, sp
         return None
     why = ("its record says it did not complete" if manifest.get("status") != "complete" else
            f"it was made with other settings ({', '.join(changed)})" if changed else
-           changed_since(manifest, config, None) if changed_since(manifest, config, None) else
-           "its adapter's digest is not in the record" if not isinstance(digest, dict) or not digest.get("sha256") else
-           models.missing(spec, digest))
+           changed_since(manifest, config, None) or
+           ("its adapter's digest is not in the record" if not isinstance(digest, dict) or not digest.get("sha256") else
+            models.missing(spec, digest)))
     if why:
         progress(f"{name}: its record in {folder} is not used ({why}); training it.")
         return None

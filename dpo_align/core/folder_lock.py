@@ -28,9 +28,12 @@ def lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.lock"
 
 
-def check_apart(runs_dir: Path, output: Path) -> None:
-    """A command's run folders and its output folder are two places: the runs (weights) are not for git, the output is,
-    and each is locked on its own."""
+def check_run_folders(runs_dir: Path, output: Path) -> None:
+    """``--runs-dir`` and ``--output`` of a command that trains (sweep, search), before any work: each an output folder
+    (``check_output_folder``), and two places: the runs (weights) are not for git, the output is, and each is locked on
+    its own."""
+    check_output_folder(runs_dir, "--runs-dir")
+    check_output_folder(output, "--output")
     runs, out = Path(runs_dir).expanduser().resolve(), Path(output).expanduser().resolve()
     if runs == out or out in runs.parents:
         raise UserError(f"--runs-dir {runs_dir} is {'the same folder as' if runs == out else 'inside'} --output {output}: the adapters "

@@ -72,11 +72,11 @@ def open_storage(url: str, *, heartbeat: bool = True):
                 time.sleep(1 + attempt)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-        raise UserError(f"--storage {_hidden(url)}: cannot open the study database ({reason}). Check the URL, that the server "
+        raise UserError(f"--storage {hidden_url(url)}: cannot open the study database ({reason}). Check the URL, that the server "
                         "is running and reachable, and that its driver is installed (PostgreSQL: pip install psycopg).") from None
 
 
-def _hidden(url: str) -> str:
+def hidden_url(url: str) -> str:
     """The URL without its password, for messages."""
     import re
 

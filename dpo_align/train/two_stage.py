@@ -74,17 +74,14 @@ def train_two_stage(config: TrainConfig, *, resume: bool, overwrite: bool, progr
 
 
 def _finished_or_trained(config: TrainConfig, progress, callbacks: tuple) -> dict:
-    from dpo_align.train.run import _train
+    """One stage: kept when finished, resumed when started, else trained (``train`` locks its folder)."""
+    from dpo_align.train.run import train
 
     run_dir = Path(config.output_dir)
     if (run_dir / "manifest.json").is_file():
         progress(f"{run_dir}: finished earlier, kept.")
         return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    resume = (run_dir / "config.yaml").is_file()
-    from dpo_align.core.folder_lock import locked
-
-    with locked(run_dir, "dpo-align train", "--output-dir"):
-        return _train(config, resume=resume, overwrite=False, progress=progress, callbacks=callbacks)
+    return train(config, resume=(run_dir / "config.yaml").is_file(), progress=progress, callbacks=callbacks)
 
 
 def combine_adapters(first: Path, second: Path) -> tuple[dict, dict]:
