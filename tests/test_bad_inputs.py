@@ -844,7 +844,8 @@ def test_a_sweeps_config_file_learning_rate_is_the_one_it_trains(cli, tiny_gpt2,
 @pytest.mark.parametrize("options, message", [
     (["--system_instruction", "Answer briefly."], r"--system_instruction changes every prompt the suite scores"),
     (["--cache_requests", "true"], r"--cache_requests restores requests keyed on the task's name, not on its data files"),
-], ids=["system instruction", "request cache"])
+    (["--use_cache", "{tmp}/responses"], r"--use_cache returns the responses stored for the same request text, whatever the model's weights"),
+], ids=["system instruction", "request cache", "response cache"])
 def test_lm_eval_options_that_change_the_measure_are_refused(options, message, workspace, tmp_path):
     """Plain `lm_eval` with an option that would change what the suite measures (or serve old requests for changed
     data): one clean line naming the option, exit 2, no results file."""
@@ -852,7 +853,7 @@ def test_lm_eval_options_that_change_the_measure_are_refused(options, message, w
     result = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={workspace.model}", "--include_path",
          str(repo / "lm_eval_tasks"), "--tasks", "dpo_ppl_truthfulqa", "--limit", "1", "--metadata", json.dumps({"data_dir": str(workspace.data)}),
-         "--output_path", str(tmp_path / "out"), *options],
+         "--output_path", str(tmp_path / "out"), *(option.format(tmp=tmp_path) for option in options)],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output[-3000:]

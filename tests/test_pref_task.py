@@ -25,13 +25,13 @@ def pairs(tmp_path_factory):
     return path
 
 
-def evaluate(model, metadata):
+def evaluate(model, metadata, batch_size=2, tasks=("dpo_pref_heldout",)):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include_path(), include_defaults=False, metadata={"pretrained": str(model), **metadata})
-    return lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(model), "dtype": "float32"}, tasks=["dpo_pref_heldout"],
-                                   task_manager=manager, batch_size=2, device="cpu", log_samples=True)
+    return lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(model), "dtype": "float32"}, tasks=list(tasks),
+                                   task_manager=manager, batch_size=batch_size, device="cpu", log_samples=True)
 
 
 def independent_lls(model_dir, docs):
@@ -70,9 +70,10 @@ def test_acc_and_acc_norm_match_an_independent_loop(tiny_llama, pairs):
 
 
 def test_reward_accuracy_against_a_reference(tiny_llama, pairs, tmp_path):
-    # the model against itself: every margin is a tie
-    same = evaluate(tiny_llama, {"pref_path": str(pairs), "reference": str(tiny_llama)})["results"]["dpo_pref_heldout"]
-    assert same["reward_acc,none"] == 0.5
+    # the model against itself: every margin is exactly 0 (both sides scored alike), so every pair is a tie
+    same = evaluate(tiny_llama, {"pref_path": str(pairs), "reference": str(tiny_llama)})
+    assert same["results"]["dpo_pref_heldout"]["reward_acc,none"] == 0.5
+    assert [s["reward_margin"] for s in same["samples"]["dpo_pref_heldout"]] == [0.0] * 6
     # against another model: the implicit reward's sign, pair by pair
     adapter = noisy_adapter(tiny_llama, tmp_path / "adapter")
     from peft import PeftModel
@@ -88,6 +89,18 @@ def test_reward_accuracy_against_a_reference(tiny_llama, pairs, tmp_path):
     wins = [float((p[0] - r[0]) - (p[1] - r[1]) > 0) for p, r in zip(policy, reference, strict=True)]
     assert results["results"]["dpo_pref_heldout"]["reward_acc,none"] == pytest.approx(sum(wins) / len(wins))
     assert [s["reward_acc"] for s in samples] == wins
+    margins = [(p[0] - r[0]) - (p[1] - r[1]) for p, r in zip(policy, reference, strict=True)]
+    assert [s["reward_margin"] for s in samples] == pytest.approx(margins, abs=1e-3)
+
+
+def test_a_model_against_itself_ties_exactly_whatever_the_batch(tiny_llama, pairs, tiny_data):
+    """A model compared with itself at batch 4, beside another task's requests (lm-eval's own pass batches them
+    together): the reference is scored the policy's way, so each margin is exactly 0, not only within the tie band
+    (the reference at batch 1 beside a policy at batch 16 once gave reward_acc 0.55 on 10 pairs)."""
+    metadata = {"pref_path": str(pairs), "reference": str(tiny_llama), "data_dir": str(tiny_data)}
+    results = evaluate(tiny_llama, metadata, batch_size=4, tasks=("dpo_pref_heldout", "dpo_ppl_truthfulqa"))
+    assert [s["reward_margin"] for s in results["samples"]["dpo_pref_heldout"]] == [0.0] * 6
+    assert results["results"]["dpo_pref_heldout"]["reward_acc,none"] == 0.5
 
 
 @needs_shared_data

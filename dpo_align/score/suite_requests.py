@@ -11,6 +11,7 @@ import functools
 
 import datasets
 import lm_eval.api.metrics
+import lm_eval.api.model
 import lm_eval.evaluator_utils
 
 from dpo_align.core.errors import UserError, install_error_boundary
@@ -94,9 +95,14 @@ def check_request_options(task, kwargs: dict, *, reference: bool = False) -> Non
     ``--system_instruction`` puts other text before every prompt than the templates the suite defines (and than training
     saw; ``--num_fewshot`` needs no check: the tasks' YAML fixes it at 0, and lm-eval then ignores the option);
     ``--cache_requests`` restores requests keyed on the task's name, not its data, so a data file changed in place would
-    be scored with the old requests. ``--apply_chat_template`` is applied by lm-eval
+    be scored with the old requests; ``--use_cache`` returns stored responses keyed on the request text alone, so a
+    model retrained at the same path keeps its old numbers. ``--apply_chat_template`` is applied by lm-eval
     to every request alike and stays allowed, except beside a ``reference`` model, whose requests are built without it."""
     name = getattr(task.config, "task", "the task")
+    if isinstance(evaluating_lm(), lm_eval.api.model.CachingLM):
+        raise UserError(f"{name}: --use_cache returns the responses stored for the same request text, whatever the model's "
+                        "weights now are, so an adapter retrained at the same path would keep its old ce. Leave it out "
+                        "(dpo-align eval keeps its own cache, keyed on the adapter's and the data's content).")
     if kwargs.get("system_instruction"):
         raise UserError(f"{name}: --system_instruction changes every prompt the suite scores (its templates are fixed, as in training); "
                         "leave it out, or choose the prompt format with --metadata '{\"template\": \"chat\"}'.")
@@ -106,6 +112,22 @@ def check_request_options(task, kwargs: dict, *, reference: bool = False) -> Non
     if reference and kwargs.get("apply_chat_template"):
         raise UserError(f"{name}: --apply_chat_template with --metadata reference: the reference's requests are built without it, so "
                         "the reward margins would compare two formats. Use --metadata '{\"template\": \"chat\"}' instead.")
+
+
+def evaluating_lm():
+    """The model lm-eval's evaluator is scoring with (``lm`` in ``evaluate(lm, ...)``, possibly its ``--use_cache``
+    wrapper), or None outside the evaluator. lm-eval hands a task no handle on its model, and two checks need one:
+    ``--use_cache`` (the wrapper) and ``reward_acc`` (the reference is scored the policy's way), so it is read from the
+    calling frames."""
+    import inspect
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        lm = frame.f_locals.get("lm")
+        if isinstance(lm, (lm_eval.api.model.LM, lm_eval.api.model.CachingLM)):
+            return lm
+        frame = frame.f_back
+    return None
 
 
 # --------------------------------------------------------------------------- tokenizer
