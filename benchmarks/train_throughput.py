@@ -78,8 +78,12 @@ def write_sample(data: str, model: str, pairs: int, max_length: int, path: Path)
 # --------------------------------------------------------------------------- one trainer per process
 
 
-# every trainer the benchmark knows; dpo_align_sft is SFT alone on the same pairs (no reference pass, no rejected half)
-TRAINERS = ("stock", "stock_best", "dpo_align_cold", "dpo_align_warm", "dpo_align_sft")
+# every trainer the benchmark knows, on the same pairs: dpo_align_sft is SFT alone (no reference pass, no rejected half);
+# dpo_align_rpo is RPO (sigmoid + sft, weights 1 + 1) on the reference cache dpo_align_cold left warm; dpo_align_two_stage is
+# SFT on all the pairs, then DPO from the merged SFT model with it as the reference (its reference pass is cold: new weights)
+TRAINERS = ("stock", "stock_best", "dpo_align_cold", "dpo_align_warm", "dpo_align_sft", "dpo_align_rpo", "dpo_align_two_stage")
+RECIPES = {"dpo_align_cold": {}, "dpo_align_warm": {}, "dpo_align_sft": {"loss_type": "sft"},
+           "dpo_align_rpo": {"loss_type": "sigmoid,sft", "loss_weights": "1,1"}, "dpo_align_two_stage": {"sft_first_pairs": "all"}}
 
 
 def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags: bool, output: Path) -> dict:
@@ -109,13 +113,24 @@ def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags:
             "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "max_length": args.max_length}
 
 
-def run_dpo_align(sample: Path, model: str, steps: int, batch_size: int, output: Path, loss_type: str = "sigmoid") -> dict:
+def run_dpo_align(sample: Path, model: str, steps: int, batch_size: int, output: Path, recipe: dict) -> dict:
     from dpo_align.train.config import TrainConfig
     from dpo_align.train.run import train
 
+    recipe = dict(recipe)
+    if recipe.get("sft_first_pairs") == "all":
+        recipe["sft_first_pairs"] = steps * batch_size
     config = TrainConfig(model=model, data=[str(sample)], max_steps=steps, batch_size=batch_size, output_dir=str(output),
-                         logging_steps=1, save_steps=10_000, loss_type=loss_type).validate()
+                         logging_steps=1, save_steps=10_000, **recipe).validate()
+    started = time.perf_counter()
     manifest = train(config, overwrite=True, progress=lambda m: None)
+    wall = time.perf_counter() - started
+    if "stages" in manifest:  # two stages: the whole command's wall time (SFT, merge, reference pass, DPO), the second stage's numbers
+        final = output / "stage-2"
+        stage2 = json.loads((final / "manifest.json").read_text())
+        return {"setup_s": 0.0, "train_s": wall, "losses": [], "tokens_fed": 0, "stage2_train_s": stage2["train_runtime_s"],
+                "reference_pass_s": stage2["reference_logps"]["train"]["seconds"], "reference_cached": stage2["reference_logps"]["train"]["cached"],
+                "precision": stage2["precision"], "max_length": config.max_length}
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return {"setup_s": manifest["trainer_setup_s"], "train_s": manifest["train_runtime_s"], "losses": [r["loss"] for r in rows if "loss" in r],
             "tokens_fed": max(r.get("num_tokens", 0) for r in rows),
@@ -129,9 +144,7 @@ def child(args) -> None:
     if args.child in ("stock", "stock_best"):
         result = run_stock(Path(args.sample), args.model, args.steps, args.batch_size, args.child == "stock_best", output)
     else:
-        # dpo_align_sft: SFT alone (no reference pass, no rejected half), on the same pairs
-        result = run_dpo_align(Path(args.sample), args.model, args.steps, args.batch_size, output,
-                               loss_type="sft" if args.child == "dpo_align_sft" else "sigmoid")
+        result = run_dpo_align(Path(args.sample), args.model, args.steps, args.batch_size, output, RECIPES[args.child])
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -200,6 +213,8 @@ def main() -> None:
     ratio("warm_speedup_vs_stock", "dpo_align_warm", "stock")
     ratio("sft_vs_dpo_cold", "dpo_align_sft", "dpo_align_cold")
     ratio("sft_vs_dpo_warm", "dpo_align_sft", "dpo_align_warm")
+    ratio("rpo_vs_dpo_warm", "dpo_align_rpo", "dpo_align_warm")  # both on a warm reference cache: the training steps alone
+    ratio("two_stage_vs_dpo_cold", "dpo_align_two_stage", "dpo_align_cold")
     if "dpo_align_warm_total_s" in numbers and "dpo_align_cold_total_s" in numbers:
         numbers["second_run_saves_s"] = round(numbers["dpo_align_cold_total_s"] - numbers["dpo_align_warm_total_s"], 1)
     for key, value in numbers.items():

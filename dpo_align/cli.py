@@ -178,7 +178,7 @@ def eval_command(
     """
     from dpo_align.data.suite import DATASETS
     from dpo_align.eval_run import run_eval
-    from dpo_align.report.tables import controls_tables, markdown_table
+    from dpo_align.report.tables import controls_tables, markdown_table, truncation_section
 
     options = ScoreOptions(**settings_of(ctx, ScoreOptions)).validate()
     for name in dataset or []:
@@ -200,7 +200,7 @@ def eval_command(
         )
     if not runs:
         return
-    typer.echo("\n".join([markdown_table(runs), *controls_tables(runs)]))
+    typer.echo("\n".join([markdown_table(runs), *controls_tables(runs), *truncation_section(runs)]))
     typer.echo(f"Wrote {output}/results.json, table.md, table.csv, table.png and samples/.")
 
 

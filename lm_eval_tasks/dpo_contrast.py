@@ -22,7 +22,7 @@ from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
 from dpo_align.score import metrics
-from dpo_align.score.suite_requests import check_request_options, scored_span, suite_dataset, tokenizer_for
+from dpo_align.score.suite_requests import check_request_options, context_window, fits, scored_span, suite_dataset, tokenizer_for
 
 
 def truthfulqa(**metadata):
@@ -50,7 +50,8 @@ class ContrastTask(ConfigurableTask):
         config.pop("class", None)
         super().__init__(config=config, **kwargs)
         self._tokenizer = tokenizer_for(self.config.metadata or {})
-        self._spans: dict[tuple[int, int], tuple[int, int, bool]] = {}
+        self._window = context_window(self.config.metadata or {}, self._tokenizer)
+        self._spans: dict = {}  # (doc id, choice) -> (Span, fits the window)
 
     def build_all_requests(self, *args, **kwargs):
         # counted from the requests lm-eval sends (after --apply_chat_template, or restored from its cache)
@@ -58,14 +59,16 @@ class ContrastTask(ConfigurableTask):
         result = super().build_all_requests(*args, **kwargs)
         for instance in self._instances:
             context, continuation = instance.arguments
-            self._spans[instance.doc["id"], instance.idx] = scored_span(self._tokenizer, context, continuation)
+            span = scored_span(self._tokenizer, context, continuation)
+            self._spans[instance.doc["id"], instance.idx] = span, fits(self.config.task, instance.doc["id"], span, self._window)
         return result
 
     def process_results(self, doc, results):
-        responses = []
+        responses, truncated = [], False
         for idx, (loglikelihood, _) in enumerate(results):
-            n_tokens, n_bytes, _ = self._spans[doc["id"], idx]
-            responses.append((-float(loglikelihood), n_tokens, n_bytes))
+            span, fitted = self._spans[doc["id"], idx]
+            responses.append((-float(loglikelihood), span.tokens, span.bytes))
+            truncated |= not fitted
         (nll, n_tokens, n_bytes), foils = responses[0], responses[1:]
         # MC1: the reference strictly below every foil (a tie is not a win)
         correct = all(nll < f_nll for f_nll, _, _ in foils)
@@ -76,10 +79,11 @@ class ContrastTask(ConfigurableTask):
             "acc": float(correct),
             "acc_norm": float(correct_norm),
             "foils": [list(r) for r in responses],
+            "truncated": float(truncated),  # the reference's or a foil's prompt was cut to fit the model's window
         }
 
     def aggregation(self):
-        return {"ce": metrics.ce, "ce_foil": metrics.ce, "acc": mean, "acc_norm": mean, "foils": total_foils}
+        return {"ce": metrics.ce, "ce_foil": metrics.ce, "acc": mean, "acc_norm": mean, "foils": total_foils, "truncated": mean}
 
     def higher_is_better(self):
-        return {"ce": False, "ce_foil": False, "acc": True, "acc_norm": True, "foils": True}
+        return {"ce": False, "ce_foil": False, "acc": True, "acc_norm": True, "foils": True, "truncated": False}

@@ -19,7 +19,7 @@ from lm_eval.api.task import ConfigurableTask
 
 from dpo_align.data.suite import PPL
 from dpo_align.score import metrics
-from dpo_align.score.suite_requests import check_request_options, scored_span, suite_dataset, tokenizer_for
+from dpo_align.score.suite_requests import check_request_options, context_window, fits, scored_span, suite_dataset, tokenizer_for
 
 METRICS = PPL.metrics
 
@@ -48,7 +48,8 @@ class ResponseCrossEntropyTask(ConfigurableTask):
         config.pop("class", None)
         super().__init__(config=config, **kwargs)
         self._tokenizer = tokenizer_for(self.config.metadata or {})
-        self._spans: dict[int, tuple[int, int, bool]] = {}
+        self._window = context_window(self.config.metadata or {}, self._tokenizer)
+        self._spans: dict = {}  # doc id -> (Span, fits the window)
 
     def build_all_requests(self, *args, **kwargs):
         # Count from the requests lm-eval actually sends: their context is the final one (after any
@@ -58,19 +59,22 @@ class ResponseCrossEntropyTask(ConfigurableTask):
         result = super().build_all_requests(*args, **kwargs)
         for instance in self._instances:
             context, continuation = instance.arguments
-            self._spans[instance.doc["id"]] = scored_span(self._tokenizer, context, continuation)
+            span = scored_span(self._tokenizer, context, continuation)
+            self._spans[instance.doc["id"]] = span, fits(self.config.task, instance.doc["id"], span, self._window)
         return result
 
     def process_results(self, doc, results):
         loglikelihood = results[0][0]
-        n_tokens, n_bytes, merged = self._spans[doc["id"]]
+        span, fitted = self._spans[doc["id"]]
         nll = -float(loglikelihood)
-        return {"ce": (nll, n_tokens), "ppl": (nll, n_tokens), "bpb": (nll, n_bytes), "boundary_merge": float(merged)}
+        return {"ce": (nll, span.tokens), "ppl": (nll, span.tokens), "bpb": (nll, span.bytes), "boundary_merge": float(span.merged),
+                "truncated": float(not fitted)}
 
     def aggregation(self):
         # boundary_merge: the share of documents whose first response characters were merged into
-        # the context's last token (so not scored); 0 for the tokenizers of the reference models
-        return {"ce": metrics.ce, "ppl": metrics.ppl, "bpb": metrics.bpb, "boundary_merge": mean}
+        # the context's last token (so not scored); 0 for the tokenizers of the reference models.
+        # truncated: the share whose prompt lm-eval cut from the left to fit the model's window
+        return {"ce": metrics.ce, "ppl": metrics.ppl, "bpb": metrics.bpb, "boundary_merge": mean, "truncated": mean}
 
     def higher_is_better(self):
-        return {**dict.fromkeys(METRICS, False), "boundary_merge": False}
+        return {**dict.fromkeys(METRICS, False), "boundary_merge": False, "truncated": False}

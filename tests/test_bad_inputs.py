@@ -65,6 +65,8 @@ def _cases() -> list[Case]:
         c("unsupported file type", "data inspect", ["data", "inspect", "{ws}/pairs.txt", "--model", "{model}"], r"pairs\.txt", output=""),
         c("unknown template", "data inspect", ["data", "inspect", "{pairs}", "--template", "nosuch"], r"--template", output=""),
         c("example index past the end", "data inspect", ["data", "inspect", "{pairs}", "--model", "{model}", "--example", "999"], r"--example", output=""),
+        c("chat template that does not parse", "data inspect", ["data", "inspect", "{pairs}", "--model", "{ws}/badchat", "--template", "chat"],
+          r"chat template of .*badchat's tokenizer fails on a one-message conversation \(TemplateSyntaxError", output=""),
         # ---- train: settings, checked before any model loads
         c("lr inf", "train", [*train, "--lr", "inf"], r"--lr must be a finite number"),
         c("lr nan", "train", [*train, "--lr", "nan"], r"--lr must be a finite number"),
@@ -120,7 +122,11 @@ def _cases() -> list[Case]:
         c("decontamination data dir missing", "train", [*train, "--data-dir", "{ws}/nodata"], r"nodata/truthfulqa/TruthfulQA\.csv"),
         c("a failed set-up leaves the folder reusable", "train", [*train[:2], "{ws}/truncated", *train[3:-4], "-o", "{ws}/failed-run"],
           r"truncated or corrupt", output="{ws}/failed-run"),
+        c("chat template that raises", "train", [*train[:2], "{ws}/refusingchat", *train[3:], "--template", "chat"],
+          r"refusingchat's tokenizer fails on a one-message conversation \(TemplateError: Only system roles\.\)"),
         # ---- eval
+        c("eval chat template that raises", "eval", ["eval", "{ws}/refusingchat", "--template", "chat", "--data-dir", "{data}", "--dataset",
+                                                      "truthfulqa", "-o", "{out}"], r"refusingchat's tokenizer fails on a one-message conversation"),
         c("eval device foo", "eval", [*evaluate, "--device", "foo"], r"--device 'foo'"),
         c("eval device cuda without CUDA", "eval", [*evaluate, "--device", "cuda"], r"--device cuda: this machine has no CUDA"),
         c("eval batch size 0", "eval", [*evaluate, "--batch-size", "0"], r"--batch-size 0"),
@@ -318,6 +324,9 @@ class Workspace:
             else:
                 weights.unlink()
                 (folder / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+        for name, template in (("badchat", "{% if %}{{ messages }}"), ("refusingchat", "{{ raise_exception('Only system roles.') }}")):
+            shutil.copytree(model, root / name)  # a chat template that does not parse, and one that raises on a user message
+            (root / name / "chat_template.jinja").write_text(template)
         self._adapter()
         self._scoring_data()
 
@@ -893,3 +902,42 @@ def test_loading_failure_hints_name_the_cause_the_error_shows(tmp_path):
     assert failure_hint("an error about safetensors headers", spec, False) == ""  # no pickle files: no pickle hint
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     assert "--allow-pickle" in failure_hint("an error about safetensors headers", spec, False)
+
+
+def _with_window(model: Path, folder: Path, positions: int) -> Path:
+    """A copy of a tiny Llama whose config says it has ``positions`` positions (RoPE: the weights do not change)."""
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_prompts_cut_to_fit_the_window_are_counted_and_shown(tiny_llama, tiny_data, tmp_path):
+    """A model of 80 positions: two of TruthfulQA's three alpaca prompts (71, 88 and 96 tokens with their responses) are cut
+    from the left by lm-eval. Counted per dataset in results.json, shown in table.md and on the terminal; the 71-token
+    one is not."""
+    model = _with_window(tiny_llama, tmp_path / "short", 80)
+    result = runner.invoke(app, ["eval", str(model), "--dataset", "truthfulqa", "--data-dir", str(tiny_data), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]["table"]["truthfulqa"]
+    assert row["n"] == 3 and row["truncated"][0] == pytest.approx(2 / 3)
+    assert row["truncated_controls"][0] >= row["truncated"][0]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "## Truncated prompts" in table and "references: 2 of 3" in table
+    assert "references: 2 of 3" in result.output
+    # the same model with its full window: nothing cut, no section
+    full = runner.invoke(app, ["eval", str(tiny_llama), "--dataset", "truthfulqa", "--data-dir", str(tiny_data), "-o", str(tmp_path / "full")])
+    assert full.exit_code == 0, full.output
+    assert json.loads((tmp_path / "full" / "results.json").read_text())["models"][0]["table"]["truthfulqa"]["truncated"][0] == 0
+    assert "Truncated prompts" not in (tmp_path / "full" / "table.md").read_text()
+
+
+def test_a_response_longer_than_the_window_is_a_clear_error(tiny_llama, tiny_data, tmp_path):
+    """20 positions against responses of 26 and 28 tokens: lm-eval would stop on an AssertionError mid-scoring. One line
+    naming the document and both sizes, exit 2, no results."""
+    model = _with_window(tiny_llama, tmp_path / "tiny", 20)
+    result = runner.invoke(app, ["eval", str(model), "--dataset", "truthfulqa", "--data-dir", str(tiny_data), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output and "AssertionError" not in result.output
+    assert re.search(r"document \d's response is 2[68] tokens, longer than the 20 positions the model scores", result.output), result.output
+    assert not (tmp_path / "out").exists()

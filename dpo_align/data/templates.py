@@ -45,9 +45,17 @@ def render_prompt(instruction: str, template: str = DEFAULT_TEMPLATE, tokenizer=
             "Template 'chat' needs a tokenizer with a chat template, and this model's "
             "tokenizer has none. Use --template alpaca or raw, or a chat model."
         )
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
-    )
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        )
+    except jinja2.TemplateError as err:  # a broken template, or one that raises for this conversation
+        where = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise UserError(f"Template 'chat': the chat template of {where}'s tokenizer fails on a one-message conversation "
+                        f"({type(err).__name__}: {err}). Fix chat_template (tokenizer_config.json or chat_template.jinja), "
+                        "or use --template alpaca or raw.") from None
 
 
 def render_response(response: str, template: str = DEFAULT_TEMPLATE) -> str:

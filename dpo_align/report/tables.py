@@ -51,6 +51,7 @@ def sweep_table(runs: list[dict], changes: dict, failed: dict[str, str], replica
     table += ["## Bits per byte (lower is better)", "", markdown_table(runs, "bpb")]
     if changes:
         table += [paired.markdown(changes["bpb"], metric="bpb", names=display_name, verdict="verdict (ce alone)")]
+    table += truncation_section(runs)
     if failed:
         table += ["## Failed runs (not scored)", ""] + [f"* {name}: {reason}" for name, reason in failed.items()] + [""]
     return "\n".join(table)
@@ -64,6 +65,26 @@ def controls_tables(runs: list[dict]) -> list[str]:
     return ["## The controls: the foils' cross-entropy (nats per foil token; ± standard error)", "", markdown_table(runs, "ce_foil"),
             "## acc: the reference has the lowest summed NLL of its document's responses (higher is better)", "", markdown_table(runs, "acc"),
             "## acc_norm: the same per UTF-8 byte", "", markdown_table(runs, "acc_norm")]
+
+
+def truncation_section(runs: list[dict]) -> list[str]:
+    notes = truncation_notes(runs)
+    return ["## Truncated prompts", "", *(f"* {note}" for note in notes), ""] if notes else []
+
+
+def truncation_notes(runs: list[dict]) -> list[str]:
+    """One line per model and dataset whose prompts lm-eval cut from the left to fit the model's window (the template's
+    header goes first, so those documents are scored in another format): their ce is not the suite's measure."""
+    notes = []
+    for run in runs:
+        for key, row in run["table"].items():
+            shares = {what: row.get(field, [0])[0] for what, field in (("references", "truncated"), ("controls", "truncated_controls"))}
+            if any(shares.values()):
+                n = row.get("n") or 0
+                counts = ", ".join(f"{what}: {round(share * n)} of {n}" for what, share in shares.items() if share)
+                notes.append(f"{run['label']}, {display_name(key)}: prompts cut from the left to fit the model's context window "
+                             f"({counts} documents); their ce is of a prompt without its start (lm_eval_tasks/README.md, truncated).")
+    return notes
 
 
 def csv_table(runs: list[dict]) -> str:
@@ -112,6 +133,6 @@ def write_outputs(output: Path, runs: list[dict], settings: dict) -> None:
             for task, rows in run.pop("documents", {}).items():
                 write_jsonl(staging / "samples" / slug(run["label"]) / f"{task}.jsonl", rows)
         atomic_write_json(staging / "results.json", {"settings": settings, "models": runs})
-        atomic_write_text(staging / "table.md", "\n".join([markdown_table(runs), *controls_tables(runs)]))
+        atomic_write_text(staging / "table.md", "\n".join([markdown_table(runs), *controls_tables(runs), *truncation_section(runs)]))
         atomic_write_text(staging / "table.csv", csv_table(runs))
         atomic_write_bytes(staging / "table.png", bar_chart_png(runs))

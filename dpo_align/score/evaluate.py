@@ -253,8 +253,10 @@ def summarize(results: dict) -> dict:
             row = results["results"][task]
             table[key] = {m: [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))] for m in METRICS}
             table[key]["n"] = results["n-samples"][task]["effective"]
-            if "boundary_merge,none" in row:  # share of documents whose response start merged into the context
-                table[key]["boundary_merge"] = [row["boundary_merge,none"], _number(row.get("boundary_merge_stderr,none"))]
+            # shares of documents whose response start merged into the context, and whose prompt was cut to fit the window
+            for m in ("boundary_merge", "truncated"):
+                if f"{m},none" in row:
+                    table[key][m] = [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))]
     if SUITE in results.get("groups", {}):
         row = results["groups"][SUITE]
         table["mean"] = {m: [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))] for m in METRICS if f"{m},none" in row}
@@ -269,6 +271,8 @@ def summarize(results: dict) -> dict:
         for m in CONTROL_METRICS:
             if f"{m},none" in row:
                 table[key][m] = [row[f"{m},none"], _number(row.get(f"{m}_stderr,none"))]
+        if key != "mean" and "truncated,none" in row:  # the reference's or a foil's prompt cut to fit
+            table[key]["truncated_controls"] = [row["truncated,none"], _number(row.get("truncated_stderr,none"))]
     return table
 
 
@@ -321,6 +325,12 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict | None:
         warnings.warn(f"{spec.label}: this tokenizer merges the template's last characters with the response's first ones in "
                       + ", ".join(f"{k} ({100 * v:.0f}% of documents)" for k, v in merged.items())
                       + ": those characters are not scored (see lm_eval_tasks/README.md, boundary_merge).", stacklevel=2)
+    from dpo_align.report.tables import truncation_notes
+
+    for note in truncation_notes([{"label": spec.label, "table": table}]):
+        import warnings
+
+        warnings.warn(note, stacklevel=2)
     return {
         "label": spec.label, "pretrained": spec.pretrained, "peft": spec.peft, "revision": revision,
         "hub_datasets": dict(COMMITS),  # commit read of every set loaded from the hub (None: unknown)

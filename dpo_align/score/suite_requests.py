@@ -8,6 +8,7 @@ is rendered, encoded and counted exactly like the reference response it stands b
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import datasets
 import lm_eval.api.metrics
@@ -177,8 +178,15 @@ def continuation_token_count(tokenizer, context: str, continuation: str) -> int:
     return scored_span(tokenizer, context, continuation)[0]
 
 
-def scored_span(tokenizer, context: str, continuation: str) -> tuple[int, int, bool]:
-    """(scored tokens, scored UTF-8 bytes, boundary merge) for one (context, continuation) pair.
+class Span(NamedTuple):
+    tokens: int  # scored continuation tokens
+    bytes: int  # UTF-8 bytes of the text they cover
+    merged: bool  # the continuation's first characters were merged into the context's last token
+    length: int  # tokens of the whole request (context and continuation), what must fit the model's window
+
+
+def scored_span(tokenizer, context: str, continuation: str) -> Span:
+    """(scored tokens, scored UTF-8 bytes, boundary merge, request length) for one (context, continuation) pair.
 
     lm-eval scores ``whole[len(encode(context)):]`` where ``whole = encode(context + continuation)``.
     When a pre-tokenizer glues the context's last characters to the continuation's first ones
@@ -205,7 +213,52 @@ def scored_span(tokenizer, context: str, continuation: str) -> tuple[int, int, b
         n_bytes = len(text[first:].encode("utf-8"))
     else:  # without offsets the covered text is unknown: the whole continuation (the merge is still reported)
         n_bytes = len(continuation.encode("utf-8"))
-    return n_tokens, n_bytes, merged
+    return Span(n_tokens, n_bytes, merged, len(whole))
+
+
+# --------------------------------------------------------------------------- the model's window
+
+
+def context_window(metadata: dict, tokenizer) -> int | None:
+    """The positions lm-eval's HF model scores a request within (``HFLM.max_length``): ``max_length`` from
+    ``--model_args``, else the model config's (``n_positions``, ``max_position_embeddings``...), else the tokenizer's,
+    else 2048, by lm-eval's own ``resolve_max_length``. None where the model is not a path (a model object handed to
+    lm-eval in Python): then truncation is not counted."""
+    if metadata.get("max_length"):
+        return int(metadata["max_length"])
+    source = metadata.get("pretrained")
+    if not isinstance(source, str) or not source:
+        return None
+    kwargs = {"trust_remote_code": remote_code_allowed(metadata)}
+    for key in ("gguf_file", "revision"):
+        if metadata.get(key):
+            kwargs[key] = metadata[key]
+    return _window(source, tuple(sorted(kwargs.items())), tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def _window(source: str, frozen_kwargs: tuple, tokenizer) -> int | None:
+    from lm_eval.models.utils import resolve_max_length
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, **dict(frozen_kwargs))
+    except (OSError, ValueError):  # lm-eval itself will say what is wrong with the model
+        return None
+    return resolve_max_length(config, tokenizer)
+
+
+def fits(task: str, doc_id, span: Span, window: int | None) -> bool:
+    """False where lm-eval will cut the request's context from the left to fit ``window`` (the template's header goes
+    first): counted and shown as ``truncated``. A continuation longer than the window cannot be scored at all (lm-eval
+    stops on an AssertionError): a clear error, before anything is scored."""
+    if window is None:
+        return True
+    if span.tokens > window:
+        raise UserError(f"{task}: document {doc_id}'s response is {span.tokens} tokens, longer than the {window} positions the "
+                        "model scores (its max_length): it cannot be scored. Leave this dataset out, or score a model whose "
+                        "context window holds it.")
+    return span.length <= window + 1  # lm-eval keeps the last max_length + 1 tokens (the last one is only predicted)
 
 
 # --------------------------------------------------------------------------- documents
