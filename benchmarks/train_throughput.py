@@ -19,9 +19,11 @@ Time is trainer set-up (tokenization and any reference pass) plus the training l
 loading is left out of every figure. Model-FLOPs utilisation counts 6N FLOPs per pair token
 kept at max_length 512 (prompt + chosen + rejected: 4N for the policy's forward and
 backward, 2N for the reference's forward, N = base parameters) against the peak every run's MFU uses
-(``dpo_align.train.throughput.peak_flops``: this CPU's measured matmul rate in dpo-align's precision, cached). ``tokens_fed`` is TRL's own ``num_tokens`` count (padding
+(this CPU's matmul rate in dpo-align's precision, measured by the benchmark before the trainers run; each run's own
+``run_mfu`` uses the cached peak of ``dpo_align.train.throughput.peak_flops``, recorded beside it). ``tokens_fed`` is TRL's own ``num_tokens`` count (padding
 excluded; stock TRL feeds each prompt twice). ``speedup`` is dpo-align cold pairs/s ÷ stock pairs/s;
-``sft_vs_dpo_cold``/``_warm`` SFT alone against DPO. ``--only`` runs a subset of the trainers.
+``sft_vs_dpo_cold``/``_warm`` SFT alone against DPO; ``rpo_vs_dpo_warm`` RPO against DPO, both on a warm reference
+cache; ``two_stage_vs_dpo_cold`` the whole two-stage command against DPO cold. ``--only`` runs a subset of the trainers.
 
     python benchmarks/train_throughput.py --data ../shared/data/splits/train-pool.jsonl.gz --steps 16
 """
@@ -182,8 +184,15 @@ def main() -> None:
         from dpo_align.train.throughput import peak_flops
 
         numbers["precision"] = resolve_precision("auto")
-        peak, numbers["peak_source"] = peak_flops("cpu", numbers["precision"])
+        # the benchmark's own peak, measured now (it runs with the CPU to itself); every run's run_mfu field reads the
+        # cached one (peak_flops), recorded beside it
+        from dpo_align.train.throughput import measured_matmul_rate
+
+        peak = measured_matmul_rate(torch.bfloat16 if numbers["precision"] == "bf16" else torch.float32)
+        numbers["peak_source"] = "measured by this benchmark before the trainers ran"
         numbers["peak_gflops"] = round(peak / 1e9, 1)
+        cached, numbers["run_peak_source"] = peak_flops("cpu", numbers["precision"])
+        numbers["run_peak_gflops"] = round(cached / 1e9, 1)
         numbers["torch_threads"] = torch.get_num_threads()
         env = {**os.environ, "DPO_ALIGN_REF_CACHE": str(Path(tmp) / "ref-cache"), "TQDM_DISABLE": "1"}
         chosen = [name.strip() for name in args.only.split(",") if name.strip()]

@@ -6,9 +6,14 @@ It is the convention of the scaling-law and PaLM papers, so an MFU here compares
 weight gradients for the frozen matrices, so its true work is nearer 4N and the MFU is an upper estimate of the share.
 
 The peak: on a GPU, the device's published dense bf16 (or fp32) rate where this table knows the device; otherwise (a
-CPU, or an unknown GPU) the best matmul rate measured once on this machine, in the precision the run computes in, and
+CPU, or an unknown GPU) the best matmul rate measured on this machine, in the precision the run computes in, and
 cached in ``~/.cache/dpo-align/peak-flops.json`` under the CPU model, thread count and torch version. Which one was
 used is recorded beside the number (``peak_source``).
+
+A rate measured while other processes load the CPU is too low (two search workers on two cores once cached 25 GFLOP/s
+where the idle rate is 172-181, and every later run reported an MFU above 1). So each entry keeps the load average it
+was measured under, an entry measured under load (above ``BUSY``) is measured again by the next run that finds the CPU
+quieter, and the cache keeps the highest rate seen: a busy measurement can only understate the peak.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ from transformers import TrainerCallback
 # dense tensor-core peaks, TFLOP/s, from the vendors' data sheets (bf16, fp32 without sparsity)
 PUBLISHED = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6), "A10G": (125.0, 31.2),
              "L4": (121.0, 30.3)}
+
+
+BUSY = 1.0  # a one-minute load average above this: another process was computing while the rate was measured
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not on this platform: taken as quiet
+        return 0.0
 
 
 def _cache_file() -> Path:
@@ -76,8 +91,17 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if key not in known:
-        known[key] = measured_matmul_rate(torch.bfloat16 if bf16 else torch.float32)
+    entry = known.get(key)
+    if isinstance(entry, int | float):  # the cache's first form: a bare rate, its load unknown
+        entry = {"flops": float(entry), "load": None}
+    load = _load()
+    if entry is None or ((entry["load"] is None or entry["load"] > BUSY) and (entry["load"] is None or load < entry["load"])):
+        rate = measured_matmul_rate(torch.bfloat16 if bf16 else torch.float32)
+        if entry is None or rate > entry["flops"]:
+            entry = {"flops": rate, "load": round(load, 2)}
+        else:  # the cached rate is higher, and holds at least at this (lower) load: measured again only when quieter still
+            entry = {"flops": entry["flops"], "load": round(load, 2)}
+        known[key] = entry
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -85,7 +109,9 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
             os.replace(tmp, path)
         except OSError:  # an unwritable cache: measured again next run
             pass
-    return known[key], f"measured {'bf16' if bf16 else 'fp32'} matmul rate of this CPU ({torch.get_num_threads()} threads), cached"
+    busy = "" if entry["load"] is not None and entry["load"] <= BUSY else \
+        f"; measured under a load average of {entry['load']}: other processes were computing, so the peak may be understated"
+    return entry["flops"], f"measured {'bf16' if bf16 else 'fp32'} matmul rate of this CPU ({torch.get_num_threads()} threads), cached{busy}"
 
 
 def mfu(tokens_per_s: float, n_params: int, peak: float) -> float:
