@@ -269,7 +269,9 @@ def compare_command(
 
     if output is not None:
         check_output_folder(output)
-    models = compare.with_baseline(compare.load(results), baseline)
+    from dpo_align.grid import sweep_recipe_labels
+
+    models = compare.with_baseline(compare.load(results, relabel=sweep_recipe_labels), baseline)
     changes = compare.compare(models, replicates=bootstrap, permutations=permutations, seed=seed)
     preference = compare.preference_rows(models)  # each folder's preference.json, read once for the text and the JSON
     displacement = compare.displacement_rows(models, preference)

@@ -142,3 +142,57 @@ def folder_name(text: str) -> str:
 def _order(name: str) -> tuple:
     """Names list their settings alphabetically, learning rate last (lr-... stays a suffix it always was)."""
     return (name == "learning_rate", name)
+
+
+# --------------------------------------------------------------------------- what a run is called in tables
+
+# the objectives by the names their papers use (TRL's loss_type on the left)
+OBJECTIVES = {"sigmoid": "DPO", "sft": "SFT", "ipo": "IPO", "hinge": "SLiC (hinge)", "apo_zero": "APO-zero", "apo_down": "APO-down",
+              "sigmoid_norm": "DPO (length-normalised)", "robust": "robust DPO", "exo_pair": "EXO", "nca_pair": "NCA",
+              "bco_pair": "BCO", "sppo_hard": "SPPO (hard)", "aot": "AOT", "aot_unpaired": "AOT (unpaired)", "discopop": "DiscoPOP"}
+OBJECTIVE_SETTINGS = ("loss_type", "loss_weights", "sft_first_pairs")
+
+
+def objective_name(config: TrainConfig) -> str:
+    """``SFT``, ``RPO``, ``IPO``, ``SFT → DPO``...: the recipe's objective as a reader knows it."""
+    types, weights = config.loss_types(), config.loss_weight_values()
+    if types == ["sigmoid", "sft"]:
+        name = "RPO" if weights in (None, [1.0, 1.0]) else f"RPO ({'+'.join(f'{w:g}' for w in weights)})"
+    else:
+        name = " + ".join(OBJECTIVES.get(t, t) for t in types)
+        if weights is not None and len(types) > 1:
+            name += f" ({'+'.join(f'{w:g}' for w in weights)})"
+    return f"SFT → {name}" if config.sft_first_pairs else name
+
+
+def recipe_labels(configs: dict[str, TrainConfig], grid: dict[str, list]) -> dict[str, str]:
+    """{run name: the label tables, plots and the report show}: the objective's name, then the other settings the grid
+    varies (``DPO lr 5e-06``, ``SFT``, ``RPO``, ``SFT → DPO``). Caches stay keyed on the run name (``DPO <name>``), so
+    results made before these labels are reused. Where two runs would read alike, the run name is shown instead."""
+    varied = [name for name, values in grid.items() if len(values) > 1 and name not in OBJECTIVE_SETTINGS]
+    labels = {}
+    for run, config in configs.items():
+        parts = [objective_name(config)] + [f"{SHORT.get(name, name)} {_shown(getattr(config, name))}" for name in sorted(varied, key=_order)]
+        labels[run] = " ".join(parts)
+    if len(set(labels.values())) < len(labels):
+        return {run: f"DPO {run}" for run in configs}
+    return labels
+
+
+def sweep_recipe_labels(folder, settings: dict) -> dict[str, str]:
+    """{label: recipe label} for a sweep written before runs were labelled by recipe ("DPO loss_type-sft" -> "SFT"), from
+    its records (``manifests/NAME.yaml``) and its grid; {} for anything else, or where a record cannot be read."""
+    from pathlib import Path
+
+    from dpo_align.train.config import load_config_file
+
+    grid = settings.get("grid")
+    if settings.get("command") != "dpo-align sweep" or not isinstance(grid, dict):
+        return {}
+    configs = {}
+    for path in sorted((Path(folder) / "manifests").glob("*.yaml")):
+        try:
+            configs[path.stem] = TrainConfig(**load_config_file(path))
+        except (UserError, TypeError, ValueError):
+            return {}
+    return {f"DPO {name}": label for name, label in recipe_labels(configs, grid).items()} if configs else {}

@@ -49,7 +49,7 @@ def key_of(spec: ModelSpec, settings, *, adapter: dict | None = None) -> str:
             settings.pop("dataset_revisions", None)
     if isinstance(settings, dict):
         settings = {name: located(value) if name in LOCATED else value for name, value in settings.items()}
-    parts = {"label": spec.label, "base": _digest(spec.pretrained), "adapter": adapter if adapter is not None else _digest(spec.peft), "settings": settings}
+    parts = {"label": spec.cache_name, "base": _digest(spec.pretrained), "adapter": adapter if adapter is not None else _digest(spec.peft), "settings": settings}
     return content_checksum(parts)
 
 

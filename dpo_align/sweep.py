@@ -38,7 +38,7 @@ from dpo_align.core.models import resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
 from dpo_align.data import decontaminate
 from dpo_align.data.suite import PPL
-from dpo_align.grid import points, run_names
+from dpo_align.grid import points, recipe_labels, run_names
 from dpo_align.report import compare, scorecard
 from dpo_align.report.compare import Scored
 from dpo_align.report.html import write_report_safely
@@ -96,12 +96,13 @@ def sweep(
                            device=device, dtype=dtype, trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle,
                            controls=controls)
     models = Models(base, options, output, preference_data, progress, total=len(configs) + 1)
+    labels = recipe_labels(configs, grid)  # what tables show: SFT, RPO, DPO lr 1e-05... (caches stay under the run names)
     ref_logps.restore(output / "manifests" / REFERENCE)  # a fresh machine starts from the reference pass a record kept
     adapters, failed = {}, {}
     # one run after another, each scored as soon as it is trained: an interrupted sweep keeps every finished run's numbers
     for i, (name, config) in enumerate(configs.items(), start=1):
         where = f"[train {i}/{len(configs)}] {name}"
-        spec = ModelSpec(f"DPO {name}", models.baseline.pretrained, config.output_dir)
+        spec = ModelSpec(labels[name], models.baseline.pretrained, config.output_dir, key=f"DPO {name}")
         recorded = kept_record(name, config, output / "manifests", models, spec, progress)
         if recorded is not None:
             progress(f"{where}: trained earlier (its record is {output / 'manifests' / name}.json) and every result of it is cached; "
@@ -133,7 +134,7 @@ def sweep(
     curve = None
     if curve_docs and len(runs) > 1:  # the best run, on a fixed subset of each dataset
         curve = _learning_curve(runs, adapters, models.baseline, options, curve_docs, output / "learning-curve", base.seed, progress,
-                                best=_best_run(runs, cards))
+                                best={label: name for name, label in labels.items()}[_best_run(runs, cards)], label_of=labels)
 
     settings = {"command": "dpo-align sweep", "grid": grid, "learning_rates": grid.get("learning_rate", [base.learning_rate]),
                 "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
@@ -271,7 +272,7 @@ class Models:
 
     def _caches(self, spec: ModelSpec, adapter: dict | None):
         """(path, key, check, inputs) of every cached result of one model."""
-        yield self.scores / f"{slug(spec.label)}.json", key_of(spec, self.options, adapter=adapter), None, inputs_of(self.options)
+        yield self.scores / f"{slug(spec.cache_name)}.json", key_of(spec, self.options, adapter=adapter), None, inputs_of(self.options)
         if self.pairs is not None:
             n = len(self.pairs[0])
 
@@ -279,7 +280,7 @@ class Models:
                 return None if all(len(v) == n for v in result["logps"].values()) else f"it covers another number of pairs than {n}"
 
             settings = {"sources": self.sources, "template": self.base.template, "max_length": self.base.max_length}
-            yield self.preferences / f"{slug(spec.label)}.json", key_of(spec, settings, adapter=adapter), covers, inputs_of(settings)
+            yield self.preferences / f"{slug(spec.cache_name)}.json", key_of(spec, settings, adapter=adapter), covers, inputs_of(settings)
 
     def missing(self, spec: ModelSpec, adapter: dict) -> str | None:
         """Why a run kept by its record would need its adapter (a result not cached under its digest), or None."""
@@ -295,8 +296,9 @@ class Models:
         for spec, adapter in [*todo, (adapter_spec, recorded)]:
             self.count += 1
             (score, score_key, _, inputs), *preference = self._caches(spec, adapter)
-            self.runs.append(cached(score, score_key, self.progress, f"[score {self.count}/{self.total}] {spec.label}",
-                                    "already scored, kept", lambda spec=spec: score_spec(spec, self.options), inputs=inputs))
+            result = cached(score, score_key, self.progress, f"[score {self.count}/{self.total}] {spec.label}",
+                            "already scored, kept", lambda spec=spec: score_spec(spec, self.options), inputs=inputs)
+            self.runs.append({**result, "label": spec.label})  # a result cached under an older label is shown under today's
             for path, key, covers, inputs in preference:
                 where = f"[preference {self.count}/{self.total}] {spec.label} ({len(self.pairs[0])} held-out pairs)"
                 done = cached(path, key, self.progress, where, "already computed, kept", lambda spec=spec: self._logps(spec), check=covers,
@@ -348,7 +350,7 @@ def write_sweep(output: Path, runs: list[dict], settings: dict, names: list[str]
             atomic_write_text(stage / "learning-curve.md", learning_curve.markdown(curve["points"], curve["total_steps"]))
             atomic_write_bytes(stage / "learning-curve.png",
                                learning_curve.plot(curve["points"], curve["total_steps"],
-                                                   f"{curve['run']}: ce on {settings['curve_docs']} fixed documents per dataset"))
+                                                   f"{curve.get('label', curve['run'])}: ce on {settings['curve_docs']} fixed documents per dataset"))
         # every run's curves from its record (manifests/), which a run kept without its folder has too
         plot_runs({name: read_metrics(output / "manifests" / f"{name}.metrics.jsonl") for name in names}, stage / "curves",
                   betas=betas)
@@ -365,9 +367,9 @@ def _best_run(runs: list[dict], cards: list | None) -> str:
 
 
 def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: ModelSpec, options: ScoreOptions, per_dataset: int,
-                    folder: Path, seed: int, progress, *, best: str) -> dict:
-    """Score the base model and every checkpoint of the run labelled ``best`` on a fixed subset."""
-    run_name = best.removeprefix("DPO ")
+                    folder: Path, seed: int, progress, *, best: str, label_of: dict[str, str]) -> dict:
+    """Score the base model and every checkpoint of the run named ``best`` on a fixed subset."""
+    run_name = best
     run_dir = adapters[run_name]
     if not (run_dir / "manifest.json").is_file():  # kept by its record: its checkpoints are not on this machine
         progress(f"Learning curve: left out, {run_name}'s checkpoints are not on this machine (the run was kept by its record). "
@@ -389,7 +391,7 @@ def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: Model
         where = f"[curve {i}/{len(steps)}] {run_name} step {step}/{total} ({per_dataset} documents per dataset)"
         points.append(cached(folder / f"step-{step}.json", key_of(spec, options), progress, where, "already scored, kept", compute,
                              inputs=inputs_of(options)))
-    return {"run": run_name, "total_steps": total, "documents": chosen, "points": points}
+    return {"run": run_name, "label": label_of[run_name], "total_steps": total, "documents": chosen, "points": points}
 
 
 def _decontamination(base: TrainConfig, data_dir: str | None, pku_path: str | None, output: Path, progress) -> None:

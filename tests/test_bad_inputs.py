@@ -612,10 +612,10 @@ def test_a_sweep_marks_a_diverging_run_failed_and_scores_the_others(tiny_gpt2, p
                                  "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "1 of 2 runs failed (lr-1e+30)" in result.output
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "DPO lr-0.001" in table and "## Failed runs" in table and "lr-1e+30: Training diverged at step" in table
-    assert "nan ±" not in table and "DPO lr-1e+30" not in table  # the failed run has no column
+    assert "DPO lr 0.001" in table and "## Failed runs" in table and "lr-1e+30: Training diverged at step" in table
+    assert "nan ±" not in table and "DPO lr 1e+30" not in table  # the failed run has no column
     models = json.loads((tmp_path / "out" / "results.json").read_text())["models"]
-    assert [m["label"] for m in models] == [models[0]["label"], "DPO lr-0.001"]
+    assert [m["label"] for m in models] == [models[0]["label"], "DPO lr 0.001"]
 
 
 EVAL_CASES = [

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from dpo_align.cli import app
 from dpo_align.core.errors import UserError
 from dpo_align.grid import parse_grid, points, run_names
+from dpo_align.train.config import TrainConfig
 
 runner = CliRunner()
 
@@ -70,5 +71,30 @@ def test_a_grid_of_two_settings_trains_two_named_runs_sharing_one_reference_pass
                      if '"loss"' in line] for name in manifests}
     assert losses["loss_type-sigmoid+sft"][0] > losses["loss_type-sigmoid"][0] + 0.5  # the NLL term is in the second run's loss
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [m["label"] for m in results["models"]][1:] == ["DPO loss_type-sigmoid", "DPO loss_type-sigmoid+sft"]
+    assert [m["label"] for m in results["models"]][1:] == ["DPO", "RPO"]
     assert results["settings"]["grid"] == {"learning_rate": [1e-3], "loss_type": ["sigmoid", "sigmoid,sft"]}
+
+
+def test_runs_are_labelled_by_their_recipe():
+    """Tables name a run by its objective and the other settings its grid varies (SFT, RPO, SFT → DPO, DPO lr 1e-05), not
+    "DPO loss_type-sft"; two runs that would read alike keep their run names."""
+    from dpo_align.grid import recipe_labels, run_names
+
+    def labels(grid, **base):
+        configs = {name: TrainConfig(model="m", data=["d.jsonl"], **base, **point)
+                   for name, point in zip(run_names(grid), points(grid), strict=True)}
+        return recipe_labels(configs, grid)
+
+    assert labels({"loss_type": ["sigmoid", "sft", "sigmoid,sft", "ipo", "apo_zero"]}) == {
+        "loss_type-sigmoid": "DPO", "loss_type-sft": "SFT", "loss_type-sigmoid+sft": "RPO", "loss_type-ipo": "IPO",
+        "loss_type-apo_zero": "APO-zero"}
+    assert labels({"learning_rate": [5e-6, 1e-5]}) == {"lr-5e-06": "DPO lr 5e-06", "lr-1e-05": "DPO lr 1e-05"}
+    assert labels({"loss_type": ["sigmoid,sft"], "loss_weights": ["1,0.5", "1,1"], "beta": [0.1, 0.5]}) == {
+        "beta-0.1_loss_weights-1+0.5": "RPO (1+0.5) beta 0.1", "beta-0.1_loss_weights-1+1": "RPO beta 0.1",
+        "beta-0.5_loss_weights-1+0.5": "RPO (1+0.5) beta 0.5", "beta-0.5_loss_weights-1+1": "RPO beta 0.5"}
+    assert labels({"sft_first_pairs": [None, 100]}) == {"sft_first_pairs-None": "DPO", "sft_first_pairs-100": "SFT → DPO"}
+    assert labels({"loss_type": ["ipo,sft"], "loss_weights": ["1,2"]}) == {"loss_type-ipo+sft_loss_weights-1+2": "IPO + SFT (1+2)"}
+    assert labels({"lora_dropout": [0.0, 0.1]}) == {"lora_dropout-0": "DPO lora_dropout 0", "lora_dropout-0.1": "DPO lora_dropout 0.1"}
+    # weights left to TRL (1 each) and written out as 1+1 read alike: the run names, not two columns named "RPO"
+    assert labels({"loss_type": ["sigmoid,sft"], "loss_weights": [None, "1,1"]}) == {
+        "loss_weights-None": "DPO loss_weights-None", "loss_weights-1+1": "DPO loss_weights-1+1"}

@@ -263,40 +263,41 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     table = (out / "table.md").read_text()
-    assert "baseline" in table and "DPO lr-0.001" in table and "DPO lr-0.05" in table and "Δ DPO lr-0.05" in table
+    assert "baseline" in table and "DPO lr 0.001" in table and "DPO lr 0.05" in table and "Δ DPO lr 0.05" in table
     # below the ce table: each adapter against the baseline per dataset and the mean, with a verdict; then bpb
     comparison = json.loads((out / "comparison.json").read_text())
-    assert set(comparison) == {"ce", "bpb", "controls"} and set(comparison["ce"]) == {"DPO lr-0.001", "DPO lr-0.05"}
+    assert set(comparison) == {"ce", "bpb", "controls"} and set(comparison["ce"]) == {"DPO lr 0.001", "DPO lr 0.05"}
     # the controlled verdict of every adapter, per dataset and for the mean (ce read beside its foils)
-    assert [r["dataset"] for r in comparison["controls"]["DPO lr-0.05"]] == ["dpo_contrast_truthfulqa", "dpo_contrast_winogrande",
+    assert [r["dataset"] for r in comparison["controls"]["DPO lr 0.05"]] == ["dpo_contrast_truthfulqa", "dpo_contrast_winogrande",
                                                                            "dpo_contrast_pku", "mean"]
-    assert all(r["verdict"] in ("better", "format shift", "worse", "no detectable change") for r in comparison["controls"]["DPO lr-0.05"])
+    assert all(r["verdict"] in ("better", "format shift", "worse", "no detectable change") for r in comparison["controls"]["DPO lr 0.05"])
     assert "Did it get better, or only cheaper?" in table
-    rows = comparison["ce"]["DPO lr-0.05"]
+    rows = comparison["ce"]["DPO lr 0.05"]
     assert [r["dataset"] for r in rows] == ["dpo_ppl_truthfulqa", "dpo_ppl_winogrande", "dpo_ppl_pku", "mean"]
     assert all(r["low"] <= r["relative"] <= r["high"] and r["verdict"] in ("better", "worse", "no detectable change") for r in rows)
     assert "paired bootstrap" in table and "Bits per byte" in table
     # held-out preference: every model; the implicit reward only for adapters (against the base model)
     preference = json.loads((out / "preference.json").read_text())
-    assert list(preference["table"]) == ["baseline (" + str(tiny_gpt2) + ")", "DPO lr-0.001", "DPO lr-0.05"]
+    assert list(preference["table"]) == ["baseline (" + str(tiny_gpt2) + ")", "DPO lr 0.001", "DPO lr 0.05"]
     assert "reward" not in preference["table"]["baseline (" + str(tiny_gpt2) + ")"] and preference["pairs"] == 48
-    assert 0 <= preference["table"]["DPO lr-0.05"]["reward"]["accuracy"] <= 1
+    assert 0 <= preference["table"]["DPO lr 0.05"]["reward"]["accuracy"] <= 1
     # compare on the sweep folder shows each adapter's likelihood displacement, as preference.json measured it
     compared = runner.invoke(app, ["compare", str(out), "--bootstrap", "100", "--permutations", "100", "-o", str(tmp_path / "cmp")])
     assert compared.exit_code == 0, compared.output
-    moved = preference["table"]["DPO lr-0.05"]["displacement"]
+    moved = preference["table"]["DPO lr 0.05"]["displacement"]
     assert "Likelihood displacement on the held-out pairs" in compared.output
-    assert f"| DPO lr-0.05 | {moved['chosen_per_token']:+.4f} | {moved['rejected_per_token']:+.4f} |" in compared.output
-    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["displacement"][1] == {"model": "DPO lr-0.05", **moved}
+    assert f"| DPO lr 0.05 | {moved['chosen_per_token']:+.4f} | {moved['rejected_per_token']:+.4f} |" in compared.output
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["displacement"][1] == {"model": "DPO lr 0.05", **moved}
     # the scorecard: the sweep's table and compare give the same answers and the rule's pick
     card = json.loads((tmp_path / "cmp" / "compare.json").read_text())["scorecard"]
-    assert [c["model"] for c in card["cards"]] == ["DPO lr-0.001", "DPO lr-0.05"] and card["pick"] in ("DPO lr-0.001", "DPO lr-0.05")
-    assert card["cards"][1]["q3"] == (moved["chosen_per_token"] >= 0) and card["cards"][1]["verdict"] == comparison["controls"]["DPO lr-0.05"][-1]["verdict"]
+    assert [c["model"] for c in card["cards"]] == ["DPO lr 0.001", "DPO lr 0.05"] and card["pick"] in ("DPO lr 0.001", "DPO lr 0.05")
+    assert card["cards"][1]["q3"] == (moved["chosen_per_token"] >= 0) and card["cards"][1]["verdict"] == comparison["controls"]["DPO lr 0.05"][-1]["verdict"]
     assert "## Scorecard" in table and card["reason"] in table and card["pick"] in card["reason"]
     assert (out / "scorecard.png").read_bytes()[:4] == b"\x89PNG"
     # learning curve of the better run: step 0 (the base model) and each of its checkpoints, on 3 documents per dataset
     curve = json.loads((out / "learning-curve.json").read_text())
-    assert curve["run"] == card["pick"].removeprefix("DPO ")  # the scorecard's pick, not the lowest ce
+    assert curve["label"] == card["pick"]  # the scorecard's pick, not the lowest ce
+    assert curve["run"] == {"DPO lr 0.001": "lr-0.001", "DPO lr 0.05": "lr-0.05"}[card["pick"]]  # its folder
     assert [p["step"] for p in curve["points"]] == [0, 1, 2]
     assert {task: len(v) for task, v in curve["documents"].items()} == {"dpo_ppl_truthfulqa": 2, "dpo_ppl_winogrande": 2, "dpo_ppl_pku": 3}
     assert curve["points"][0]["table"]["truthfulqa"]["n"] == 2  # the tiny TruthfulQA has 2 documents: both
@@ -307,7 +308,7 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
                     "Learning curve", "Training curves", "Generations, side by side", "Runs"):
         assert section in page, section
     assert f"{card['pick']}</b>" in page  # the pick, in bold in both renderings
-    assert page.count("<img ") >= 4 and "DPO lr-0.05" in (out / "report.md").read_text()
+    assert page.count("<img ") >= 4 and "DPO lr 0.05" in (out / "report.md").read_text()
     # the curve's checkpoints keep their adapters, not the optimizer state (only --resume needs that)
     kept = sorted(p.name for p in (tmp_path / "runs" / "lr-0.05" / "checkpoint-1").iterdir())
     assert "adapter_model.safetensors" in kept and "optimizer.pt" not in kept and "trainer_state.json" in kept

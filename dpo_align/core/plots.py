@@ -106,6 +106,6 @@ def png_bytes(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight", pad_inches=0.1)  # nothing cut: long labels widen the image
     plt.close(fig)
     return buffer.getvalue()

@@ -75,3 +75,18 @@ def document_row(task: str, sample: dict) -> dict:
         row["bytes"] = sample["bpb"][1]
     # lm-eval's hashes of the document, the rendered prompt and the response: compare checks them
     return row | {"doc_hash": sample.get("doc_hash"), "prompt_hash": sample.get("prompt_hash"), "target_hash": sample.get("target_hash")}
+
+
+def truncation_notes(runs: list[dict]) -> list[str]:
+    """One line per model and dataset whose prompts lm-eval cut from the left to fit the model's window (the template's
+    header goes first, so those documents are scored in another format): their ce is not the suite's measure."""
+    notes = []
+    for run in runs:
+        for key, row in run["table"].items():
+            shares = {what: row.get(field, [0])[0] for what, field in (("references", "truncated"), ("controls", "truncated_controls"))}
+            if any(shares.values()):
+                n = row.get("n") or 0
+                counts = ", ".join(f"{what}: {round(share * n)} of {n}" for what, share in shares.items() if share)
+                notes.append(f"{run['label']}, {display_name(key)}: prompts cut from the left to fit the model's context window "
+                             f"({counts} documents); their ce is of a prompt without its start (lm_eval_tasks/README.md, truncated).")
+    return notes

@@ -45,6 +45,7 @@ class Scored:
     documents: dict[str, list[dict]]  # {task: [{doc_id, nll, tokens, bytes, (hashes)}]}
     template: str | None = None
     versions: dict = field(default_factory=dict)  # {task: suite version}
+    key: str | None = None  # the label its results are filed under, where another is shown (a sweep run's "DPO <run name>")
 
 
 # --------------------------------------------------------------------------- reading
@@ -90,20 +91,22 @@ def check_document(row: dict, where: str) -> None:
                             "edited: score the model again.")
 
 
-def _from_dpo_align(folder: Path) -> list[Scored]:
+def _from_dpo_align(folder: Path, relabel=None) -> list[Scored]:
     try:
         results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
         models = results["models"]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{folder / 'results.json'}: not a results file written by dpo-align eval or sweep.") from None
     settings = results.get("settings", {})
+    shown = relabel(folder, settings) if relabel else {}  # {label: label to show}
     out = []
     for model in models:
         samples = folder / "samples" / slug(model["label"])
         documents = {p.stem: _read_jsonl(p) for p in sorted(samples.glob("*.jsonl"))}
         if not documents:
             raise UserError(f"{samples}: no per-document results for {model['label']!r}; they are needed for a paired comparison.")
-        out.append(Scored(model["label"], str(folder), documents, settings.get("template"), model.get("versions", {})))
+        out.append(Scored(shown.get(model["label"], model["label"]), str(folder), documents, settings.get("template"), model.get("versions", {}),
+                          key=model["label"]))
     return out
 
 
@@ -135,8 +138,9 @@ def _from_lm_eval(results_file: Path) -> Scored:
     return Scored(label, str(results_file), documents, template, {t: versions.get(t) for t in documents})
 
 
-def load(paths: list[str]) -> list[Scored]:
-    """Every model in the given folders, in order."""
+def load(paths: list[str], relabel=None) -> list[Scored]:
+    """Every model in the given folders, in order. ``relabel(folder, settings)``: {label: the label to show} for a
+    dpo-align folder (the CLI passes ``grid.sweep_recipe_labels``: a sweep made before recipe labels reads SFT, RPO...)."""
     models, seen = [], {}
     for name in paths:
         path = Path(name).expanduser()
@@ -146,7 +150,7 @@ def load(paths: list[str]) -> list[Scored]:
             raise UserError(f"{name} is given twice (also as {seen[path.resolve()]}); compare different scored folders.")
         seen[path.resolve()] = name
         if (path / "results.json").is_file():
-            models += _from_dpo_align(path)
+            models += _from_dpo_align(path, relabel)
             continue
         results_files = sorted(path.rglob("results_*.json")) if path.is_dir() else [path]
         if not results_files:
@@ -161,14 +165,19 @@ def load(paths: list[str]) -> list[Scored]:
 
 def with_baseline(models: list[Scored], name: str | None) -> list[Scored]:
     """``models`` with the one ``name`` picks first: its exact label or run name (a sweep's folder: the label's last
-    word), else the one label that has it as a whole word (words split at spaces and ``-``: ``sigmoid`` names
+    word, or the last word of the label its results are filed under), else the one label that has it as a whole word (words split at spaces and ``-``: ``sigmoid`` names
     ``DPO loss_type-sigmoid``, not ``loss_type-sigmoid+sft``), else the one label containing it; any case."""
     if name is None:
         return models
     wanted = name.casefold()
-    found = ([m for m in models if name in (m.label, (m.label.split() or [None])[-1])]
-             or [m for m in models if wanted in re.split(r"[\s-]+", m.label.casefold())]
-             or [m for m in models if wanted in m.label.casefold()])
+
+    def names(m):  # the label shown, and the one its results are filed under (a sweep's run name: "sigmoid" is DPO's)
+        key = getattr(m, "key", None)
+        return [m.label] + ([key] if key and key != m.label else [])
+
+    found = ([m for m in models if any(name in (text, (text.split() or [None])[-1]) for text in names(m))]
+             or [m for m in models if any(wanted in re.split(r"[\s-]+", text.casefold()) for text in names(m))]
+             or [m for m in models if any(wanted in text.casefold() for text in names(m))])
     if len(found) != 1:
         labels = ", ".join(repr(m.label) for m in models)
         raise UserError(f"--baseline {name!r} names {'no model' if not found else f'{len(found)} models'} among {labels}; "
@@ -275,7 +284,7 @@ def preference_rows(models: list[Scored]) -> dict[str, dict]:
         folder = Path(model.source)
         if folder not in read:
             read[folder] = read_preference_table(folder / "preference.json")
-        row = read[folder].get(model.label)
+        row = read[folder].get(model.label, read[folder].get(model.key))  # a sweep written before recipe labels: its run's
         if isinstance(row, dict):
             rows[model.label] = row
     return rows
@@ -394,7 +403,7 @@ def plot(changes: dict, metric: str = "ce") -> bytes:
         y -= 0.5
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(ticks, labels, fontsize=8)
-    ax.set_xlabel(f"{metric} change against the baseline (%), 95% paired bootstrap interval")
+    ax.set_xlabel(f"{metric} change against the baseline (%)\n95% paired bootstrap interval")
     ax.grid(axis="x", alpha=0.3)
     # a legend for the verdicts shown (colour = the controlled verdict where controls were scored, else ce's own)
     shown = {verdicts[label][j] if label in verdicts else c.verdict for label, row in rows.items() for j, c in enumerate(row)}

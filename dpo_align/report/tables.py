@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, slug, staged_files, write_jsonl
 from dpo_align.core.plots import png_bytes
-from dpo_align.data.suite import CONTRAST, DATASETS, MEAN, PPL, display_name
+from dpo_align.data.suite import CONTRAST, DATASETS, MEAN, PPL, display_name, truncation_notes
 
 
 def delta(metric: str, value: float, base: float) -> str:
@@ -70,21 +70,6 @@ def controls_tables(runs: list[dict]) -> list[str]:
 def truncation_section(runs: list[dict]) -> list[str]:
     notes = truncation_notes(runs)
     return ["## Truncated prompts", "", *(f"* {note}" for note in notes), ""] if notes else []
-
-
-def truncation_notes(runs: list[dict]) -> list[str]:
-    """One line per model and dataset whose prompts lm-eval cut from the left to fit the model's window (the template's
-    header goes first, so those documents are scored in another format): their ce is not the suite's measure."""
-    notes = []
-    for run in runs:
-        for key, row in run["table"].items():
-            shares = {what: row.get(field, [0])[0] for what, field in (("references", "truncated"), ("controls", "truncated_controls"))}
-            if any(shares.values()):
-                n = row.get("n") or 0
-                counts = ", ".join(f"{what}: {round(share * n)} of {n}" for what, share in shares.items() if share)
-                notes.append(f"{run['label']}, {display_name(key)}: prompts cut from the left to fit the model's context window "
-                             f"({counts} documents); their ce is of a prompt without its start (lm_eval_tasks/README.md, truncated).")
-    return notes
 
 
 def csv_table(runs: list[dict]) -> str:

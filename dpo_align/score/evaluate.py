@@ -41,9 +41,14 @@ CONTROL_METRICS = tuple(m for m in CONTRAST.metrics if m not in PPL.metrics)  # 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    label: str
+    label: str  # what tables, plots and the report show
     pretrained: str  # what lm-eval loads: a hub id or a local directory
     peft: str | None = None
+    key: str | None = None  # what its cached results are filed and keyed under, where not the label (a sweep's run name)
+
+    @property
+    def cache_name(self) -> str:
+        return self.key or self.label
 
 
 def include_path() -> str:
@@ -325,7 +330,7 @@ def score_spec(spec: ModelSpec, options: ScoreOptions) -> dict | None:
         warnings.warn(f"{spec.label}: this tokenizer merges the template's last characters with the response's first ones in "
                       + ", ".join(f"{k} ({100 * v:.0f}% of documents)" for k, v in merged.items())
                       + ": those characters are not scored (see lm_eval_tasks/README.md, boundary_merge).", stacklevel=2)
-    from dpo_align.report.tables import truncation_notes
+    from dpo_align.data.suite import truncation_notes
 
     for note in truncation_notes([{"label": spec.label, "table": table}]):
         import warnings
