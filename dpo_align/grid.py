@@ -153,6 +153,11 @@ OBJECTIVES = {"sigmoid": "DPO", "sft": "SFT", "ipo": "IPO", "hinge": "SLiC (hing
 OBJECTIVE_SETTINGS = ("loss_type", "loss_weights", "sft_first_pairs")
 
 
+def cache_label(run: str) -> str:
+    """The label a sweep run's cached results are filed and keyed under (every sweep's label before recipe labels)."""
+    return f"DPO {run}"
+
+
 def objective_name(config: TrainConfig) -> str:
     """``SFT``, ``RPO``, ``IPO``, ``SFT → DPO``...: the recipe's objective as a reader knows it."""
     types, weights = config.loss_types(), config.loss_weight_values()
@@ -167,7 +172,7 @@ def objective_name(config: TrainConfig) -> str:
 
 def recipe_labels(configs: dict[str, TrainConfig], grid: dict[str, list]) -> dict[str, str]:
     """{run name: the label tables, plots and the report show}: the objective's name, then the other settings the grid
-    varies (``DPO lr 5e-06``, ``SFT``, ``RPO``, ``SFT → DPO``). Caches stay keyed on the run name (``DPO <name>``), so
+    varies (``DPO lr 5e-06``, ``SFT``, ``RPO``, ``SFT → DPO``). Caches stay keyed on the run name (``cache_label``), so
     results made before these labels are reused. Where two runs would read alike, the run name is shown instead."""
     varied = [name for name, values in grid.items() if len(values) > 1 and name not in OBJECTIVE_SETTINGS]
     labels = {}
@@ -175,7 +180,7 @@ def recipe_labels(configs: dict[str, TrainConfig], grid: dict[str, list]) -> dic
         parts = [objective_name(config)] + [f"{SHORT.get(name, name)} {_shown(getattr(config, name))}" for name in sorted(varied, key=_order)]
         labels[run] = " ".join(parts)
     if len(set(labels.values())) < len(labels):
-        return {run: f"DPO {run}" for run in configs}
+        return {run: cache_label(run) for run in configs}
     return labels
 
 
@@ -195,4 +200,4 @@ def sweep_recipe_labels(folder, settings: dict) -> dict[str, str]:
             configs[path.stem] = TrainConfig(**load_config_file(path))
         except (UserError, TypeError, ValueError):
             return {}
-    return {f"DPO {name}": label for name, label in recipe_labels(configs, grid).items()} if configs else {}
+    return {cache_label(name): label for name, label in recipe_labels(configs, grid).items()} if configs else {}

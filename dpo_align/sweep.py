@@ -38,7 +38,7 @@ from dpo_align.core.models import resolve_model
 from dpo_align.core.plots import plot_runs, read_metrics
 from dpo_align.data import decontaminate
 from dpo_align.data.suite import PPL
-from dpo_align.grid import points, recipe_labels, run_names
+from dpo_align.grid import cache_label, points, recipe_labels, run_names
 from dpo_align.report import compare, scorecard
 from dpo_align.report.compare import Scored
 from dpo_align.report.html import write_report_safely
@@ -102,7 +102,7 @@ def sweep(
     # one run after another, each scored as soon as it is trained: an interrupted sweep keeps every finished run's numbers
     for i, (name, config) in enumerate(configs.items(), start=1):
         where = f"[train {i}/{len(configs)}] {name}"
-        spec = ModelSpec(labels[name], models.baseline.pretrained, config.output_dir, key=f"DPO {name}")
+        spec = ModelSpec(labels[name], models.baseline.pretrained, config.output_dir, key=cache_label(name))
         recorded = kept_record(name, config, output / "manifests", models, spec, progress)
         if recorded is not None:
             progress(f"{where}: trained earlier (its record is {output / 'manifests' / name}.json) and every result of it is cached; "
@@ -134,7 +134,7 @@ def sweep(
     curve = None
     if curve_docs and len(runs) > 1:  # the best run, on a fixed subset of each dataset
         curve = _learning_curve(runs, adapters, models.baseline, options, curve_docs, output / "learning-curve", base.seed, progress,
-                                best={label: name for name, label in labels.items()}[_best_run(runs, cards)], label_of=labels)
+                                run_name={label: name for name, label in labels.items()}[_best_run(runs, cards)], label_of=labels)
 
     settings = {"command": "dpo-align sweep", "grid": grid, "learning_rates": grid.get("learning_rate", [base.learning_rate]),
                 "failed_runs": failed, "train": dataclasses.asdict(base), **options.settings(),
@@ -367,9 +367,8 @@ def _best_run(runs: list[dict], cards: list | None) -> str:
 
 
 def _learning_curve(runs: list[dict], adapters: dict[str, Path], baseline: ModelSpec, options: ScoreOptions, per_dataset: int,
-                    folder: Path, seed: int, progress, *, best: str, label_of: dict[str, str]) -> dict:
-    """Score the base model and every checkpoint of the run named ``best`` on a fixed subset."""
-    run_name = best
+                    folder: Path, seed: int, progress, *, run_name: str, label_of: dict[str, str]) -> dict:
+    """Score the base model and every checkpoint of the run ``run_name`` on a fixed subset."""
     run_dir = adapters[run_name]
     if not (run_dir / "manifest.json").is_file():  # kept by its record: its checkpoints are not on this machine
         progress(f"Learning curve: left out, {run_name}'s checkpoints are not on this machine (the run was kept by its record). "

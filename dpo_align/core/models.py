@@ -188,14 +188,14 @@ def prepare_builtin(name: str = DEFAULT_MODEL, force: bool = False, progress=pri
     progress(f"Converting {chunks[0].name if len(chunks) == 1 else name + ' (' + str(len(chunks)) + ' chunks joined)'} to a "
              f"safetensors checkpoint in {target} (once).")
 
+    joined = len(chunks) > 1
     with atomic_directory(target) as staging:
-        gguf = chunks[0] if len(chunks) == 1 else _joined(name, chunks, staging / f"{name}.gguf")
+        gguf = _joined(name, chunks, staging / f"{name}.gguf") if joined else chunks[0]
         convert_gguf(gguf, staging)
-        extra = None
-        if gguf.parent == staging:  # the joined file is not part of the checkpoint
-            extra = {"chunks": [str(c) for c in chunks], "gguf_sha256": JOINED_SHA256[name]}
-            gguf.unlink()
-        write_marker(staging, source=str(gguf if len(chunks) == 1 else chunks[0].parent), extra=extra)
+        if joined:
+            gguf.unlink()  # the joined file is not part of the checkpoint
+        write_marker(staging, source=str(chunks[0].parent if joined else gguf),
+                     extra={"chunks": [str(c) for c in chunks], "gguf_sha256": JOINED_SHA256[name]} if joined else None)
     return target
 
 

@@ -95,12 +95,10 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
     if isinstance(entry, int | float):  # the cache's first form: a bare rate, its load unknown
         entry = {"flops": float(entry), "load": None}
     load = _load()
-    if entry is None or ((entry["load"] is None or entry["load"] > BUSY) and (entry["load"] is None or load < entry["load"])):
+    if entry is None or entry["load"] is None or (entry["load"] > BUSY and load < entry["load"]):
         rate = measured_matmul_rate(torch.bfloat16 if bf16 else torch.float32)
-        if entry is None or rate > entry["flops"]:
-            entry = {"flops": rate, "load": round(load, 2)}
-        else:  # the cached rate is higher, and holds at least at this (lower) load: measured again only when quieter still
-            entry = {"flops": entry["flops"], "load": round(load, 2)}
+        # the highest rate seen, at this (lower) load: measured again only when the CPU is quieter still
+        entry = {"flops": rate if entry is None else max(rate, entry["flops"]), "load": round(load, 2)}
         known[key] = entry
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
