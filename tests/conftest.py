@@ -75,12 +75,31 @@ def make_tiny_model(directory: Path, arch: str, llama3_split: bool = False) -> P
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tokenizer = _train_tokenizer(add_bos=arch == "llama", llama3_split=llama3_split)
+    tokenizer = _train_tokenizer(add_bos=arch in ("llama", "gemma3", "mistral"), llama3_split=llama3_split)
     vocab = len(tokenizer)
     if arch == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=2,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         model = GPT2LMHeadModel(config)
+    elif arch == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        # What sets Gemma apart, each small enough to matter here: a sliding window of 8 on the first layer (the real
+        # model's is 512, beside full-attention layers), the embeddings scaled by sqrt(hidden) and tied to the head,
+        # and a final-logit soft cap low enough to bend these random logits (Gemma 2 used one; Gemma 3's config has one).
+        config = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                                  sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                  final_logit_softcapping=2.0, tie_word_embeddings=True, pad_token_id=tokenizer.eos_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = Gemma3ForCausalLM(config)
+    elif arch == "mistral":  # one sliding window for every layer (no layer types)
+        from transformers import MistralConfig, MistralForCausalLM
+
+        config = MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, max_position_embeddings=256, sliding_window=8,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = MistralForCausalLM(config)
     else:
         config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
@@ -99,6 +118,18 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    """A tiny Gemma 3: sliding-window and full-attention layers, scaled tied embeddings, soft-capped logits, a BOS."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory) -> Path:
+    """A tiny Mistral: every layer attends through a sliding window of 8."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral")
 
 
 @pytest.fixture(scope="session")

@@ -22,14 +22,22 @@ def adapter(tiny_llama, tmp_path_factory):
     return noisy_adapter(tiny_llama, tmp_path_factory.mktemp("gen") / "adapter")
 
 
+@pytest.fixture(scope="module")
+def gemma3_adapter(tiny_gemma3, tmp_path_factory):
+    return noisy_adapter(tiny_gemma3, tmp_path_factory.mktemp("gen-gemma3") / "adapter")
+
+
 def run_json(*args):
     result = runner.invoke(app, ["generate", *args, "--format", "json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return json.loads(result.output[result.output.index("{"):])
 
 
-def test_base_and_adapter_side_by_side_greedy_is_deterministic(tiny_llama, adapter, tmp_path):
-    args = [str(tiny_llama), "--peft", str(adapter), "--prompt", "What is the capital of France?", "--prompt", "How do I bake bread?",
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_base_and_adapter_side_by_side_greedy_is_deterministic(arch, request, tmp_path):
+    model_path = request.getfixturevalue(f"tiny_{arch}")
+    adapter = request.getfixturevalue("adapter" if arch == "llama" else "gemma3_adapter")
+    args = [str(model_path), "--peft", str(adapter), "--prompt", "What is the capital of France?", "--prompt", "How do I bake bread?",
             "--max-new-tokens", "12"]
     first, again = run_json(*args), run_json(*args)
     assert first["rows"] == again["rows"]

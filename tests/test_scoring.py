@@ -156,14 +156,18 @@ def test_lm_eval_command_line_runs_the_suite(lm_eval_model, tiny_gpt2, tiny_data
     assert nll > 0 and isinstance(tokens, int) and tokens > 0
 
 
-def test_dpo_hf_scores_every_document_exactly_like_hf(tiny_llama, tiny_data, tmp_path, monkeypatch):
-    """`--model dpo-hf` applies the LM head at continuation positions only: the same NLLs as lm-eval's `hf`."""
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_dpo_hf_scores_every_document_exactly_like_hf(arch, request, tiny_data, tmp_path, monkeypatch):
+    """`--model dpo-hf` applies the LM head at continuation positions only: the same NLLs as lm-eval's `hf` (on Gemma:
+    its soft-capped logits, scaled tied embeddings and BOS)."""
 
     from dpo_align.score.evaluate import ModelSpec, ScoreOptions, per_document, score
     from dpo_align.score.lm_eval_model import ResponseOnlyHFLM
 
+    model_path = request.getfixturevalue(f"tiny_{arch}")
+
     adapter = tmp_path / "adapter"
-    lora_adapter(tiny_llama, adapter, init_lora_weights=True, b_scale=0.3)  # a LoRA that changes the scores
+    lora_adapter(model_path, adapter, init_lora_weights=True, b_scale=0.3)  # a LoRA that changes the scores
     monkeypatch.setattr(ResponseOnlyHFLM, "head_chunk", 5)  # several LM-head chunks per batch
     monkeypatch.setattr(ResponseOnlyHFLM, "max_batch_tokens", 150)  # batches of 3 split into smaller forwards
     nll = {}
@@ -172,7 +176,7 @@ def test_dpo_hf_scores_every_document_exactly_like_hf(tiny_llama, tiny_data, tmp
         options = ScoreOptions(data_dir=str(tiny_data), pku_path=str(tiny_data / "pku.jsonl.gz"), batch_size=3, device="cpu",
                                lm_eval_model=implementation, controls=False)
         for peft in (None, str(adapter)):
-            docs = per_document(score(ModelSpec("m", str(tiny_llama), peft), options))
+            docs = per_document(score(ModelSpec("m", str(model_path), peft), options))
             nll[implementation, peft] = [d["nll"] for task in sorted(docs) for d in sorted(docs[task], key=lambda d: d["doc_id"])]
     assert len(nll["hf", None]) == 7
     assert nll["hf", None] != pytest.approx(nll["hf", str(adapter)], rel=1e-3)  # the adapter matters

@@ -30,9 +30,11 @@ def scores(model: ResponseOnlyHFLM, requests, *, shared: bool) -> list[tuple[flo
     return super(ResponseOnlyHFLM, model)._loglikelihood_tokens(requests, disable_tqdm=True)  # lm-eval's HFLM: one row each
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # the Llama has grouped-query attention (2 heads, 1 key-value head)
-def test_shared_rows_give_hf_s_numbers_in_any_order(arch, tiny_gpt2, tiny_llama):
-    model = ResponseOnlyHFLM(pretrained=str(tiny_gpt2 if arch == "gpt2" else tiny_llama), dtype="float32", batch_size=4, device="cpu")
+# the Llama has grouped-query attention (2 heads, 1 key-value head); the Gemma a sliding window of 8 on one layer and
+# soft-capped logits; the Mistral a window of 8 on every layer
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "mistral"])
+def test_shared_rows_give_hf_s_numbers_in_any_order(arch, request):
+    model = ResponseOnlyHFLM(pretrained=str(request.getfixturevalue(f"tiny_{arch}")), dtype="float32", batch_size=4, device="cpu")
     requests = requests_of(model.tokenizer)
     hf = scores(model, requests, shared=False)
     ours = scores(model, requests, shared=True)

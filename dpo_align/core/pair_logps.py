@@ -24,6 +24,7 @@ import types
 
 import torch
 
+from dpo_align.core.layer_masks import layer_masks
 from dpo_align.core.pair_batch import SharedPromptCollator, pair_length
 
 PAIR_KEYS = ("logp_index", "logp_targets", "logp_seq", "logp_offset")
@@ -77,6 +78,8 @@ def response_logps(model, spec: dict, backbone_inputs: dict, *, outputs=(), soft
     from trl.trainer.utils import FusedCausalLMOutput
 
     backbone_inputs = {k: v for k, v in backbone_inputs.items() if k not in ("labels", "fused_lm_head", "output_router_logits")}
+    if backbone_inputs.get("attention_mask") is not None and backbone_inputs["attention_mask"].dim() == 4:
+        backbone_inputs["attention_mask"] = layer_masks(model.config, backbone_inputs["attention_mask"], backbone_inputs["position_ids"])
     hidden = model.base_model(**backbone_inputs, use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
     hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, spec["logp_index"].to(hidden.device))

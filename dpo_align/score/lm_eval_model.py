@@ -41,6 +41,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from dpo_align.core.layer_masks import layer_masks
 from dpo_align.core.pair_batch import shared_segment
 from dpo_align.core.pair_logps import logit_transform, scale_logits
 
@@ -194,7 +195,7 @@ class ResponseOnlyHFLM(HFLM):
                 index += [r * width + k for k in where]
                 targets += requests[i][2]
                 order.append(i)
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": layer_masks(backbone.config, mask, position_ids)}
         sums = self._continuation_sums(inputs, index, targets, [len(requests[i][2]) for i in order], backbone, head, softcap, scale)
         return zip(order, sums, strict=True)
 
@@ -205,7 +206,7 @@ class ResponseOnlyHFLM(HFLM):
         targets = torch.tensor(targets, device=self.device)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            hidden = backbone(**{k: v.to(self.device) for k, v in inputs.items()}).last_hidden_state
+            hidden = backbone(**{k: _to(v, self.device) for k, v in inputs.items()}).last_hidden_state
             hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
             token_logps, token_greedy = [], []
             for lo in range(0, len(targets), self.head_chunk):
@@ -245,3 +246,8 @@ class ResponseOnlyHFLM(HFLM):
             index += range(row * width + first, row * width + len(tokens))
             targets += continuation
         return self._continuation_sums({"input_ids": batch}, index, targets, [len(c) for c in continuations], backbone, head, softcap, scale)
+
+
+def _to(value, device):
+    """A tensor, or a mapping of masks by layer type (``layer_masks``), on ``device``."""
+    return {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
