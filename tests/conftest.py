@@ -152,6 +152,17 @@ def default_model_path() -> Path:
     return prepare_builtin()
 
 
+@pytest.fixture(scope="session")
+def gemma3_270m_path() -> Path:
+    """Gemma 3 270M, prepared once from its chunk wheels (`make gemma`): skipped where they are not installed, except
+    under CI=true, which installs them, so there a missing wheel fails."""
+    from dpo_align.core import models
+
+    if not models.installed(models.GEMMA):
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)("the Gemma 3 270M wheels are not installed: make gemma")
+    return models.prepare_builtin(models.GEMMA, progress=lambda m: None)
+
+
 # --------------------------------------------------------------------------- tiny offline suite data
 
 
