@@ -68,6 +68,10 @@ class PreferenceTask(ConfigurableTask):
 
         metadata = self.config.metadata or {}
         policy = evaluating_lm()
+        if policy is None:  # called outside lm-eval's evaluator (or one that no longer names its model `lm`)
+            raise RuntimeError("dpo_pref_heldout: reward_acc scores the reference the policy's way, but the model being "
+                               "evaluated was not found (lm-eval's evaluate() holds it as `lm`). Run the task through "
+                               "lm_eval / lm_eval.simple_evaluate, or leave `reference` out of the metadata.")
         docs = {instance.doc["id"]: instance.doc for instance in self._instances}
         requests = [Instance("loglikelihood", doc, (doc["context"], choice), i) for doc in docs.values()
                     for i, choice in enumerate(doc["choices"])]

@@ -103,6 +103,19 @@ def test_a_model_against_itself_ties_exactly_whatever_the_batch(tiny_llama, pair
     assert results["results"]["dpo_pref_heldout"]["reward_acc,none"] == 0.5
 
 
+def test_reward_accuracy_outside_lm_evals_evaluator_is_a_clear_error(tiny_llama, pairs):
+    """The reference is scored the policy's way, so the task must find the policy; called by hand it says so."""
+    from lm_eval.tasks import TaskManager
+
+    metadata = {"pref_path": str(pairs), "reference": str(tiny_llama), "pretrained": str(tiny_llama)}
+    task = TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata).load_task_or_group("dpo_pref_heldout")
+    task = task["dpo_pref_heldout"]
+    task.build_all_requests(limit=2, rank=0, world_size=1)
+    doc = task._instances[0].doc
+    with pytest.raises(RuntimeError, match=r"the model being evaluated was not found.*or leave `reference` out"):
+        task.process_results(doc, [(-1.0, False), (-2.0, False)])
+
+
 @needs_shared_data
 def test_offline_default_is_the_held_out_split(tiny_llama):
     import lm_eval
