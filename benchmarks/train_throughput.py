@@ -23,7 +23,9 @@ backward, 2N for the reference's forward, N = base parameters) against the peak 
 ``run_mfu`` uses the cached peak of ``dpo_align.train.throughput.peak_flops``, recorded beside it). ``tokens_fed`` is TRL's own ``num_tokens`` count (padding
 excluded; stock TRL feeds each prompt twice). ``speedup`` is dpo-align cold pairs/s ÷ stock pairs/s;
 ``sft_vs_dpo_cold``/``_warm`` SFT alone against DPO; ``rpo_vs_dpo_warm`` RPO against DPO, both on a warm reference
-cache; ``two_stage_vs_dpo_cold`` the whole two-stage command against DPO cold. ``--only`` runs a subset of the trainers.
+cache; ``two_stage_vs_dpo_cold`` the whole two-stage command against DPO cold. ``stock_fp32`` is stock TRL's defaults
+with ``bf16=False`` (``speedup_vs_stock_fp32``): the fair stock figure on a CPU without AVX512-BF16, where the default
+bf16 autocast is emulated and dpo-align's ``--precision auto`` trains fp32. ``--only`` runs a subset of the trainers.
 
     python benchmarks/train_throughput.py --data ../shared/data/splits/train-pool.jsonl.gz --steps 16
 """
@@ -83,12 +85,12 @@ def write_sample(data: str, model: str, pairs: int, max_length: int, path: Path)
 # every trainer the benchmark knows, on the same pairs: dpo_align_sft is SFT alone (no reference pass, no rejected half);
 # dpo_align_rpo is RPO (sigmoid + sft, weights 1 + 1) on the reference cache dpo_align_cold left warm; dpo_align_two_stage is
 # SFT on all the pairs, then DPO from the merged SFT model with it as the reference (its reference pass is cold: new weights)
-TRAINERS = ("stock", "stock_best", "dpo_align_cold", "dpo_align_warm", "dpo_align_sft", "dpo_align_rpo", "dpo_align_two_stage")
+TRAINERS = ("stock", "stock_best", "stock_fp32", "dpo_align_cold", "dpo_align_warm", "dpo_align_sft", "dpo_align_rpo", "dpo_align_two_stage")
 RECIPES = {"dpo_align_cold": {}, "dpo_align_warm": {}, "dpo_align_sft": {"loss_type": "sft"},
            "dpo_align_rpo": {"loss_type": "sigmoid,sft", "loss_weights": "1,1"}, "dpo_align_two_stage": {"sft_first_pairs": "all"}}
 
 
-def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags: bool, output: Path) -> dict:
+def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags: bool, output: Path, fp32: bool = False) -> dict:
     import torch
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
@@ -102,6 +104,8 @@ def run_stock(sample: Path, model: str, steps: int, batch_size: int, best_flags:
     dataset = to_dataset(pairs, "alpaca", tokenizer).remove_columns("instruction")
     # best flags, and max_length 512 as dpo-align's default, so that both keep the same tokens (equal work)
     flags = {"precompute_ref_log_probs": True, "gradient_checkpointing": False, "max_length": 512} if best_flags else {}
+    if fp32:  # its defaults but fp32: on a CPU without AVX512-BF16 its default bf16 autocast is emulated (and dpo-align trains fp32)
+        flags["bf16"] = False
     args = DPOConfig(output_dir=str(output), per_device_train_batch_size=batch_size, max_steps=steps, report_to=[], save_strategy="no",
                      logging_steps=1, disable_tqdm=True, use_cpu=not torch.cuda.is_available(), **flags)
     network = load_model(path, dtype=torch.float32)
@@ -143,8 +147,9 @@ def run_dpo_align(sample: Path, model: str, steps: int, batch_size: int, output:
 
 def child(args) -> None:
     output = Path(args.workdir) / args.child
-    if args.child in ("stock", "stock_best"):
-        result = run_stock(Path(args.sample), args.model, args.steps, args.batch_size, args.child == "stock_best", output)
+    if args.child in ("stock", "stock_best", "stock_fp32"):
+        result = run_stock(Path(args.sample), args.model, args.steps, args.batch_size, args.child == "stock_best", output,
+                           fp32=args.child == "stock_fp32")
     else:
         result = run_dpo_align(Path(args.sample), args.model, args.steps, args.batch_size, output, RECIPES[args.child])
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -220,6 +225,8 @@ def main() -> None:
     ratio("speedup", "dpo_align_cold", "stock")
     ratio("speedup_vs_stock_best", "dpo_align_cold", "stock_best")
     ratio("warm_speedup_vs_stock", "dpo_align_warm", "stock")
+    ratio("speedup_vs_stock_fp32", "dpo_align_cold", "stock_fp32")
+    ratio("warm_speedup_vs_stock_fp32", "dpo_align_warm", "stock_fp32")
     ratio("sft_vs_dpo_cold", "dpo_align_sft", "dpo_align_cold")
     ratio("sft_vs_dpo_warm", "dpo_align_sft", "dpo_align_warm")
     ratio("rpo_vs_dpo_warm", "dpo_align_rpo", "dpo_align_warm")  # both on a warm reference cache: the training steps alone
