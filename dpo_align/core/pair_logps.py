@@ -61,6 +61,7 @@ def add_pair_logps(model, outputs: tuple[str, ...] = ()) -> None:
     if model.config._attn_implementation not in ("sdpa", "eager"):
         raise NotImplementedError(f"{model.config._attn_implementation} attention ignores a 4D attention mask; load the model with "
                                   "attn_implementation='sdpa' (or 'eager') for the shared-prompt trainer.")
+    layer_masks(model.config, torch.ones((1, 1, 1, 1), dtype=torch.bool), torch.zeros((1, 1), dtype=torch.long))  # attention it cannot window: now
     original = model.forward
     softcap, scale = logit_transform(model.config)
     model.pair_logps_head = "auto"  # or "trl" / "plain": which head kernel (tests compare both)
