@@ -19,10 +19,9 @@ lowers ``ce`` more than ``ce_foil`` and raises ``acc``.
 from __future__ import annotations
 
 from lm_eval.api.metrics import mean
-from lm_eval.api.task import ConfigurableTask
 
 from dpo_align.score import metrics
-from dpo_align.score.suite_requests import check_request_options, context_window, fits, scored_span, suite_dataset, tokenizer_for
+from dpo_align.score.suite_requests import SpannedTask, suite_dataset
 
 
 def truthfulqa(**metadata):
@@ -42,26 +41,8 @@ def total_foils(items) -> float:
     return float(sum(len(responses) - 1 for responses in items))
 
 
-class ContrastTask(ConfigurableTask):
+class ContrastTask(SpannedTask):
     """The reference and its foils as one multiple-choice document; see the module docstring."""
-
-    def __init__(self, config: dict | None = None, **kwargs) -> None:
-        config = dict(config or {})
-        config.pop("class", None)
-        super().__init__(config=config, **kwargs)
-        self._tokenizer = tokenizer_for(self.config.metadata or {})
-        self._window = context_window(self.config.metadata or {}, self._tokenizer)
-        self._spans: dict = {}  # (doc id, choice) -> (Span, fits the window)
-
-    def build_all_requests(self, *args, **kwargs):
-        # counted from the requests lm-eval sends (after --apply_chat_template, or restored from its cache)
-        check_request_options(self, kwargs)
-        result = super().build_all_requests(*args, **kwargs)
-        for instance in self._instances:
-            context, continuation = instance.arguments
-            span = scored_span(self._tokenizer, context, continuation)
-            self._spans[instance.doc["id"], instance.idx] = span, fits(self.config.task, instance.doc["id"], span, self._window)
-        return result
 
     def process_results(self, doc, results):
         responses, truncated = [], False

@@ -15,11 +15,10 @@ into which lm-eval also copies the ``--model_args``: the tokenizer is the run's 
 from __future__ import annotations
 
 from lm_eval.api.metrics import mean
-from lm_eval.api.task import ConfigurableTask
 
 from dpo_align.data.suite import PPL
 from dpo_align.score import metrics
-from dpo_align.score.suite_requests import check_request_options, context_window, fits, scored_span, suite_dataset, tokenizer_for
+from dpo_align.score.suite_requests import SpannedTask, suite_dataset
 
 METRICS = PPL.metrics
 
@@ -39,33 +38,15 @@ def pku(**metadata):
 # --------------------------------------------------------------------------- task
 
 
-class ResponseCrossEntropyTask(ConfigurableTask):
+class ResponseCrossEntropyTask(SpannedTask):
     """Scores ``"\\n" + response`` after the templated prompt as one loglikelihood request
     and reports NLL per response token (``ce``), its exp (``ppl``) and bits per byte (``bpb``)."""
 
-    def __init__(self, config: dict | None = None, **kwargs) -> None:
-        config = dict(config or {})
-        config.pop("class", None)
-        super().__init__(config=config, **kwargs)
-        self._tokenizer = tokenizer_for(self.config.metadata or {})
-        self._window = context_window(self.config.metadata or {}, self._tokenizer)
-        self._spans: dict = {}  # doc id -> (Span, fits the window)
-
-    def build_all_requests(self, *args, **kwargs):
-        # Count from the requests lm-eval actually sends: their context is the final one (after any
-        # --apply_chat_template), and requests restored from lm-eval's request cache are counted too.
-        # No add_bos_token option: a BOS (or EOS) added to both encodings cancels in the difference.
-        check_request_options(self, kwargs)
-        result = super().build_all_requests(*args, **kwargs)
-        for instance in self._instances:
-            context, continuation = instance.arguments
-            span = scored_span(self._tokenizer, context, continuation)
-            self._spans[instance.doc["id"]] = span, fits(self.config.task, instance.doc["id"], span, self._window)
-        return result
+    # No add_bos_token option: a BOS (or EOS) added to both encodings cancels in the difference.
 
     def process_results(self, doc, results):
         loglikelihood = results[0][0]
-        span, fitted = self._spans[doc["id"]]
+        span, fitted = self._spans[doc["id"], 0]
         nll = -float(loglikelihood)
         return {"ce": (nll, span.tokens), "ppl": (nll, span.tokens), "bpb": (nll, span.bytes), "boundary_merge": float(span.merged),
                 "truncated": float(not fitted)}

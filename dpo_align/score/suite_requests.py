@@ -13,6 +13,7 @@ from typing import NamedTuple
 import datasets
 import lm_eval.api.metrics
 import lm_eval.api.model
+import lm_eval.api.task
 import lm_eval.evaluator_utils
 
 from dpo_align.core.errors import UserError, install_error_boundary
@@ -285,3 +286,25 @@ def suite_dataset(name: str, metadata: dict, *, foils: bool = False) -> dict:
         if foils:
             doc["choices"] = [doc["continuation"]] + [render_response(foil, template) for foil in doc["foils"]]
     return {"test": datasets.Dataset.from_list(docs)}
+
+
+class SpannedTask(lm_eval.api.task.ConfigurableTask):
+    """The suite's scoring tasks (dpo_ppl, dpo_contrast): the tokenizer and window of the run, and each request's
+    scored span counted from the requests lm-eval actually sends (after any --apply_chat_template, or restored from its
+    request cache), as ``self._spans[doc id, request index] = (Span, fits the window)``."""
+
+    def __init__(self, config: dict | None = None, **kwargs) -> None:
+        config = dict(config or {})
+        config.pop("class", None)
+        super().__init__(config=config, **kwargs)
+        self._tokenizer = tokenizer_for(self.config.metadata or {})
+        self._window = context_window(self.config.metadata or {}, self._tokenizer)
+        self._spans: dict = {}
+
+    def build_all_requests(self, *args, **kwargs):
+        check_request_options(self, kwargs)
+        result = super().build_all_requests(*args, **kwargs)
+        for instance in self._instances:
+            span = scored_span(self._tokenizer, *instance.arguments)
+            self._spans[instance.doc["id"], instance.idx] = span, fits(self.config.task, instance.doc["id"], span, self._window)
+        return result
