@@ -14,14 +14,19 @@ import torch
 KNOWN = {"full_attention", "sliding_attention"}
 
 
-def layer_masks(config, mask: torch.Tensor, position_ids: torch.Tensor):
-    """``mask`` as it is, its sliding-window version (every layer slides), or a mapping by layer type (some slide)."""
+def attention_kinds(config) -> tuple[int | None, set[str]]:
+    """(sliding window, layer types) of a model; an error for a kind of attention the shared rows cannot mask."""
     text = config.get_text_config()
-    window = getattr(text, "sliding_window", None)
     kinds = set(getattr(text, "layer_types", None) or [])
     if kinds - KNOWN:
         raise NotImplementedError(f"{type(config).__name__} has {sorted(kinds - KNOWN)} attention layers; the shared-prompt rows "
                                   "support full and sliding-window attention only.")
+    return getattr(text, "sliding_window", None), kinds
+
+
+def layer_masks(config, mask: torch.Tensor, position_ids: torch.Tensor):
+    """``mask`` as it is, its sliding-window version (every layer slides), or a mapping by layer type (some slide)."""
+    window, kinds = attention_kinds(config)
     if not window or kinds == {"full_attention"}:
         return mask
     distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]

@@ -24,7 +24,7 @@ import types
 
 import torch
 
-from dpo_align.core.layer_masks import layer_masks
+from dpo_align.core.layer_masks import attention_kinds, layer_masks
 from dpo_align.core.pair_batch import SharedPromptCollator, pair_length
 
 PAIR_KEYS = ("logp_index", "logp_targets", "logp_seq", "logp_offset")
@@ -61,7 +61,7 @@ def add_pair_logps(model, outputs: tuple[str, ...] = ()) -> None:
     if model.config._attn_implementation not in ("sdpa", "eager"):
         raise NotImplementedError(f"{model.config._attn_implementation} attention ignores a 4D attention mask; load the model with "
                                   "attn_implementation='sdpa' (or 'eager') for the shared-prompt trainer.")
-    layer_masks(model.config, torch.ones((1, 1, 1, 1), dtype=torch.bool), torch.zeros((1, 1), dtype=torch.long))  # attention it cannot window: now
+    attention_kinds(model.config)  # an attention the shared rows cannot mask is refused now, not at the first batch
     original = model.forward
     softcap, scale = logit_transform(model.config)
     model.pair_logps_head = "auto"  # or "trl" / "plain": which head kernel (tests compare both)

@@ -195,7 +195,7 @@ class ResponseOnlyHFLM(HFLM):
                 index += [r * width + k for k in where]
                 targets += requests[i][2]
                 order.append(i)
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": layer_masks(backbone.config, mask, position_ids)}
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
         sums = self._continuation_sums(inputs, index, targets, [len(requests[i][2]) for i in order], backbone, head, softcap, scale)
         return zip(order, sums, strict=True)
 
@@ -206,7 +206,10 @@ class ResponseOnlyHFLM(HFLM):
         targets = torch.tensor(targets, device=self.device)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            hidden = backbone(**{k: _to(v, self.device) for k, v in inputs.items()}).last_hidden_state
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            if "attention_mask" in inputs:  # shared-context rows: each layer type its mask (sliding windows by position)
+                inputs["attention_mask"] = layer_masks(backbone.config, inputs["attention_mask"], inputs["position_ids"])
+            hidden = backbone(**inputs).last_hidden_state
             hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
             token_logps, token_greedy = [], []
             for lo in range(0, len(targets), self.head_chunk):
@@ -246,8 +249,3 @@ class ResponseOnlyHFLM(HFLM):
             index += range(row * width + first, row * width + len(tokens))
             targets += continuation
         return self._continuation_sums({"input_ids": batch}, index, targets, [len(c) for c in continuations], backbone, head, softcap, scale)
-
-
-def _to(value, device):
-    """A tensor, or a mapping of masks by layer type (``layer_masks``), on ``device``."""
-    return {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
