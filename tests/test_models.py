@@ -57,6 +57,31 @@ def test_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, monkeypat
     assert models.prepare_builtin(progress=lambda m: None) == path and len(builds) == 2
 
 
+def test_two_processes_preparing_one_model_at_once_convert_it_once(tmp_path, monkeypatch):
+    """Two workers of a study (or two test processes) starting together: the second waits for the first's conversion and
+    uses it, where both converted and the later one replaced the folder under the first one's feet."""
+    import threading
+    import time
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "find_gguf", lambda *a: tmp_path / "fake.gguf")
+    builds = []
+
+    def slow_convert(gguf, output):
+        builds.append(gguf)
+        time.sleep(1.0)  # both callers are past the first "is it built?" check by now
+        make_tiny_model(output, "gpt2")
+
+    monkeypatch.setattr(models, "convert_gguf", slow_convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models.prepare_builtin(progress=lambda m: None))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(got) == 2 and got[0] == got[1] and (got[0] / "model.safetensors").is_file()
+
+
 def test_interrupted_build_leaves_no_directory_that_looks_complete(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "find_gguf", lambda *a: tmp_path / "fake.gguf")

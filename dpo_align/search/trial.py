@@ -17,7 +17,6 @@ specific change reported to Optuna at its step; a trial the pruner stops has its
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import shutil
 import time
@@ -29,6 +28,7 @@ from transformers import TrainerCallback
 
 from dpo_align.core.errors import TrainingDiverged, UserError
 from dpo_align.core.files import atomic_write_json
+from dpo_align.core.folder_lock import waiting_for
 from dpo_align.data.suite import CONTRAST, DATASETS
 from dpo_align.report import controls, scorecard
 from dpo_align.result_cache import cached, inputs_of, key_of
@@ -59,14 +59,6 @@ def draw_documents(per_dataset: int, data_dir: str | None, pku_path: str | None,
     return subset(counts, per_dataset, seed)
 
 
-def _exclusive(path: Path):
-    """A blocking lock file: the first worker computes a shared result, the others wait and read it from the cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 (closed by the caller)
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    return handle
-
-
 def prepare(base: TrainConfig, model_path: str, *, output: Path, per_dataset: int, search_pairs: int, preference_data: list[str] | None,
             score_options: ScoreOptions, progress) -> Subset:
     """Draw the subset and score the base model on it (and its held-out log-probs), cached in ``output/baseline``."""
@@ -75,8 +67,7 @@ def prepare(base: TrainConfig, model_path: str, *, output: Path, per_dataset: in
     options = dataclasses.replace(score_options, tasks=tuple(CONTRAST.tasks.values()), samples=documents, limit=None, controls=True,
                                   data_dir=data_dir, pku_path=pku_path, template=base.template)
     spec = ModelSpec(BASELINE, model_path)
-    handle = _exclusive(output / "baseline" / ".lock")
-    try:
+    with waiting_for(output / "baseline" / ".lock"):  # the first worker scores the base model, the others read it
         baseline = cached(output / "baseline" / "scores.json", key_of(spec, options), progress,
                           f"[baseline] the base model on {sum(map(len, documents.values()))} documents", "already scored, kept",
                           lambda: score_spec(spec, options), inputs=inputs_of(options))
@@ -86,8 +77,6 @@ def prepare(base: TrainConfig, model_path: str, *, output: Path, per_dataset: in
             logps = cached(output / "baseline" / "logps.json", _pairs_key(spec, base, preference_data, search_pairs), progress,
                            f"[baseline] the base model on {search_pairs} held-out pairs", "already computed, kept",
                            lambda: pair_logps(spec, base, pairs), inputs=inputs_of({"sources": preference_data}))
-    finally:
-        handle.close()
     return Subset(documents, options, baseline, pairs, logps)
 
 
@@ -183,7 +172,7 @@ def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     from dpo_align.search.study import worker_name
-    from dpo_align.train.run import train
+    from dpo_align.train.run import Interrupted, train
 
     settings = space.suggest(trial)
     # a retried trial (its worker died) continues in the first attempt's folder, from its latest checkpoint
@@ -216,6 +205,8 @@ def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path
             trial.set_user_attr("seconds", round(time.time() - started, 1))
         elif isinstance(err, TrainingDiverged):
             trial.set_user_attr("failed", str(err))
+        elif isinstance(err, Exception) and not isinstance(err, Interrupted):  # a crash, not a stop: `--requeue` leaves it
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
         raise
     spec = ModelSpec(f"trial {trial.number}", subset.baseline["pretrained"], str(run_dir))
     result = score_spec(spec, subset.options)
