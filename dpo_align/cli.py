@@ -595,6 +595,8 @@ def search_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a study of this name although its space or settings differ.")] = False,
     status: Annotated[bool, typer.Option("--status", help="Print the study's trials and the best so far, and exit (any machine, any time).")] = False,
     report_only: Annotated[bool, typer.Option("--report", help="Write the report from the database and exit.")] = False,
+    requeue: Annotated[bool, typer.Option("--requeue", help="Queue again the settings of trials that failed only because their workers "
+                                          "died, after Optuna's retries; each continues in its first attempt's folder. Then exit.")] = False,
 ) -> None:
     """Search training settings with Optuna: each trial trains, and is scored by its controlled verdict.
 
@@ -617,7 +619,7 @@ def search_command(
     def echo(message: str) -> None:
         typer.echo(message, err=True)
 
-    if status or report_only:
+    if status or report_only or requeue:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -629,6 +631,13 @@ def search_command(
 
         if status:
             typer.echo(report.markdown(found, report.rows(found), *report.pick(found), base))
+            return
+        if requeue:
+            again = studies.requeue(found)
+            for first, attempts in again:
+                echo(f"trial {first}'s settings (attempts {', '.join(map(str, attempts))}, all ended with their worker) are queued again; "
+                     f"the next worker continues them in trial-{first}'s folder.")
+            echo(f"{len(again)} trial(s) queued again. Study: {studies.state_line(found)}")
             return
         report.write(found, None, base, output, progress=echo)
         return

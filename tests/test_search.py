@@ -154,6 +154,47 @@ def test_a_pruned_trial_loses_its_folder_and_keeps_its_values(tiny_gpt2, pairs_f
     assert "| 4 | pruned |" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_requeue_puts_back_only_the_settings_whose_workers_died_and_they_continue_in_the_first_folder(tiny_gpt2, pairs_file, tiny_data, tmp_path):
+    """After Optuna's retries are spent (three SIGKILLed attempts of one setting), `--requeue` queues that setting once
+    more, marked as a retry of its first attempt, so the next worker trains it in that attempt's folder; a diverged trial,
+    a crashed one and settings another trial finished are left alone."""
+    import optuna
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    (tmp_path / "out").mkdir()
+    study = optuna.create_study(study_name="dpo-align", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    distributions = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                     "loss_type": optuna.distributions.CategoricalDistribution(["sigmoid", "ipo"])}
+
+    def add(lr, loss, state="FAIL", system=None, user=None):
+        study.add_trial(optuna.trial.create_trial(params={"learning_rate": lr, "loss_type": loss}, distributions=distributions,
+                                                  state=optuna.trial.TrialState[state], value=0.0 if state == "COMPLETE" else None,
+                                                  system_attrs=system or {}, user_attrs=user or {}))
+
+    add(1e-3, "sigmoid")  # 0, 1, 2: one setting, killed three times (the automatic retries spent)
+    add(1e-3, "sigmoid", system={"failed_trial": 0, "retry_history": [0]})
+    add(1e-3, "sigmoid", system={"failed_trial": 0, "retry_history": [0, 1]})
+    add(2e-3, "ipo", user={"failed": "training diverged at step 3"})  # 3: a result
+    add(5e-3, "sigmoid", user={"error": "ValueError: a bug"})  # 4: would crash again
+    add(3e-3, "ipo")  # 5: killed, but 6 finished the same settings
+    add(3e-3, "ipo", state="COMPLETE")
+    result = runner.invoke(app, ["search", "--requeue", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "trial 0's settings (attempts 0, 1, 2" in result.output and "1 trial(s) queued again" in result.output
+    waiting = [t for t in load(tmp_path).trials if t.state.name == "WAITING"]
+    assert len(waiting) == 1 and waiting[0].params == {"learning_rate": 1e-3, "loss_type": "sigmoid"}
+    assert waiting[0].system_attrs["failed_trial"] == 0 and waiting[0].user_attrs["requeued_after"] == [0, 1, 2]
+    again = runner.invoke(app, ["search", "--requeue", "-o", str(tmp_path / "out")])
+    assert "0 trial(s) queued again" in again.output and len(load(tmp_path).trials) == 8  # queued once, not twice
+
+    worker = runner.invoke(app, search_args(tiny_gpt2, pairs_file, tiny_data, tmp_path, "--trials", "1", "--prune-every", "0"))
+    assert worker.exit_code == 0, worker.output[-3000:]
+    trial = load(tmp_path).trials[7]
+    assert trial.state.name == "COMPLETE" and trial.params == {"learning_rate": 1e-3, "loss_type": "sigmoid"}
+    run_dir = Path(trial.user_attrs["run_dir"])
+    assert run_dir.name == "trial-0" and "learning_rate: 0.001" in (run_dir / "config.yaml").read_text()
+
+
 # --------------------------------------------------------------------------- many workers, one PostgreSQL database
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")

@@ -230,3 +230,33 @@ def _counted(study) -> int:
     from optuna.trial import TrialState
 
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+
+
+def requeue(study) -> list[tuple[int, list[int]]]:
+    """Put back in the queue the settings of every trial whose attempts all failed because their workers died (each
+    session's end, a SIGKILL, an out-of-memory kill), once Optuna's ``RETRIES`` are spent: the new trial continues in
+    the first attempt's run folder, from its latest checkpoint, as an automatic retry does. A trial that failed on its
+    own (its training diverged: the ``failed`` note; an exception: ``error``) is not requeued: it would fail again; nor
+    are settings that another trial already holds (finished, pruned, running or waiting). Returns (first attempt,
+    attempts) per requeued trial."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    held = [t.params for t in trials if t.state != TrialState.FAIL]
+    groups: dict[int, list] = {}
+    for t in trials:
+        if t.state == TrialState.FAIL:
+            groups.setdefault(t.system_attrs.get("failed_trial", t.number), []).append(t)
+    requeued = []
+    for first, attempts in sorted(groups.items()):
+        if any("failed" in t.user_attrs or "error" in t.user_attrs for t in attempts) or attempts[0].params in held:
+            continue
+        numbers = sorted(t.number for t in attempts)
+        # a fresh retry history: the requeued trial gets Optuna's automatic retries again; the attempts are kept beside
+        study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=attempts[0].params, distributions=attempts[0].distributions,
+                                            system_attrs={"failed_trial": first, "retry_history": []},
+                                            user_attrs={"requeued_after": numbers}))
+        held.append(attempts[0].params)
+        requeued.append((first, numbers))
+    return requeued
