@@ -381,13 +381,15 @@ def test_epochs_grad_accum_and_lora_options(tiny_gpt2, pairs_file, tmp_path):
 def test_reference_log_probs_are_cached_reused_and_keyed_on_what_they_depend_on(tiny_gpt2, pairs_file, tmp_path, monkeypatch):
     cache = tmp_path / "ref-cache"
     monkeypatch.setenv("DPO_ALIGN_REF_CACHE", str(cache))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(pairs_file.read_text().splitlines(keepends=True)[:8]))
 
-    def run(name, model=tiny_gpt2, **overrides):  # 12 steps of 4: every one of the 48 pairs, so the reference is computed up front
-        manifest = train(tiny_config(model, pairs_file, tmp_path / name, max_steps=12, **overrides), progress=lambda m: None)
+    def run(name, model=tiny_gpt2, **overrides):  # 2 steps of 4: every one of the 8 pairs, so the reference is computed up front
+        manifest = train(tiny_config(model, pairs, tmp_path / name, max_steps=2, **overrides), progress=lambda m: None)
         return manifest["reference_logps"]["train"], read_rows(tmp_path / name)
 
     first, rows_first = run("first")
-    assert first["cached"] is False and first["pairs"] == 48 and len(list(cache.glob("*.safetensors"))) == 1
+    assert first["cached"] is False and first["pairs"] == 8 and len(list(cache.glob("*.safetensors"))) == 1
     again, rows_again = run("again")  # a re-run (and every run of a sweep) reads them back
     assert again["cached"] is True and again["key"] == first["key"]
     assert [r["loss"] for r in rows_again if "loss" in r] == [r["loss"] for r in rows_first if "loss" in r]
