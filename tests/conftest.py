@@ -11,15 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import hh
+# `make test` runs the tests in two processes (pytest-xdist): each gets its share of the cores, for torch and for the
+# processes its tests start, so two processes on two cores do not fight over four threads. Set before torch is imported.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+from .helpers import hh  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Reference log-probs cached by one test run must not leak into the user's cache or the next run.
-os.environ.setdefault("DPO_ALIGN_REF_CACHE", tempfile.mkdtemp(prefix="dpo-align-ref-cache-"))
+# Reference log-probs cached by one test run must not leak into the user's cache, the next run or the other test process
+# (a test that expects to compute them would find the other process's).
+_set = os.environ.__setitem__ if _WORKER else os.environ.setdefault
+_set("DPO_ALIGN_REF_CACHE", tempfile.mkdtemp(prefix="dpo-align-ref-cache-"))
 # so does a CPU peak measured while the tests load the machine (it would make every later run's MFU too high)
-os.environ.setdefault("DPO_ALIGN_PEAK_CACHE", os.path.join(tempfile.mkdtemp(prefix="dpo-align-peak-"), "peak-flops.json"))
+_set("DPO_ALIGN_PEAK_CACHE", os.path.join(tempfile.mkdtemp(prefix="dpo-align-peak-"), "peak-flops.json"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
