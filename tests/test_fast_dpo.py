@@ -260,12 +260,13 @@ def test_sft_alone_feeds_no_rejected_response_and_equals_stock_trl(arch, tiny_gp
         assert (grads_o[name] - grad).norm() / grad.norm().clamp(min=1e-12) < 1e-4, name
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3", "llama"])
 def test_a_chosen_response_has_the_same_log_prob_in_training_and_in_scoring(arch, request, tmp_path):
     """The tokens training feeds are the tokens scoring feeds: TRL's prompt + chosen (its EOS aside) and the suite's
-    context + response, for a tokenizer without a BOS (GPT-2, SmolLM2) and for Gemma's, whose BOS both add (lm-eval's
-    `hf` adds it for Gemma models; without it Gemma 3's ce is 26-64% higher). So scoring a pairs file as the PKU set
-    gives each pair's chosen log-prob, from the base model, to fp32 rounding."""
+    context + response, for a tokenizer without a BOS (GPT-2, SmolLM2) and for tokenizers that add one, Gemma's and a
+    Llama's (TRL adds it to the prompt; lm-eval 0.4.13's `hf` encodes with the tokenizer's default, so it adds it too;
+    without it Gemma 3's ce is 26-64% higher). So scoring a pairs file as the PKU set gives each pair's chosen log-prob,
+    from the base model, to fp32 rounding."""
     from dpo_align.core.pair_logps import model_inputs
     from dpo_align.eval_run import run_eval
 
@@ -275,7 +276,7 @@ def test_a_chosen_response_has_the_same_log_prob_in_training_and_in_scoring(arch
     tokenizer = ours.processing_class
     examples = [ours.train_dataset[i] for i in range(len(ours.train_dataset))]
     assert all(ex["chosen_ids"][-1] == tokenizer.eos_token_id for ex in examples)
-    assert all((ex["prompt_ids"][0] == tokenizer.bos_token_id) == (arch == "gemma3") for ex in examples)
+    assert all((ex["prompt_ids"][0] == tokenizer.bos_token_id) == (arch != "gpt2") for ex in examples)
     batch = ours.data_collator(examples)
     with torch.no_grad(), ours.model.disable_adapter():
         log_probs = ours.model(**model_inputs(batch)).log_probs
