@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from dpo_align.report import html
-from dpo_align.report.scorecard import Card, as_json, cards, from_json, markdown, plot, recommend
+from dpo_align.report.scorecard import Card, as_json, cards, from_json, markdown, plot, ranked, recommend
 
 
 def card(model, verdict="format shift", specific=0.001, accuracy=0.5, stderr=0.017, chosen=-0.01):
@@ -43,6 +43,19 @@ def test_without_a_specific_fall_the_tool_says_so_and_falls_back_on_q2_and_q3():
     c = card("c", accuracy=0.6, chosen=0.0, specific=-0.001)  # same answers as b, more negative specific change
     assert recommend([a, b, c])[0] is c
     assert recommend([])[0] is None
+
+
+def test_the_ranking_is_the_rule_applied_again_and_again():
+    """What a search confirms: the first cards in the rule's order; the first is recommend's pick, Q1 = yes before any
+    number of other answers, then the answers, then the specific change."""
+    a = card("a", accuracy=0.6, chosen=0.0, specific=0.004)  # Q2, Q3
+    b = card("b", verdict="better", specific=-0.002)  # Q1 only
+    c = card("c", accuracy=0.6, specific=-0.009)  # Q2
+    d = card("d", accuracy=0.6, chosen=0.0, specific=-0.001)  # Q2, Q3, more negative than a
+    e = card("e", verdict="better", specific=-0.001, chosen=0.0)  # Q1, Q3
+    order = [x.model for x in ranked([a, b, c, d, e])]
+    assert order == ["e", "b", "d", "a", "c"]
+    assert recommend([a, b, c, d, e])[0] is e and recommend([a, c, d])[0] is d
 
 
 def test_cards_read_the_mean_row_and_the_preference_table():

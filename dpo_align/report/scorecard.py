@@ -83,23 +83,27 @@ def _number(value) -> float | None:
     return float(value)
 
 
+def ranked(table: list[Card]) -> list[Card]:
+    """The cards in the rule's order: Q1 = yes first, then the most yes answers, then the most negative specific change
+    (the pick is the first; a search confirms the first few)."""
+    def order(card: Card):
+        return (not card.q1, -card.yes, card.specific if card.specific is not None and math.isfinite(card.specific) else math.inf)
+
+    return sorted(table, key=order)
+
+
 def recommend(table: list[Card]) -> tuple[Card | None, str]:
     """The rule's pick and the sentence that says how it was made."""
     if not table:
         return None, "No adapter was compared, so there is nothing to recommend."
-
-    def order(card: Card, answers: int):  # most yes first, then the most negative specific change
-        return (-answers, card.specific if card.specific is not None and math.isfinite(card.specific) else math.inf)
-
+    pick = ranked(table)[0]
     specific = [c for c in table if c.q1]
     if specific:
-        pick = min(specific, key=lambda c: order(c, c.yes))
         ties = [c.model for c in specific if c is not pick and c.yes == pick.yes]
         return pick, (f"**Recommended: {pick.model}**: its ce falls specifically (Q1 = yes), with {pick.yes} of 3 yes answers"
                       + (f"; tied on answers with {', '.join(ties)}, it has the most negative specific change "
                          f"({pick.specific:+.4f})." if ties else "."))
-    pick = min(table, key=lambda c: order(c, int(bool(c.q2)) + int(bool(c.q3))))
-    answers = int(bool(pick.q2)) + int(bool(pick.q3))
+    answers = pick.yes
     return pick, ("**No adapter's ce falls specifically against the baseline** (Q1 = no or n/a for every one): none is better "
                   f"than the baseline by this measure. The fallback pick, most yes answers on Q2 + Q3 ({answers}) and then the most "
                   f"negative specific change, is **{pick.model}**.")
