@@ -629,6 +629,7 @@ def search_command(
             raise UserError(f"--study {study}: no such study in {studies.hidden_url(url)}.") from None
         from dpo_align.search import report
 
+        base = studies.shared_settings(found, config, given_settings(ctx))
         if status:
             typer.echo(report.markdown(found, report.rows(found), *report.pick(found), base))
             return

@@ -97,6 +97,16 @@ def test_a_two_trial_study_trains_two_differently_configured_adapters_and_report
     assert "| 0 | complete |" in text and "| 1 | complete |" in text and (out / "history.png").stat().st_size > 1000
     best = json.loads((out / "results.json").read_text())["pick"]
     assert best in (0, 1) and f"learning_rate: {trials[best].params['learning_rate']}" in (out / "best-config.yaml").read_text()
+    # the report from the database alone, on "another machine" (no training options given): the study's own shared
+    # settings, not this command's defaults, and both trials in the rule's order in confirm/ (the pick first)
+    elsewhere = runner.invoke(app, ["search", "--report", "--storage", f"sqlite:///{out / 'study.db'}", "-o", str(tmp_path / "elsewhere")])
+    assert elsewhere.exit_code == 0, elsewhere.output
+    copied = (tmp_path / "elsewhere" / "best-config.yaml").read_text()
+    assert f"- {pairs_file}" in copied and "max_steps: 4" in copied and f"model: {tiny_gpt2}" in copied
+    confirm = sorted(p.name for p in (tmp_path / "elsewhere" / "confirm").iterdir())
+    assert confirm == sorted([f"1-trial-{best}.yaml", f"2-trial-{1 - best}.yaml"])
+    second = (tmp_path / "elsewhere" / "confirm" / f"2-trial-{1 - best}.yaml").read_text()
+    assert f"learning_rate: {trials[1 - best].params['learning_rate']}" in second and f"loss_type: {trials[1 - best].params['loss_type']}" in second
     # the same command again: the study goes on (two more trials), the baseline is not scored again
     again = runner.invoke(app, search_args(tiny_gpt2, pairs_file, tiny_data, tmp_path, "--trials", "1", "--prune-every", "0"))
     assert again.exit_code == 0 and "already scored, kept" in again.output and len(load(tmp_path).trials) == 3

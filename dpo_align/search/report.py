@@ -3,7 +3,9 @@
 * ``results.md`` and ``results.json``: every trial's settings, specific change (its 95% interval), verdict, Q2, Q3,
   state and time; the pick by the scorecard's rule (``report/scorecard.py``), fixed before any study ran;
 * ``history.png``, ``importances.png``, ``slice.png``: Optuna's own plots (matplotlib backend);
-* ``best-config.yaml``: the picked trial's settings, which ``dpo-align train --config best-config.yaml`` repeats.
+* ``best-config.yaml``: the picked trial's settings, which ``dpo-align train --config best-config.yaml`` repeats;
+* ``confirm/RANK-trial-N.yaml``: the first ``CONFIRM`` trials in the rule's order, for the confirmation runs (more
+  pairs, several seeds, the whole suite: ``dpo-align sweep --config confirm/1-trial-N.yaml --grid seed=42,7 ...``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dpo_align.core.files import atomic_write_bytes, atomic_write_json, atomic_w
 from dpo_align.core.plots import png_bytes
 from dpo_align.report import scorecard
 from dpo_align.train.config import TrainConfig
+
+CONFIRM = 2  # trials to confirm: a lead is trusted once it survives more pairs and a second seed
 
 
 def cards(study) -> list[scorecard.Card]:
@@ -39,6 +43,16 @@ def pick(study):
         return None, reason
     number = int(chosen.model.removeprefix("trial "))
     return next(t for t in study.get_trials(deepcopy=False) if t.number == number), reason
+
+
+def top(study, count: int = CONFIRM) -> list[int]:
+    """The numbers of the first ``count`` finished trials in the scorecard rule's order (the first is the pick)."""
+    return [int(card.model.removeprefix("trial ")) for card in scorecard.ranked(cards(study))[:count]]
+
+
+def _config(base: TrainConfig, trial, output_dir: str) -> TrainConfig:
+    """A trial's training settings: the study's shared ones with the trial's own."""
+    return dataclasses.replace(base, **json.loads(trial.user_attrs.get("settings") or "{}"), output_dir=output_dir)
 
 
 def _answer(value) -> str:
@@ -85,7 +99,9 @@ def markdown(study, table: list[dict], chosen, reason: str, base: TrainConfig) -
     lines += ["", reason, ""]
     if chosen is not None:
         lines += [f"Its settings are in `best-config.yaml`: `dpo-align train --config best-config.yaml -o runs/best` trains it again "
-                  f"(on {base.max_pairs or 'all'} pairs, as the trials did).", ""]
+                  f"(on {base.max_pairs or 'all'} pairs, as the trials did). The first {CONFIRM} trials in the rule's order "
+                  f"({', '.join(f'trial {n}' for n in top(study))}) are in `confirm/` for the confirmation: "
+                  "`dpo-align sweep --config confirm/1-trial-N.yaml --grid seed=42,7` with more pairs, scored on the whole suite.", ""]
     lines += ["Plots: `history.png` (Optuna's optimisation history), `importances.png` (parameter importances, fANOVA), `slice.png`.", ""]
     return "\n".join(lines)
 
@@ -127,7 +143,10 @@ def write(study, space, base: TrainConfig, output: Path, progress=print) -> None
         if data is not None:
             atomic_write_bytes(output / f"{kind}.png", data)
     if chosen is not None:
-        settings = json.loads(chosen.user_attrs.get("settings") or "{}")
-        best = dataclasses.replace(base, **settings, output_dir="runs/best")
-        atomic_write_text(output / "best-config.yaml", best.to_yaml())
+        atomic_write_text(output / "best-config.yaml", _config(base, chosen, "runs/best").to_yaml())
+    for stale in (output / "confirm").glob("*-trial-*.yaml"):  # another ranking's files: the order may have changed
+        stale.unlink()
+    for rank, number in enumerate(top(study), 1):
+        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+        atomic_write_text(output / "confirm" / f"{rank}-trial-{number}.yaml", _config(base, trial, f"runs/confirm-trial-{number}").to_yaml())
     progress(f"Search report: {output}/results.md ({reason.split(':')[0].strip('*')})")

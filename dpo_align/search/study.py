@@ -91,6 +91,17 @@ def base_digest(base: TrainConfig) -> dict:
     return settings
 
 
+def shared_settings(study, config_file: Path | None, given: dict) -> TrainConfig:
+    """The settings the study's trials shared (stored in it when it was created), under ``--config`` and the options
+    given: so ``--report`` and ``--status`` on any machine write the study's own settings into ``best-config.yaml``,
+    not this command's defaults."""
+    from dpo_align.train.config import build_config, load_config_file
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    stored = {k: v for k, v in json.loads(study.user_attrs.get("base") or "{}").items() if k in known}
+    return build_config({**stored, **(load_config_file(config_file) if config_file else {})}, given)
+
+
 def open_study(storage, name: str, space, base: TrainConfig, study_settings: dict, *, sampler: str, grid_points: int, resume: bool):
     """Create the study, or join it: a study of this name with another space, other shared settings or another subset
     is refused (its trials would not be comparable), unless ``--resume`` says to continue it with this command's."""
