@@ -194,6 +194,8 @@ def test_requeue_puts_back_only_the_settings_whose_workers_died_and_they_continu
     waiting = [t for t in load(tmp_path).trials if t.state.name == "WAITING"]
     assert len(waiting) == 1 and waiting[0].params == {"learning_rate": 1e-3, "loss_type": "sigmoid"}
     assert waiting[0].system_attrs["failed_trial"] == 0 and waiting[0].user_attrs["requeued_after"] == [0, 1, 2]
+    status = runner.invoke(app, ["search", "--status", "-o", str(tmp_path / "out")])
+    assert "| 7 | waiting | learning_rate=0.001, loss_type=sigmoid |" in status.output  # what it is queued with
     again = runner.invoke(app, ["search", "--requeue", "-o", str(tmp_path / "out")])
     assert "0 trial(s) queued again" in again.output and len(load(tmp_path).trials) == 8  # queued once, not twice
 

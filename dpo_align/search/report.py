@@ -63,7 +63,9 @@ def rows(study) -> list[dict]:
     out = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        out.append({"trial": t.number, "state": t.state.name.lower(), "settings": json.loads(a.get("settings") or "{}"),
+        # a trial not started yet shows the settings it is queued with (a retry's, or enqueue_trial's fixed ones)
+        queued = t.params or t.system_attrs.get("fixed_params") or {}
+        out.append({"trial": t.number, "state": t.state.name.lower(), "settings": json.loads(a.get("settings") or "{}") or queued,
                     "specific_change": t.value, "specific_interval": a.get("specific_interval"), "verdict": a.get("verdict"),
                     "ce_change": a.get("ce_change"), "foil_change": a.get("foil_change"), "accuracy": a.get("accuracy"),
                     "stderr": a.get("stderr"), "chosen_per_token": a.get("chosen_per_token"), "q1": a.get("q1"), "q2": a.get("q2"),
