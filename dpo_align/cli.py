@@ -624,7 +624,8 @@ def search_command(
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            found = optuna.load_study(study_name=study, storage=studies.open_storage(url, heartbeat=False))
+            # --requeue first fails the trials of workers silent past the grace period, as a starting worker would
+            found = optuna.load_study(study_name=study, storage=studies.open_storage(url, heartbeat=requeue))
         except KeyError:
             raise UserError(f"--study {study}: no such study in {studies.hidden_url(url)}.") from None
         from dpo_align.search import report

@@ -207,6 +207,28 @@ def test_requeue_puts_back_only_the_settings_whose_workers_died_and_they_continu
     assert run_dir.name == "trial-0" and "learning_rate: 0.001" in (run_dir / "config.yaml").read_text()
 
 
+def test_requeue_first_fails_a_silent_workers_trial_so_optuna_retries_it(tmp_path, monkeypatch):
+    """At the start of a session, before any worker runs: `--requeue` fails the trials whose workers went silent (as a
+    starting worker would), Optuna's callback queues their retry, and nothing is queued twice."""
+    import optuna
+
+    from dpo_align.search.study import open_storage
+
+    monkeypatch.setenv("DPO_ALIGN_SEARCH_HEARTBEAT", "1")
+    monkeypatch.setenv("DPO_ALIGN_SEARCH_GRACE", "2")
+    (tmp_path / "out").mkdir()
+    storage = open_storage(f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    study = optuna.create_study(study_name="dpo-align", storage=storage)
+    running = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    storage.record_heartbeat(running._trial_id)  # then its worker dies: no more heartbeats
+    time.sleep(3)
+    result = runner.invoke(app, ["search", "--requeue", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "0 trial(s) queued again" in result.output, result.output
+    trials = load(tmp_path).trials
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"] and trials[1].system_attrs["failed_trial"] == 0
+    assert trials[1].params == trials[0].params
+
+
 # --------------------------------------------------------------------------- many workers, one PostgreSQL database
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")

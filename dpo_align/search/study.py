@@ -250,9 +250,14 @@ def requeue(study) -> list[tuple[int, list[int]]]:
     own (its training diverged: the ``failed`` note; an exception: ``error``) is not requeued: it would fail again; nor
     are settings that another trial already holds (finished, pruned, running or waiting). Returns (first attempt,
     attempts) per requeued trial."""
+    import warnings
+
     import optuna
     from optuna.trial import TrialState
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # dead workers' trials: failed, and retried while retries remain
     trials = study.get_trials(deepcopy=False)
     held = [t.params for t in trials if t.state != TrialState.FAIL]
     groups: dict[int, list] = {}
