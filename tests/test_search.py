@@ -176,14 +176,14 @@ def test_requeue_puts_back_only_the_settings_whose_workers_died_and_they_continu
     distributions = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
                      "loss_type": optuna.distributions.CategoricalDistribution(["sigmoid", "ipo"])}
 
-    def add(lr, loss, state="FAIL", system=None, user=None):
+    def add(lr, loss, state="FAIL", system=None, user=None, curve=None):
         study.add_trial(optuna.trial.create_trial(params={"learning_rate": lr, "loss_type": loss}, distributions=distributions,
                                                   state=optuna.trial.TrialState[state], value=0.0 if state == "COMPLETE" else None,
-                                                  system_attrs=system or {}, user_attrs=user or {}))
+                                                  system_attrs=system or {}, user_attrs=user or {}, intermediate_values=curve))
 
     add(1e-3, "sigmoid")  # 0, 1, 2: one setting, killed three times (the automatic retries spent)
     add(1e-3, "sigmoid", system={"failed_trial": 0, "retry_history": [0]})
-    add(1e-3, "sigmoid", system={"failed_trial": 0, "retry_history": [0, 1]})
+    add(1e-3, "sigmoid", system={"failed_trial": 0, "retry_history": [0, 1]}, curve={2: -0.5})
     add(2e-3, "ipo", user={"failed": "training diverged at step 3"})  # 3: a result
     add(5e-3, "sigmoid", user={"error": "ValueError: a bug"})  # 4: would crash again
     add(3e-3, "ipo")  # 5: killed, but 6 finished the same settings
@@ -194,6 +194,7 @@ def test_requeue_puts_back_only_the_settings_whose_workers_died_and_they_continu
     waiting = [t for t in load(tmp_path).trials if t.state.name == "WAITING"]
     assert len(waiting) == 1 and waiting[0].params == {"learning_rate": 1e-3, "loss_type": "sigmoid"}
     assert waiting[0].system_attrs["failed_trial"] == 0 and waiting[0].user_attrs["requeued_after"] == [0, 1, 2]
+    assert waiting[0].intermediate_values == {2: -0.5}  # the learning curve the attempts reported, for the pruner
     status = runner.invoke(app, ["search", "--status", "-o", str(tmp_path / "out")])
     assert "| 7 | waiting | learning_rate=0.001, loss_type=sigmoid |" in status.output  # what it is queued with
     again = runner.invoke(app, ["search", "--requeue", "-o", str(tmp_path / "out")])
@@ -220,13 +221,14 @@ def test_requeue_first_fails_a_silent_workers_trial_so_optuna_retries_it(tmp_pat
     storage = open_storage(f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     study = optuna.create_study(study_name="dpo-align", storage=storage)
     running = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    running.report(0.25, 3)  # a checkpoint's value: the pruner needs the retry to keep it
     storage.record_heartbeat(running._trial_id)  # then its worker dies: no more heartbeats
     time.sleep(3)
     result = runner.invoke(app, ["search", "--requeue", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0 and "0 trial(s) queued again" in result.output, result.output
     trials = load(tmp_path).trials
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"] and trials[1].system_attrs["failed_trial"] == 0
-    assert trials[1].params == trials[0].params
+    assert trials[1].params == trials[0].params and trials[1].intermediate_values == {3: 0.25}
 
 
 # --------------------------------------------------------------------------- many workers, one PostgreSQL database

@@ -55,7 +55,8 @@ def open_storage(url: str, *, heartbeat: bool = True):
     heartbeat_s = int(os.environ.get("DPO_ALIGN_SEARCH_HEARTBEAT", HEARTBEAT))
     grace_s = int(os.environ.get("DPO_ALIGN_SEARCH_GRACE", GRACE))
     kwargs = {"heartbeat_interval": heartbeat_s, "grace_period": grace_s,
-              "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)} if heartbeat else {}
+              "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                  max_retry=RETRIES, inherit_intermediate_values=True)}  # the retry keeps its learning curve for the pruner if heartbeat else {}
     import time
     import warnings
 
@@ -269,10 +270,11 @@ def requeue(study) -> list[tuple[int, list[int]]]:
         if any("failed" in t.user_attrs or "error" in t.user_attrs for t in attempts) or attempts[0].params in held:
             continue
         numbers = sorted(t.number for t in attempts)
+        curve = {step: value for t in sorted(attempts, key=lambda t: t.number) for step, value in t.intermediate_values.items()}
         # a fresh retry history: the requeued trial gets Optuna's automatic retries again; the attempts are kept beside
         study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=attempts[0].params, distributions=attempts[0].distributions,
                                             system_attrs={"failed_trial": first, "retry_history": []},
-                                            user_attrs={"requeued_after": numbers}))
+                                            user_attrs={"requeued_after": numbers}, intermediate_values=curve))
         held.append(attempts[0].params)
         requeued.append((first, numbers))
     return requeued
