@@ -50,7 +50,7 @@ from dpo_align.score.generate import report_generations
 from dpo_align.score.preference import markdown as preference_markdown
 from dpo_align.train import ref_logps
 from dpo_align.train.config import TrainConfig, check_resumable, load_config_file, settings_diff
-from dpo_align.train.run import InterruptedAfterFinishing, train
+from dpo_align.train.run import InterruptedAfterFinishing, train_unless_finished
 
 
 def sweep(
@@ -193,19 +193,14 @@ def check_finished(run_dir: Path, config: TrainConfig) -> None:
 def train_one(where: str, config: TrainConfig, progress) -> InterruptedAfterFinishing | None:
     """Train one grid point: a finished run is kept, a started one resumed (TrainingDiverged: it failed).
     Returns the Ctrl-C that came as the run was finishing, for the caller to stop on once the run is recorded."""
-    run_dir = Path(config.output_dir)
-    if (run_dir / "manifest.json").is_file():
-        progress(f"{where}: already finished, kept.")
-        return None
-    resume = (run_dir / "config.yaml").is_file()
-    progress(where + (": resuming" if resume else ""))
     stop = None
     try:
         try:
-            train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress)
+            if not train_unless_finished(config, where=where, progress=progress):
+                return None
         except InterruptedAfterFinishing as asked:  # the run is complete: its report is written, then the sweep stops
             stop = asked
-        write_report_safely(run_dir, progress, generations=config.report_generations, generate=report_generations)
+        write_report_safely(Path(config.output_dir), progress, generations=config.report_generations, generate=report_generations)
         return stop
     finally:
         release_memory()  # the next run (or the scoring) starts from the memory of none, not the last run's high-water mark

@@ -36,18 +36,13 @@ def cards(study) -> list[scorecard.Card]:
     return out
 
 
-def pick(study):
-    """(the picked trial or None, the sentence saying why), by the scorecard's rule over the finished trials."""
-    chosen, reason = scorecard.recommend(cards(study))
-    if chosen is None:
-        return None, reason
-    number = int(chosen.model.removeprefix("trial "))
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == number), reason
-
-
-def top(study, count: int = CONFIRM) -> list[int]:
-    """The numbers of the first ``count`` finished trials in the scorecard rule's order (the first is the pick)."""
-    return [int(card.model.removeprefix("trial ")) for card in scorecard.ranked(cards(study))[:count]]
+def ranking(study, count: int = CONFIRM) -> tuple[list, str]:
+    """The first ``count`` finished trials in the scorecard rule's order (the first is the pick; all of them go to
+    ``confirm/``) and the sentence saying how the pick was made. One read of the study's trials."""
+    table = cards(study)
+    _, reason = scorecard.recommend(table)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    return [trials[int(card.model.removeprefix("trial "))] for card in scorecard.ranked(table)[:count]], reason
 
 
 def _config(base: TrainConfig, trial, output_dir: str) -> TrainConfig:
@@ -78,8 +73,11 @@ def _number(value, spec: str, scale: float = 1.0) -> str:
     return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value * scale, spec)
 
 
-def markdown(study, table: list[dict], chosen, reason: str, base: TrainConfig) -> str:
+def markdown(study, table: list[dict], first: list, reason: str, base: TrainConfig) -> str:
+    """``first``, ``reason``: ``ranking``'s answer."""
     from dpo_align.search.study import state_line
+
+    chosen = first[0] if first else None
 
     lines = [f"# Search `{study.study_name}`", "", f"{state_line(study)}.", "",
              "The value minimised is the mean's specific change against the base model on the study's fixed documents "
@@ -102,7 +100,7 @@ def markdown(study, table: list[dict], chosen, reason: str, base: TrainConfig) -
     if chosen is not None:
         lines += [f"Its settings are in `best-config.yaml`: `dpo-align train --config best-config.yaml -o runs/best` trains it again "
                   f"(on {base.max_pairs or 'all'} pairs, as the trials did). The first {CONFIRM} trials in the rule's order "
-                  f"({', '.join(f'trial {n}' for n in top(study))}) are in `confirm/` for the confirmation: "
+                  f"({', '.join(f'trial {t.number}' for t in first)}) are in `confirm/` for the confirmation: "
                   "`dpo-align sweep --config confirm/1-trial-N.yaml --grid seed=42,7` with more pairs, scored on the whole suite.", ""]
     lines += ["Plots: `history.png` (Optuna's optimisation history), `importances.png` (parameter importances, fANOVA), `slice.png`.", ""]
     return "\n".join(lines)
@@ -135,11 +133,12 @@ def _plot(kind: str, study) -> bytes | None:
 def write(study, space, base: TrainConfig, output: Path, progress=print) -> None:
     output.mkdir(parents=True, exist_ok=True)
     table = rows(study)
-    chosen, reason = pick(study)
+    first, reason = ranking(study)
+    chosen = first[0] if first else None
     atomic_write_json(output / "results.json", {"study": study.study_name, "trials": table, "pick": chosen.number if chosen else None,
                                                 "reason": reason, "space": json.loads(space.as_json()) if space else None,
                                                 "base": {k: v for k, v in dataclasses.asdict(base).items() if k != "output_dir"}})
-    atomic_write_text(output / "results.md", markdown(study, table, chosen, reason, base))
+    atomic_write_text(output / "results.md", markdown(study, table, first, reason, base))
     for kind in ("history", "importances", "slice"):
         data = _plot(kind, study) if any(r["state"] == "complete" for r in table) else None
         if data is not None:
@@ -148,7 +147,6 @@ def write(study, space, base: TrainConfig, output: Path, progress=print) -> None
         atomic_write_text(output / "best-config.yaml", _config(base, chosen, "runs/best").to_yaml())
     for stale in (output / "confirm").glob("*-trial-*.yaml"):  # another ranking's files: the order may have changed
         stale.unlink()
-    for rank, number in enumerate(top(study), 1):
-        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-        atomic_write_text(output / "confirm" / f"{rank}-trial-{number}.yaml", _config(base, trial, f"runs/confirm-trial-{number}").to_yaml())
+    for rank, trial in enumerate(first, 1):
+        atomic_write_text(output / "confirm" / f"{rank}-trial-{trial.number}.yaml", _config(base, trial, f"runs/confirm-trial-{trial.number}").to_yaml())
     progress(f"Search report: {output}/results.md ({reason.split(':')[0].strip('*')})")

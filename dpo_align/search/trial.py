@@ -172,7 +172,7 @@ def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     from dpo_align.search.study import worker_name
-    from dpo_align.train.run import Interrupted, train
+    from dpo_align.train.run import Interrupted, train_unless_finished
 
     settings = space.suggest(trial)
     # a retried trial (its worker died) continues in the first attempt's folder, from its latest checkpoint
@@ -193,10 +193,7 @@ def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path
     started = time.time()
     pruner = PruneOnCheckpoints(trial, subset, run_dir, base.seed, progress) if prune_every else None
     try:
-        resume = (run_dir / "config.yaml").is_file() and not (run_dir / "manifest.json").is_file()
-        if not (run_dir / "manifest.json").is_file():
-            train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress,
-                  callbacks=(pruner,) if pruner else ())
+        train_unless_finished(config, where=f"[trial {trial.number}]", progress=progress, callbacks=(pruner,) if pruner else ())
     except BaseException as err:
         import optuna
 

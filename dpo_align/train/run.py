@@ -135,6 +135,20 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         return _train(config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks)
 
 
+def train_unless_finished(config: TrainConfig, *, where: str, progress=print, callbacks: tuple = ()) -> bool:
+    """Bring ``config``'s run to its end, as the sweep and the search do for each of theirs: a finished run (its
+    manifest written) is kept and False returned; a started one (its config.yaml written) resumes from its latest
+    checkpoint; anything else in the folder is replaced. ``where`` names the run in the progress line."""
+    run_dir = Path(config.output_dir)
+    if (run_dir / "manifest.json").is_file():
+        progress(f"{where}: already finished, kept.")
+        return False
+    resume = (run_dir / "config.yaml").is_file()
+    progress(where + (": resuming" if resume else ""))
+    train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress, callbacks=callbacks)
+    return True
+
+
 # TrainConfig fields that DPOConfig takes as they are, under its own name (the rest is derived below)
 DPO_ARGS = {
     "beta": "beta", "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler_type",
