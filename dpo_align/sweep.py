@@ -196,7 +196,7 @@ def train_one(where: str, config: TrainConfig, progress) -> InterruptedAfterFini
     stop = None
     try:
         try:
-            if not train_unless_finished(config, where=where, progress=progress):
+            if train_unless_finished(config, where=where, progress=progress) is None:
                 return None
         except InterruptedAfterFinishing as asked:  # the run is complete: its report is written, then the sweep stops
             stop = asked

@@ -61,5 +61,5 @@ def test_an_interrupted_second_stage_resumes_without_training_the_first_again(ti
     monkeypatch.setattr(two_stage, "_write_combined", real)
     said = []
     manifest = train(config, resume=True, progress=said.append)
-    assert manifest["status"] == "complete" and any("stage-1-sft: finished earlier, kept" in m for m in said)
+    assert manifest["status"] == "complete" and any("stage-1-sft: already finished, kept" in m for m in said)
     assert (tmp_path / "two" / "stage-1-sft" / "adapter_model.safetensors").stat().st_mtime_ns == stamp

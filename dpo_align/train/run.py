@@ -135,18 +135,18 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         return _train(config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks)
 
 
-def train_unless_finished(config: TrainConfig, *, where: str, progress=print, callbacks: tuple = ()) -> bool:
-    """Bring ``config``'s run to its end, as the sweep and the search do for each of theirs: a finished run (its
-    manifest written) is kept and False returned; a started one (its config.yaml written) resumes from its latest
-    checkpoint; anything else in the folder is replaced. ``where`` names the run in the progress line."""
+def train_unless_finished(config: TrainConfig, *, where: str, progress=print, callbacks: tuple = ()) -> dict | None:
+    """Bring ``config``'s run to its end, as the sweep, the search and each stage of a two-stage run do: a finished run
+    (its manifest written) is kept and None returned; a started one (its config.yaml written) resumes from its latest
+    checkpoint; anything else in the folder is replaced. Returns ``train``'s manifest. ``where`` names the run in the
+    progress line."""
     run_dir = Path(config.output_dir)
     if (run_dir / "manifest.json").is_file():
         progress(f"{where}: already finished, kept.")
-        return False
+        return None
     resume = (run_dir / "config.yaml").is_file()
     progress(where + (": resuming" if resume else ""))
-    train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress, callbacks=callbacks)
-    return True
+    return train(config, resume=resume, overwrite=not resume and run_dir.exists(), progress=progress, callbacks=callbacks)
 
 
 # TrainConfig fields that DPOConfig takes as they are, under its own name (the rest is derived below)

@@ -74,14 +74,11 @@ def train_two_stage(config: TrainConfig, *, resume: bool, overwrite: bool, progr
 
 
 def _finished_or_trained(config: TrainConfig, progress, callbacks: tuple) -> dict:
-    """One stage: kept when finished, resumed when started, else trained (``train`` locks its folder)."""
-    from dpo_align.train.run import train
+    """One stage's manifest: the stage kept when finished, resumed when started, else trained."""
+    from dpo_align.train.run import train_unless_finished
 
-    run_dir = Path(config.output_dir)
-    if (run_dir / "manifest.json").is_file():
-        progress(f"{run_dir}: finished earlier, kept.")
-        return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    return train(config, resume=(run_dir / "config.yaml").is_file(), progress=progress, callbacks=callbacks)
+    trained = train_unless_finished(config, where=config.output_dir, progress=progress, callbacks=callbacks)
+    return json.loads((Path(config.output_dir) / "manifest.json").read_text(encoding="utf-8")) if trained is None else trained
 
 
 def combine_adapters(first: Path, second: Path) -> tuple[dict, dict]:
