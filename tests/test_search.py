@@ -197,6 +197,9 @@ def test_requeue_puts_back_only_the_settings_whose_workers_died_and_they_continu
     assert waiting[0].intermediate_values == {2: -0.5}  # the learning curve the attempts reported, for the pruner
     status = runner.invoke(app, ["search", "--status", "-o", str(tmp_path / "out")])
     assert "| 7 | waiting | learning_rate=0.001, loss_type=sigmoid |" in status.output  # what it is queued with
+    # each ended attempt says where its settings went: Optuna's retries (0 → 1 → 2), then the requeue (2 → 7)
+    assert all(f"| {a} | fail → {b} |" in status.output for a, b in ((0, 1), (1, 2), (2, 7)))
+    assert "| 5 | fail |" in status.output and "| 3 | fail |" in status.output  # nothing took these on
     again = runner.invoke(app, ["search", "--requeue", "-o", str(tmp_path / "out")])
     assert "0 trial(s) queued again" in again.output and len(load(tmp_path).trials) == 8  # queued once, not twice
 

@@ -54,13 +54,26 @@ def _answer(value) -> str:
     return "n/a" if value is None else ("yes" if value else "no")
 
 
+def _continued_in(trials) -> dict[int, int]:
+    """Attempt number -> the attempt that took its settings on: an Optuna retry (``retry_history``'s last) or a
+    ``--requeue`` (``requeued_after``'s last), so that a failed row says where its settings went."""
+    out = {}
+    for t in trials:
+        earlier = t.system_attrs.get("retry_history") or t.user_attrs.get("requeued_after") or []
+        if earlier:
+            out[earlier[-1]] = t.number
+    return out
+
+
 def rows(study) -> list[dict]:
     out = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    continued = _continued_in(trials)
+    for t in trials:
         a = t.user_attrs
         # a trial not started yet shows the settings it is queued with (a retry's, or enqueue_trial's fixed ones)
         queued = t.params or t.system_attrs.get("fixed_params") or {}
-        out.append({"trial": t.number, "state": t.state.name.lower(), "settings": json.loads(a.get("settings") or "{}") or queued,
+        out.append({"trial": t.number, "state": t.state.name.lower(), "continued_in": continued.get(t.number), "settings": json.loads(a.get("settings") or "{}") or queued,
                     "specific_change": t.value, "specific_interval": a.get("specific_interval"), "verdict": a.get("verdict"),
                     "ce_change": a.get("ce_change"), "foil_change": a.get("foil_change"), "accuracy": a.get("accuracy"),
                     "stderr": a.get("stderr"), "chosen_per_token": a.get("chosen_per_token"), "q1": a.get("q1"), "q2": a.get("q2"),
@@ -92,10 +105,14 @@ def markdown(study, table: list[dict], first: list, reason: str, base: TrainConf
             if r["specific_change"] is not None else (f"at step {r['last_step']}: {r['intermediate'][str(r['last_step'])]:+.4f}" if r["last_step"] is not None else "")
         ce = f"{_number(r['ce_change'], '+.2f', 100)}% ({_number(r['foil_change'], '+.2f', 100)}%)" if r["ce_change"] is not None else ""
         acc = f"{100 * r['accuracy']:.1f}% ± {100 * r['stderr']:.1f}" if r["accuracy"] is not None and r["stderr"] is not None else ""
-        lines.append(f"| {r['trial']} | {r['state']} | {settings} | {specific} | {ce} | {r['verdict'] or ''} | {acc} | "
+        state = r["state"] + (f" → {r['continued_in']}" if r.get("continued_in") is not None else "")
+        lines.append(f"| {r['trial']} | {state} | {settings} | {specific} | {ce} | {r['verdict'] or ''} | {acc} | "
                      f"{_number(r['chosen_per_token'], '+.4f')} | {_answer(r['q1']) if r['state'] == 'complete' else ''} | "
                      f"{_answer(r['q2']) if r['state'] == 'complete' else ''} | {_answer(r['q3']) if r['state'] == 'complete' else ''} | "
                      f"{_number(r['seconds'], '.0f')} |")
+    if any(r.get("continued_in") is not None for r in table):
+        lines += ["", "`fail → N`: the attempt ended (its worker died or was stopped) and its settings went on in trial N, from its "
+                      "last checkpoint (Optuna's retry, or `--requeue`)."]
     lines += ["", reason, ""]
     if chosen is not None:
         lines += [f"Its settings are in `best-config.yaml`: `dpo-align train --config best-config.yaml -o runs/best` trains it again "
