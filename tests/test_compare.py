@@ -62,6 +62,33 @@ def test_compare_two_eval_folders_writes_markdown_json_and_png(scored, tmp_path)
     assert "TruthfulQA (3)" in few and "WinoGrande (2)" in few
 
 
+def test_gzipped_samples_compare_as_the_plain_ones_and_both_at_once_are_refused(scored, tmp_path):
+    """results/ keeps bulky per-document files gzipped: a folder whose samples are TASK.jsonl.gz pairs the same."""
+    import gzip
+    import shutil
+
+    packed = tmp_path / "tuned-gz"
+    shutil.copytree(scored["tuned"], packed)
+    plain = sorted(packed.glob("samples/*/*.jsonl"))
+    assert plain
+    for path in plain:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    args = ["--bootstrap", "200", "--permutations", "200"]
+    runner.invoke(app, ["compare", str(scored["base"]), str(scored["tuned"]), "-o", str(tmp_path / "a"), *args])
+    result = runner.invoke(app, ["compare", str(scored["base"]), str(packed), "-o", str(tmp_path / "b"), *args])
+    assert result.exit_code == 0, result.output
+    a, b = (json.loads((tmp_path / name / "compare.json").read_text())["ce"] for name in ("a", "b"))
+    assert list(a.values()) == list(b.values())
+    shutil.copy(scored["tuned"] / plain[0].relative_to(packed), plain[0])  # the same task twice: which one is meant?
+    twice = runner.invoke(app, ["compare", str(scored["base"]), str(packed), "-o", str(tmp_path / "c"), *args])
+    assert twice.exit_code == 2 and f"{plain[0].stem} is there twice" in twice.output
+    plain[0].with_name(plain[0].name + ".gz").write_bytes(b"\x1f\x8b cut short")  # a damaged archive names its file
+    plain[0].unlink()
+    damaged = runner.invoke(app, ["compare", str(scored["base"]), str(packed), "-o", str(tmp_path / "d"), *args])
+    assert damaged.exit_code == 2 and f"{plain[0].name}.gz: not readable as gzipped UTF-8 text" in damaged.output
+
+
 def test_an_lm_eval_folder_of_the_same_model_shows_no_change(scored):
     result = runner.invoke(app, ["compare", str(scored["base"]), str(scored["lm"]), "--bootstrap", "300", "--permutations", "300"])
     assert result.exit_code == 0, result.output

@@ -21,6 +21,7 @@ same suite version. Anything else is refused with the reason.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import warnings
@@ -54,7 +55,11 @@ class Scored:
 def _read_jsonl(path: Path, convert=None) -> list[dict]:
     """The rows of a samples file (``convert``ed from lm-eval's form where given), each checked by ``check_document``."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text(encoding="utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not readable as {'gzipped ' if path.suffix == '.gz' else ''}UTF-8 text ({err}); is the file complete?") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 row = json.loads(line)
@@ -65,6 +70,18 @@ def _read_jsonl(path: Path, convert=None) -> list[dict]:
             check_document(row, f"{path}:{number}")
             rows.append(row)
     return rows
+
+
+def _samples(folder: Path) -> dict[str, list[dict]]:
+    """{task: its documents} from a model's samples folder: ``TASK.jsonl`` as ``eval`` writes it, or ``TASK.jsonl.gz`` as
+    results/ keeps the bulky ones."""
+    files = {}
+    for path in sorted([*folder.glob("*.jsonl"), *folder.glob("*.jsonl.gz")]):
+        task = path.name.removesuffix(".gz").removesuffix(".jsonl")
+        if task in files:
+            raise UserError(f"{folder}: {task} is there twice ({files[task].name} and {path.name}); keep one of them.")
+        files[task] = path
+    return {task: _read_jsonl(path) for task, path in files.items()}
 
 
 COUNTS = ("tokens", "bytes", "foil_tokens", "foil_bytes")
@@ -102,7 +119,7 @@ def _from_dpo_align(folder: Path, relabel=None) -> list[Scored]:
     out = []
     for model in models:
         samples = folder / "samples" / slug(model["label"])
-        documents = {p.stem: _read_jsonl(p) for p in sorted(samples.glob("*.jsonl"))}
+        documents = _samples(samples)
         if not documents:
             raise UserError(f"{samples}: no per-document results for {model['label']!r}; they are needed for a paired comparison.")
         out.append(Scored(shown.get(model["label"], model["label"]), str(folder), documents, settings.get("template"), model.get("versions", {}),
