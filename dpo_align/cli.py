@@ -40,6 +40,9 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
     _state["debug"] = debug
+    from dpo_align.core.provenance import at_start
+
+    at_start()  # the commit and start time results files record: the code this process loads now, not what is there hours later
     if debug:  # the error boundary inside the lm-eval tasks (core.errors.install_error_boundary) reads it
         os.environ["DPO_ALIGN_DEBUG"] = "1"
 

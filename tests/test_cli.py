@@ -74,3 +74,40 @@ def test_tasks_path_points_at_the_installed_tasks_and_the_wheel_ships_them(tmp_p
     for name in ("dpo_ppl_suite.yaml", "dpo_ppl_truthfulqa.yaml", "_dpo_ppl_template_yaml", "dpo_pref_heldout.yaml", "dpo_ppl.py", "dpo_pref.py",
                  "README.md"):
         assert f"dpo_align/lm_eval_tasks/{name}" in names
+
+
+def test_results_record_the_commit_and_time_the_command_started_with_not_the_checkouts_at_the_end(tiny_gpt2, tiny_data, tmp_path, monkeypatch):
+    """A scoring run takes hours; commits land meanwhile. results.json says the code the run loaded: the commit (and
+    start time) taken as the command starts, not when the folder is written."""
+    import subprocess
+    import types
+
+    from dpo_align.core import provenance
+
+    asked = {"rev-parse": 0, "strftime": 0}
+
+    def git(args, **kwargs):  # each `git rev-parse HEAD` answers a newer commit: the checkout moving on
+        if args[1] == "rev-parse":
+            asked["rev-parse"] += 1
+            return subprocess.CompletedProcess(args, 0, stdout=f"{asked['rev-parse']:040x}\n", stderr="")
+        return subprocess.CompletedProcess(args, 0, stdout="", stderr="")
+
+    def strftime(spec):  # and each reading of the clock a later time
+        asked["strftime"] += 1
+        return f"2026-12-05T00:00:{asked['strftime']:02d}+0000"
+
+    monkeypatch.setattr(provenance, "subprocess", types.SimpleNamespace(run=git, SubprocessError=subprocess.SubprocessError))
+    monkeypatch.setattr(provenance, "time", types.SimpleNamespace(strftime=strftime))
+    provenance.git_commit.cache_clear()
+    provenance.started.cache_clear()
+    try:
+        result = runner.invoke(app, ["eval", str(tiny_gpt2), "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
+                                     "--dataset", "truthfulqa", "--limit", "1", "--no-controls", "--device", "cpu", "-o", str(tmp_path / "out")])
+        assert result.exit_code == 0, result.output
+        settings = json.loads((tmp_path / "out" / "results.json").read_text())["settings"]
+        # the first answers, taken before any scoring; asking again as the folder is written would say 2 and :02
+        assert settings["git_commit"] == f"{1:040x}" and settings["started"] == "2026-12-05T00:00:01+0000"
+        assert asked == {"rev-parse": 1, "strftime": 1}
+    finally:
+        provenance.git_commit.cache_clear()  # the real checkout's for the tests after this one
+        provenance.started.cache_clear()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 from dpo_align.core.files import sha256_file
@@ -40,7 +42,11 @@ def package_versions() -> dict:
     return versions
 
 
+@functools.cache
 def git_commit() -> str | None:
+    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files) when this process first asked. The
+    CLI asks as a command starts (``at_start``), so a run that takes hours records the code it loaded, not the commit
+    the checkout has moved to by the time it writes its results."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
         commit = out.stdout.strip() if out.returncode == 0 else None
@@ -49,6 +55,18 @@ def git_commit() -> str | None:
         return f"{commit}{'-dirty' if dirty else ''}" if commit else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+@functools.cache
+def started() -> str:
+    """When this process's command started (the first call; the CLI makes it at the start), as results files say it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def at_start() -> None:
+    """Take the commit and the start time now, before a long command loads and runs its code."""
+    git_commit()
+    started()
 
 
 def machine() -> dict:

@@ -28,7 +28,7 @@ from dpo_align.core.models import (
     check_weights_safe,
     locate_model,
 )
-from dpo_align.core.provenance import git_commit, machine, model_revision, package_versions, same_model
+from dpo_align.core.provenance import git_commit, machine, model_revision, package_versions, same_model, started
 from dpo_align.core.settings import setting
 from dpo_align.data.suite import CONTRAST, PPL, document_row
 from dpo_align.data.templates import DEFAULT_TEMPLATE, TEMPLATES, check_template
@@ -166,7 +166,7 @@ class ScoreOptions:
         given, else ``DPO_ALIGN_DATA_DIR``'s)."""
         from dpo_align.data.suite_docs import local_data_dir
 
-        return {**dataclasses.asdict(self), "data_dir_read": local_data_dir(self.data_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        return {**dataclasses.asdict(self), "data_dir_read": local_data_dir(self.data_dir), "started": started(),
                 "versions": package_versions(), "git_commit": git_commit(), "machine": machine()}
 
 
