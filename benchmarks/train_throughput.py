@@ -179,7 +179,9 @@ def main() -> None:
     from dpo_align.core.models import load_model, resolve_model
 
     pairs = args.steps * args.batch_size
-    n_params = sum(p.numel() for p in load_model(resolve_model(args.model), dtype=torch.float32).parameters())
+    from dpo_align.train.throughput import body_parameters
+
+    n_params = body_parameters(load_model(resolve_model(args.model), dtype=torch.float32))  # the N of 6 N, as every run counts it
     with tempfile.TemporaryDirectory() as tmp:
         sample = Path(tmp) / "sample.jsonl"
         numbers = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "pairs": pairs, "params": n_params,

@@ -26,6 +26,12 @@ def test_every_logged_step_has_tokens_per_second_and_mfu(tiny_gpt2, pairs_file, 
     for r in rows:  # MFU is 6 N tokens/s over the peak the run recorded
         assert r["mfu"] == pytest.approx(6 * t["params"] * r["tokens_per_s"] / t["peak_flops"], rel=1e-3)
     assert t["tokens"] == max(r["num_tokens"] for r in rows) and t["tokens_per_s"] > 0 and "measured" in t["peak_source"]
+    # N leaves out the tables a token only looks up (GPT-2's tokens and positions) and the LM head tied to the first
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    tables = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    assert t["params"] == sum(p.numel() for p in model.parameters()) - tables and t["flops_per_token"] == 6 * t["params"]
     assert "tokens/s, MFU" in (tmp_path / "a" / "README.md").read_text()
     # the peak is measured once per machine: a second run reads it from the cache
     train(tiny_config(tiny_gpt2, pairs_file, tmp_path / "b", max_steps=2), progress=lambda m: None)

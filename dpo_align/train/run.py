@@ -40,7 +40,7 @@ from dpo_align.train.run_folder import (
     prune_checkpoints,
     rewind_to,
 )
-from dpo_align.train.throughput import Throughput, peak_flops, run_summary
+from dpo_align.train.throughput import Throughput, body_parameters, peak_flops, run_summary
 
 
 class Interrupted(Exception):
@@ -259,7 +259,7 @@ def build_trainer(config: TrainConfig, model_path: str, tokenizer, train_dataset
     from dpo_align.train.fast_dpo import SharedPromptDPOTrainer
 
     model = load_model(model_path, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, dtype=torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())  # the base model's: FLOPs per token are 6 N (throughput.py)
+    n_params = body_parameters(model)  # the base model's, embeddings and head aside: FLOPs per token are 6 N (throughput.py)
     peak, peak_source = peak_flops("cuda" if use_cuda else "cpu", precision)
     if precision == "bf16":
         frozen_linears_to(model, torch.bfloat16)

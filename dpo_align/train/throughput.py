@@ -1,9 +1,12 @@
 """Tokens per second and model FLOPs utilisation (MFU) of a training run, at every logged step and for the whole run.
 
-FLOPs per token are the usual ``6 N`` (forward 2N, backward 4N) from the model's parameter count N, counted on the
-tokens actually fed (TRL's ``num_tokens``: the real tokens of each row, prompt once per pair in this trainer's layout).
-It is the convention of the scaling-law and PaLM papers, so an MFU here compares with theirs; a LoRA run computes no
-weight gradients for the frozen matrices, so its true work is nearer 4N and the MFU is an upper estimate of the share.
+FLOPs per token are the usual ``6 N`` (forward 2N, backward 4N), counted on the tokens actually fed (TRL's
+``num_tokens``: the real tokens of each row, prompt once per pair in this trainer's layout), with N the parameters
+outside the embeddings and the LM head (``body_parameters``: the scaling-law papers' non-embedding N). An embedding is a
+lookup, not a matmul, and this trainer projects onto the vocabulary only at the response positions, so counting the
+embedding table at every token overstates the work: Gemma 3 270M's 168M-parameter table (of 268M) once gave an MFU of
+1.08. The head's matmuls at the response positions are left out (an MFU a little low on that side); a LoRA run computes
+no weight gradients for the frozen matrices (its work nearer 4N: a little high on that side).
 
 The peak: on a GPU, the device's published dense bf16 (or fp32) rate where this table knows the device; otherwise (a
 CPU, or an unknown GPU) the best matmul rate measured on this machine, in the precision the run computes in, and
@@ -110,6 +113,17 @@ def peak_flops(device: str, precision: str) -> tuple[float, str]:
     busy = "" if entry["load"] is not None and entry["load"] <= BUSY else \
         f"; measured under a load average of {entry['load']}: other processes were computing, so the peak may be understated"
     return entry["flops"], f"measured {'bf16' if bf16 else 'fp32'} matmul rate of this CPU ({torch.get_num_threads()} threads), cached{busy}"
+
+
+def body_parameters(model) -> int:
+    """Parameters outside every embedding table (tokens, positions) and the LM head, a tied head counted once: the N of
+    ``6 N`` FLOPs per token."""
+    import torch
+
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = {id(p) for m in [*tables, *([head] if head is not None else [])] for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 def mfu(tokens_per_s: float, n_params: int, peak: float) -> float:
