@@ -232,6 +232,9 @@ def test_requeue_first_fails_a_silent_workers_trial_so_optuna_retries_it(tmp_pat
     trials = load(tmp_path).trials
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"] and trials[1].system_attrs["failed_trial"] == 0
     assert trials[1].params == trials[0].params and trials[1].intermediate_values == {3: 0.25}
+    # --status and --report read without heartbeats: they never fail or retry a running worker's trial
+    url = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    assert open_storage(url).get_heartbeat_interval() == 1 and open_storage(url, heartbeat=False).get_heartbeat_interval() is None
 
 
 # --------------------------------------------------------------------------- many workers, one PostgreSQL database

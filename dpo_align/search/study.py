@@ -54,9 +54,9 @@ def open_storage(url: str, *, heartbeat: bool = True):
 
     heartbeat_s = int(os.environ.get("DPO_ALIGN_SEARCH_HEARTBEAT", HEARTBEAT))
     grace_s = int(os.environ.get("DPO_ALIGN_SEARCH_GRACE", GRACE))
-    kwargs = {"heartbeat_interval": heartbeat_s, "grace_period": grace_s,
-              "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                  max_retry=RETRIES, inherit_intermediate_values=True)}  # the retry keeps its learning curve for the pruner if heartbeat else {}
+    # the retry keeps its attempt's learning curve (inherit_intermediate_values), for the pruner
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES, inherit_intermediate_values=True)
+    kwargs = {"heartbeat_interval": heartbeat_s, "grace_period": grace_s, "heartbeat_stale_trial_callback": retry} if heartbeat else {}
     import time
     import warnings
 
