@@ -92,6 +92,9 @@ def test_a_two_trial_study_trains_two_differently_configured_adapters_and_report
     for t in trials:
         low, high = t.user_attrs["specific_interval"]
         assert low <= t.value <= high and t.user_attrs["verdict"] and t.user_attrs["q2"] in (True, False)
+        # Q2 and Q3 reach the sampler as the trial's own constraints (<= 0 is met), as the answers say
+        assert set(t.constraints) == {"heldout_preference", "chosen_likelihood"}
+        assert (t.constraints["heldout_preference"] <= 0) == t.user_attrs["q2"] and (t.constraints["chosen_likelihood"] <= 0) == t.user_attrs["q3"]
     out = tmp_path / "out"
     text = (out / "results.md").read_text()
     assert "| 0 | complete |" in text and "| 1 | complete |" in text and (out / "history.png").stat().st_size > 1000
@@ -101,6 +104,7 @@ def test_a_two_trial_study_trains_two_differently_configured_adapters_and_report
     # settings, not this command's defaults, and both trials in the rule's order in confirm/ (the pick first)
     elsewhere = runner.invoke(app, ["search", "--report", "--storage", f"sqlite:///{out / 'study.db'}", "-o", str(tmp_path / "elsewhere")])
     assert elsewhere.exit_code == 0, elsewhere.output
+    assert f"(pick: trial {best}; " in elsewhere.output and "**" not in elsewhere.output
     copied = (tmp_path / "elsewhere" / "best-config.yaml").read_text()
     assert f"- {pairs_file}" in copied and "max_steps: 4" in copied and f"model: {tiny_gpt2}" in copied
     confirm = sorted(p.name for p in (tmp_path / "elsewhere" / "confirm").iterdir())
@@ -116,6 +120,7 @@ def test_a_two_trial_study_trains_two_differently_configured_adapters_and_report
     assert other.exit_code == 2 and "exists in this database with another space" in other.output and len(load(tmp_path).trials) == 3
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the sampler takes no deprecated argument (constraints_func goes in Optuna 7)
 def test_the_median_pruner_stops_a_trial_behind_the_others():
     """The pruner's wiring with a stub objective: four trials at -1 at step 10, then one at +1 is pruned and one at -2 is not."""
     import optuna
@@ -160,6 +165,7 @@ def test_a_pruned_trial_loses_its_folder_and_keeps_its_values(tiny_gpt2, pairs_f
     assert result.exit_code == 0, result.output[-3000:]
     trial = load(tmp_path).trials[-1]
     assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [2]
+    assert trial.constraints == {"heldout_preference": 1.0, "chosen_likelihood": 1.0}  # never scored: TPE counts it infeasible
     assert not Path(trial.user_attrs["run_dir"]).exists()
     assert "| 4 | pruned |" in (tmp_path / "out" / "results.md").read_text()
 

@@ -166,4 +166,5 @@ def write(study, space, base: TrainConfig, output: Path, progress=print) -> None
         stale.unlink()
     for rank, trial in enumerate(first, 1):
         atomic_write_text(output / "confirm" / f"{rank}-trial-{trial.number}.yaml", _config(base, trial, f"runs/confirm-trial-{trial.number}").to_yaml())
-    progress(f"Search report: {output}/results.md ({reason.split(':')[0].strip('*')})")
+    headline = reason.split(":")[0].replace("**", "")
+    progress(f"Search report: {output}/results.md (pick: {f'trial {chosen.number}' if chosen else 'none'}; {headline})")

@@ -114,7 +114,7 @@ def open_study(storage, name: str, space, base: TrainConfig, study_settings: dic
     if sampler == "grid":
         chosen = optuna.samplers.GridSampler(space.grid(grid_points), seed=seed)
     else:
-        chosen = optuna.samplers.TPESampler(seed=seed, constraints_func=_constraints, multivariate=True, group=True)
+        chosen = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)  # Q2 and Q3: search.trial.set_constraints
     wanted = {"space": space.as_json(), "base": json.dumps(base_digest(base), sort_keys=True, default=str),
               "scoring": json.dumps(study_settings, sort_keys=True, default=str), "sampler": sampler}
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
@@ -171,10 +171,6 @@ def _what_differs(saved: dict, wanted: dict, keys: list[str]) -> str:
         else:
             out.append(f"{key} differs")
     return "; ".join(out)
-
-
-def _constraints(trial) -> tuple[float, float]:
-    return tuple(trial.user_attrs.get("constraints", (1.0, 1.0)))
 
 
 def state_line(study) -> str:

@@ -131,12 +131,24 @@ def card(label: str, change: controls.Controlled, subset: Subset, logps: dict | 
     return scorecard.cards({"controls": {label: [change]}}, preference, [label])[0]
 
 
+# The names of Q2 and Q3 as Optuna constraints (``FrozenTrial.constraints``; TPE prefers trials that meet both).
+CONSTRAINTS = ("heldout_preference", "chosen_likelihood")
+UNMET = (1.0, 1.0)  # a trial pruned before it was scored meets neither
+
+
 def constraints(answers: scorecard.Card) -> tuple[float, float]:
     """Q2 and Q3 as Optuna constraints (<= 0 is met): 2 stderr − (accuracy − 0.5), and −Δ log p per chosen token.
     Unanswered (no held-out pairs) counts as not met, as the scorecard counts n/a as no."""
     q2 = 1.0 if answers.accuracy is None or answers.stderr is None else 2 * answers.stderr - (answers.accuracy - 0.5)
     q3 = 1.0 if answers.chosen_per_token is None else -answers.chosen_per_token
     return (float(q2), float(q3))
+
+
+def set_constraints(trial, values: tuple[float, float]) -> None:
+    """Record Q2 and Q3 for the sampler (Optuna takes a constraint once per trial) and for the tables."""
+    for name, value in zip(CONSTRAINTS, values, strict=True):
+        trial.set_constraint(name, value)
+    trial.set_user_attr("constraints", values)
 
 
 class PruneOnCheckpoints(TrainerCallback):
@@ -187,7 +199,6 @@ def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path
     trial.set_user_attr("settings", json.dumps({k: v for k, v in settings.items()}))
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("worker", worker_name())
-    trial.set_user_attr("constraints", (1.0, 1.0))  # until the trial is scored: not met
     shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
     progress(f"[trial {trial.number}] {shown} -> {run_dir}")
     started = time.time()
@@ -199,6 +210,7 @@ def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path
 
         if isinstance(err, optuna.TrialPruned):
             shutil.rmtree(run_dir, ignore_errors=True)  # a pruned trial's adapter and checkpoints go; its values stay in the study
+            set_constraints(trial, UNMET)
             trial.set_user_attr("seconds", round(time.time() - started, 1))
         elif isinstance(err, TrainingDiverged):
             trial.set_user_attr("failed", str(err))
@@ -223,6 +235,6 @@ def run_trial(trial, space, base: TrainConfig, subset: Subset, *, runs_dir: Path
     trial.set_user_attr("q1", answers.q1)
     trial.set_user_attr("q2", answers.q2)
     trial.set_user_attr("q3", answers.q3)
-    trial.set_user_attr("constraints", constraints(answers))
+    set_constraints(trial, constraints(answers))
     trial.set_user_attr("seconds", round(time.time() - started, 1))
     return change.specific
