@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,15 +132,20 @@ def loss_metrics_and_grads(trainer, loss_type, n=4, weights=None):
     return loss.item(), metrics, grads
 
 
-@pytest.mark.parametrize("head", ["plain", "trl"])
+@pytest.mark.parametrize("head", ["tiled", "plain", "trl"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
-def test_every_loss_type_and_the_lora_gradients_equal_stock_trl(arch, head, request, tmp_path):
+def test_every_loss_type_and_the_lora_gradients_equal_stock_trl(arch, head, request, tmp_path, monkeypatch):
     """gemma3: a sliding window of 8 under the shared-prompt mask, scaled tied embeddings, soft-capped logits."""
+    from dpo_align.core import pair_logps
+
     model_path = request.getfixturevalue(f"tiny_{arch}")
     data = pairs_file(tmp_path)
     # prompts are 67 (one turn) or 127 (three turns) tokens: max_length 150 cuts responses of both kinds
     stock, ours = build_trainers(model_path, data, tmp_path, max_length=150)
-    ours.model.get_base_model().pair_logps_head = head  # the CPU head, and TRL's chunked kernel used on GPUs
+    # the CPU's tiled head (tiles of 64 rows here: several per batch, the last one short), the one-tile head it
+    # replaced, and TRL's chunked kernel used on GPUs
+    ours.model.get_base_model().pair_logps_head = head
+    monkeypatch.setattr(pair_logps, "HEAD_TILE_ELEMENTS", 64 * ours.model.get_base_model().get_output_embeddings().weight.size(0))
     assert len(stock.train_dataset) == len(ours.train_dataset) == 8
     cut = [len(p) + len(c) > 150 for p, c in zip(stock.train_dataset["prompt_ids"], stock.train_dataset["chosen_ids"], strict=True)]
     assert any(cut[:4]) and not all(cut[:4])
@@ -291,3 +299,43 @@ def test_a_chosen_response_has_the_same_log_prob_in_training_and_in_scoring(arch
     docs.sort(key=lambda d: d["doc_id"])
     assert [d["tokens"] for d in docs] == [n - 1 for n in lengths]
     assert [d["nll"] for d in docs] == pytest.approx(trained, rel=1e-5)
+
+
+HEAD_PEAK = r"""
+import json, re, sys, torch
+from dpo_align.core import pair_logps
+
+def peak_mb():  # this process's own high-water mark (ru_maxrss would carry the parent's across exec)
+    return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+pair_logps.HEAD_TILE_ELEMENTS = 1 << 22  # 16 MB tiles
+torch.manual_seed(0)
+head = torch.nn.Linear(32, 65536, bias=False).requires_grad_(False)
+hidden = torch.randn(1024, 32, requires_grad=True)
+targets = torch.randint(0, 65536, (1024,))
+before = peak_mb()
+if sys.argv[1] == "tiled":
+    log_probs = pair_logps._TiledHead.apply(hidden, head.weight, None, targets, None, 1.0, ("entropy",), {})
+else:
+    log_probs = pair_logps._plain_head(hidden, head, targets, softcap=None, scale=1.0, outputs=("entropy",))[0]
+log_probs.sum().backward()
+print(json.dumps({"rise_mb": peak_mb() - before, "log_probs": log_probs.sum().item(), "grad": hidden.grad.norm().item()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_cpu_head_keeps_no_vocabulary_wide_tensor_for_the_backward_pass():
+    """1,024 response positions on a 65,536 vocabulary: one [N, vocab] fp32 tensor is 256 MB, and the one-tile head keeps
+    the log-softmax for its backward pass and makes its gradient as wide; the tiled head (16 MB tiles here) peaks far
+    lower, with the same log-probs and gradient. (glibc's malloc is told to map every block over 1 MB, so that freed tiles
+    leave the resident set at once, as the real head's 256 MB tiles do: by default it raises that threshold up to 32 MB
+    as blocks are freed, and keeps freed tiles of this test's size in its heap.)"""
+    runs = {}
+    for kernel in ("tiled", "plain"):
+        done = subprocess.run([sys.executable, "-c", HEAD_PEAK, kernel], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[kernel] = json.loads(done.stdout.strip().splitlines()[-1])
+    tiled, plain = runs["tiled"], runs["plain"]
+    assert plain["rise_mb"] > 500 and tiled["rise_mb"] < plain["rise_mb"] / 4, runs
+    assert tiled["log_probs"] == pytest.approx(plain["log_probs"], rel=1e-5) and tiled["grad"] == pytest.approx(plain["grad"], rel=1e-5)

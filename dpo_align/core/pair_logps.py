@@ -4,9 +4,10 @@ The backbone runs over the rows of ``pair_batch.SharedPromptCollator``; only the
 states that predict a response token are gathered, and the LM head and log-softmax run
 there alone. On GPUs that is TRL's own chunked kernel (``trl.kernels.ChunkedLogProbFunction``:
 log-probs, entropy, mean logit, top-1, without materialising ``[N, vocab]`` logits); on a
-CPU, one plain ``log_softmax`` over the N response positions, which is 2.5x faster than
-that kernel's torch fallback there. Stock TRL on a CPU projects every position of both
-padded rows, prompt included.
+CPU, a ``log_softmax`` over a tile of rows at a time (``_TiledHead``), 2.5x faster than that
+kernel's torch fallback there, and no ``[N, vocab]`` tensor is kept for the backward pass (a
+262k vocabulary's would be 4 GB at N = 4,000). Stock TRL on a CPU projects every position of
+both padded rows, prompt included.
 
 ``add_pair_logps(model)`` patches the model's forward the way TRL patches its fused head:
 ``model(..., pair_logps=spec)`` returns a ``FusedCausalLMOutput`` whose per-token fields
@@ -30,6 +31,8 @@ from dpo_align.core.pair_batch import SharedPromptCollator, pair_length
 PAIR_KEYS = ("logp_index", "logp_targets", "logp_seq", "logp_offset")
 # TRL's vocabulary tile for the chunked kernel.
 VOCAB_CHUNK = 32768
+# The CPU head's tile: rows x vocabulary at most this many logits (256 MB in fp32), a few such tiles alive at once.
+HEAD_TILE_ELEMENTS = 1 << 26
 
 
 def logit_transform(config) -> tuple[float | None, float]:
@@ -64,7 +67,7 @@ def add_pair_logps(model, outputs: tuple[str, ...] = ()) -> None:
     attention_kinds(model.config)  # an attention the shared rows cannot mask is refused now, not at the first batch
     original = model.forward
     softcap, scale = logit_transform(model.config)
-    model.pair_logps_head = "auto"  # or "trl" / "plain": which head kernel (tests compare both)
+    model.pair_logps_head = "auto"  # or "trl" / "tiled" / "plain": which head kernel (tests compare them)
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, pair_logps=None, **kwargs):
@@ -88,11 +91,15 @@ def response_logps(model, spec: dict, backbone_inputs: dict, *, outputs=(), soft
     if head_kernel == "auto":
         # TRL's chunked kernel bounds memory and is fast with Triton (GPUs); its plain-torch fallback makes
         # several passes over each [N, vocab] tile and is 2.5x slower than one log_softmax on a CPU.
-        head_kernel = "trl" if hidden.device.type != "cpu" else "plain"
+        head_kernel = "trl" if hidden.device.type != "cpu" else "tiled" if _frozen_linear(head) else "plain"
     if head_kernel == "trl":
         from trl.kernels import ChunkedLogProbFunction
 
         fields = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, 1.0, VOCAB_CHUNK, softcap, scale, tuple(outputs))
+    elif head_kernel == "tiled":
+        metrics = {}
+        log_probs = _TiledHead.apply(hidden, head.weight, head.bias, targets, softcap, scale, tuple(outputs), metrics)
+        fields = (log_probs, *(metrics.get(name) for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")))
     else:
         fields = _plain_head(hidden, head, targets, softcap=softcap, scale=scale, outputs=outputs)
     seq, offset = spec["logp_seq"].to(hidden.device), spec["logp_offset"].to(hidden.device)
@@ -120,6 +127,66 @@ def _plain_head(hidden, head, targets, *, softcap, scale, outputs):
         mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
         is_top1 = (logits.argmax(-1) == targets) if "is_top1" in outputs else None
     return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+
+def _frozen_linear(head) -> bool:
+    """The tiled head computes no gradient for the head's own weights: a plain, frozen ``nn.Linear`` only (a LoRA-wrapped
+    or trained head goes through ``_plain_head``)."""
+    return (type(head) is torch.nn.Linear and not head.weight.requires_grad
+            and (head.bias is None or not head.bias.requires_grad))
+
+
+class _TiledHead(torch.autograd.Function):
+    """log p(target) at N positions through a frozen linear head, a tile of rows at a time.
+
+    For one row, with z = softcap(scale · h Wᵀ) and p = softmax(z), d log p_t / d h = Σ_j (1[j=t] − p_j) z'_j W_j
+    = z'_t W_t − (p ⊙ z') W, where z' is the soft-cap's derivative (scale alone without one). The forward pass
+    computes that [hidden]-wide direction per row from each tile while the tile's softmax is at hand, so the backward
+    pass is one multiply and no [N, vocab] tensor outlives its tile. The FLOPs are the plain head's: two projections
+    per row (the logits, and p W here; the plain head's backward projects the logits' gradient instead).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, scale, outputs, metrics):
+        with_grad = ctx.needs_input_grad[0]  # not in a reference pass or under inference_mode
+        rows = max(1, HEAD_TILE_ELEMENTS // weight.size(0))
+        log_probs = hidden.new_empty(len(targets), dtype=torch.float32)
+        direction = hidden.new_empty(hidden.shape, dtype=torch.float32) if with_grad else None
+        wanted = {name: [] for name in outputs}
+        for start in range(0, len(targets), rows):
+            h, t = hidden[start:start + rows], targets[start:start + rows]
+            raw = torch.nn.functional.linear(h, weight, bias).float() * scale  # under autocast: bf16 projection, as head(h)
+            if softcap is not None:
+                capped = torch.tanh(raw / softcap)
+                slope = (1 - capped.square()) * scale  # d z / d (h Wᵀ)
+                logits = capped.mul_(softcap)
+            else:
+                logits, slope = raw, None
+            log_softmax = logits.log_softmax(dim=-1)
+            log_probs[start:start + rows] = log_softmax.gather(1, t[:, None]).squeeze(1)
+            if "entropy" in wanted:
+                wanted["entropy"].append(-(log_softmax.exp() * log_softmax).sum(-1))
+            if "log_sum_sq_probs" in wanted:
+                wanted["log_sum_sq_probs"].append(torch.logsumexp(2 * log_softmax, dim=-1))
+            if "mean_logits" in wanted:
+                wanted["mean_logits"].append(logits.mean(-1))
+            if "is_top1" in wanted:
+                wanted["is_top1"].append(logits.argmax(-1) == t)
+            if with_grad:
+                weighted = log_softmax.exp_().mul_(slope if slope is not None else scale)  # p ⊙ z', in place of the log-softmax
+                at_target = slope.gather(1, t[:, None]) if slope is not None else scale
+                direction[start:start + rows] = (weight[t].float() * at_target - weighted.to(weight.dtype) @ weight).float()
+        empty = {"is_top1": torch.bool}
+        metrics.update({name: torch.cat(values) if values else hidden.new_empty(0, dtype=empty.get(name, torch.float32))
+                        for name, values in wanted.items()})
+        ctx.save_for_backward(direction)
+        ctx.hidden_dtype = hidden.dtype
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_log_probs):
+        (direction,) = ctx.saved_tensors
+        return (grad_log_probs[:, None] * direction).to(ctx.hidden_dtype), None, None, None, None, None, None, None
 
 
 def model_inputs(batch: dict) -> dict:
