@@ -23,7 +23,8 @@ backward, 2N for the reference's forward, N = base parameters) against the peak 
 ``run_mfu`` uses the cached peak of ``dpo_align.train.throughput.peak_flops``, recorded beside it). ``tokens_fed`` is TRL's own ``num_tokens`` count (padding
 excluded; stock TRL feeds each prompt twice). ``speedup`` is dpo-align cold pairs/s ÷ stock pairs/s;
 ``sft_vs_dpo_cold``/``_warm`` SFT alone against DPO; ``rpo_vs_dpo_warm`` RPO against DPO, both on a warm reference
-cache; ``two_stage_vs_dpo_cold`` the whole two-stage command against DPO cold. ``stock_fp32`` is stock TRL's defaults
+cache; ``two_stage_vs_dpo_cold`` the whole two-stage command against DPO cold; ``tiled_vs_untiled_head_warm`` the CPU
+head in row tiles against the one-tile head it replaced (``dpo_align_untiled``, warm too; compare their peak RSS). ``stock_fp32`` is stock TRL's defaults
 with ``bf16=False`` (``speedup_vs_stock_fp32``): the fair stock figure on a CPU without AVX512-BF16, where the default
 bf16 autocast is emulated and dpo-align's ``--precision auto`` trains fp32. ``--only`` runs a subset of the trainers.
 
@@ -84,9 +85,12 @@ def write_sample(data: str, model: str, pairs: int, max_length: int, path: Path)
 
 # every trainer the benchmark knows, on the same pairs: dpo_align_sft is SFT alone (no reference pass, no rejected half);
 # dpo_align_rpo is RPO (sigmoid + sft, weights 1 + 1) on the reference cache dpo_align_cold left warm; dpo_align_two_stage is
-# SFT on all the pairs, then DPO from the merged SFT model with it as the reference (its reference pass is cold: new weights)
-TRAINERS = ("stock", "stock_best", "stock_fp32", "dpo_align_cold", "dpo_align_warm", "dpo_align_sft", "dpo_align_rpo", "dpo_align_two_stage")
-RECIPES = {"dpo_align_cold": {}, "dpo_align_warm": {}, "dpo_align_sft": {"loss_type": "sft"},
+# SFT on all the pairs, then DPO from the merged SFT model with it as the reference (its reference pass is cold: new weights);
+# dpo_align_untiled is dpo_align_warm with the CPU head as it was before it ran in row tiles (one [N, vocab] log-softmax kept
+# for the backward pass): the tiles' cost or gain in time, and their saving in memory
+TRAINERS = ("stock", "stock_best", "stock_fp32", "dpo_align_cold", "dpo_align_warm", "dpo_align_untiled", "dpo_align_sft", "dpo_align_rpo",
+            "dpo_align_two_stage")
+RECIPES = {"dpo_align_cold": {}, "dpo_align_warm": {}, "dpo_align_untiled": {}, "dpo_align_sft": {"loss_type": "sft"},
            "dpo_align_rpo": {"loss_type": "sigmoid,sft", "loss_weights": "1,1"}, "dpo_align_two_stage": {"sft_first_pairs": "all"}}
 
 
@@ -145,14 +149,29 @@ def run_dpo_align(sample: Path, model: str, steps: int, batch_size: int, output:
             "run_tokens_per_s": manifest["throughput"]["tokens_per_s"], "run_mfu": manifest["throughput"]["mfu"]}
 
 
+def peak_rss_gb() -> float:
+    """This process's own peak: Linux's VmHWM (ru_maxrss carries the parent's peak across exec, when the parent's is higher)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def child(args) -> None:
     output = Path(args.workdir) / args.child
     if args.child in ("stock", "stock_best", "stock_fp32"):
         result = run_stock(Path(args.sample), args.model, args.steps, args.batch_size, args.child == "stock_best", output,
                            fp32=args.child == "stock_fp32")
     else:
+        if args.child == "dpo_align_untiled":
+            from dpo_align.core import pair_logps
+
+            pair_logps._frozen_linear = lambda head: False  # the head kernel "auto" picks on a CPU becomes the one-tile one
         result = run_dpo_align(Path(args.sample), args.model, args.steps, args.batch_size, output, RECIPES[args.child])
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_rss_gb"] = peak_rss_gb()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -233,6 +252,7 @@ def main() -> None:
     ratio("sft_vs_dpo_warm", "dpo_align_sft", "dpo_align_warm")
     ratio("rpo_vs_dpo_warm", "dpo_align_rpo", "dpo_align_warm")  # both on a warm reference cache: the training steps alone
     ratio("two_stage_vs_dpo_cold", "dpo_align_two_stage", "dpo_align_cold")
+    ratio("tiled_vs_untiled_head_warm", "dpo_align_warm", "dpo_align_untiled")
     if "dpo_align_warm_total_s" in numbers and "dpo_align_cold_total_s" in numbers:
         numbers["second_run_saves_s"] = round(numbers["dpo_align_cold_total_s"] - numbers["dpo_align_warm_total_s"], 1)
     for key, value in numbers.items():
