@@ -326,3 +326,31 @@ def test_an_unreachable_database_is_named_within_seconds(tiny_gpt2, pairs_file, 
                                             "postgresql+psycopg://someone:secret@127.0.0.1:9/study"))
     assert result.exit_code == 2 and "--storage postgresql+psycopg://someone:***@127.0.0.1:9/study: cannot open" in result.output
     assert "secret" not in result.output and time.time() - started < 60
+
+
+def test_a_checkpoint_saved_by_a_stop_is_not_scored_as_a_learning_curve_point(monkeypatch, tmp_path):
+    """Ctrl-C or SIGTERM saves a checkpoint after the current step to resume from; scoring it would hold the stopping
+    worker for the subset's whole scoring and report a value at a step no other trial reports. A scheduled checkpoint
+    is scored, stop or not."""
+    from transformers import TrainerControl, TrainerState
+
+    from dpo_align.search import trial as trial_module
+
+    scored = []
+    monkeypatch.setattr(trial_module, "score_spec", lambda spec, options: scored.append(spec.label) or {})
+    monkeypatch.setattr(trial_module, "controlled_change", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("scored")))
+
+    class Trial:
+        number = 7
+
+    callback = trial_module.PruneOnCheckpoints(Trial(), type("Subset", (), {"baseline": {"pretrained": "m"}, "options": None})(),
+                                               tmp_path, 42, print)
+    args = type("Args", (), {"output_dir": str(tmp_path)})()
+    state = TrainerState(global_step=13, max_steps=40, save_steps=10)
+    stop = TrainerControl(should_training_stop=True, should_save=True)
+    callback.on_save(args, state, stop)
+    assert scored == []
+    state.global_step = 20
+    with pytest.raises(RuntimeError, match="scored"):
+        callback.on_save(args, state, stop)
+    assert scored == ["trial 7 step 20"]

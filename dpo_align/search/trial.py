@@ -166,6 +166,8 @@ class PruneOnCheckpoints(TrainerCallback):
         step, total = state.global_step, state.max_steps
         if step >= total:
             return control
+        if control.should_training_stop and not (state.save_steps and step % state.save_steps == 0):
+            return control  # a Ctrl-C's or SIGTERM's checkpoint, off the schedule: saved to resume from, not a curve point
         checkpoint = Path(args.output_dir) / f"checkpoint-{step}"  # a two-stage run's second stage saves in its own folder
         base = adapter_base(checkpoint) or self.subset.baseline["pretrained"]  # and its adapter is on the SFT model
         spec = ModelSpec(f"trial {self.trial.number} step {step}", base, str(checkpoint))
