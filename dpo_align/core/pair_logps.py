@@ -33,6 +33,8 @@ PAIR_KEYS = ("logp_index", "logp_targets", "logp_seq", "logp_offset")
 VOCAB_CHUNK = 32768
 # The CPU head's tile: rows x vocabulary at most this many logits (256 MB in fp32), a few such tiles alive at once.
 HEAD_TILE_ELEMENTS = 1 << 26
+# The per-position metrics TRL's kernel returns after the log-probs, in its order.
+METRICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def logit_transform(config) -> tuple[float | None, float]:
@@ -99,7 +101,7 @@ def response_logps(model, spec: dict, backbone_inputs: dict, *, outputs=(), soft
     elif head_kernel == "tiled":
         metrics = {}
         log_probs = _TiledHead.apply(hidden, head.weight, head.bias, targets, softcap, scale, tuple(outputs), metrics)
-        fields = (log_probs, *(metrics.get(name) for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")))
+        fields = (log_probs, *(metrics.get(name) for name in METRICS))
     else:
         fields = _plain_head(hidden, head, targets, softcap=softcap, scale=scale, outputs=outputs)
     seq, offset = spec["logp_seq"].to(hidden.device), spec["logp_offset"].to(hidden.device)
@@ -122,11 +124,15 @@ def _plain_head(hidden, head, targets, *, softcap, scale, outputs):
     log_softmax = logits.log_softmax(dim=-1)
     log_probs = log_softmax.gather(1, targets[:, None]).squeeze(1)
     with torch.no_grad():  # metrics only, as in TRL
-        entropy = -(log_softmax.exp() * log_softmax).sum(-1) if "entropy" in outputs else None
-        log_sum_sq = torch.logsumexp(2 * log_softmax, dim=-1) if "log_sum_sq_probs" in outputs else None
-        mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
-        is_top1 = (logits.argmax(-1) == targets) if "is_top1" in outputs else None
-    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+        return log_probs, *_metrics(log_softmax, logits, targets, outputs)
+
+
+def _metrics(log_softmax, logits, targets, outputs) -> tuple:
+    """TRL's per-position metrics (``METRICS`` order) that ``outputs`` asks for, None for the rest."""
+    return (-(log_softmax.exp() * log_softmax).sum(-1) if "entropy" in outputs else None,
+            torch.logsumexp(2 * log_softmax, dim=-1) if "log_sum_sq_probs" in outputs else None,
+            logits.mean(-1) if "mean_logits" in outputs else None,
+            (logits.argmax(-1) == targets) if "is_top1" in outputs else None)
 
 
 def _frozen_linear(head) -> bool:
@@ -152,10 +158,12 @@ class _TiledHead(torch.autograd.Function):
         rows = max(1, HEAD_TILE_ELEMENTS // weight.size(0))
         log_probs = hidden.new_empty(len(targets), dtype=torch.float32)
         direction = hidden.new_empty(hidden.shape, dtype=torch.float32) if with_grad else None
-        wanted = {name: [] for name in outputs}
+        wanted = {name: [] for name in METRICS if name in outputs}
         for start in range(0, len(targets), rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
-            raw = torch.nn.functional.linear(h, weight, bias).float() * scale  # under autocast: bf16 projection, as head(h)
+            raw = torch.nn.functional.linear(h, weight, bias).float()  # under autocast: bf16 projection, as head(h)
+            if scale != 1.0:  # in place: a copy of the tile only where the model scales its logits
+                raw.mul_(scale)
             if softcap is not None:
                 capped = torch.tanh(raw / softcap)
                 slope = (1 - capped.square()) * scale  # d z / d (h Wᵀ)
@@ -164,16 +172,13 @@ class _TiledHead(torch.autograd.Function):
                 logits, slope = raw, None
             log_softmax = logits.log_softmax(dim=-1)
             log_probs[start:start + rows] = log_softmax.gather(1, t[:, None]).squeeze(1)
-            if "entropy" in wanted:
-                wanted["entropy"].append(-(log_softmax.exp() * log_softmax).sum(-1))
-            if "log_sum_sq_probs" in wanted:
-                wanted["log_sum_sq_probs"].append(torch.logsumexp(2 * log_softmax, dim=-1))
-            if "mean_logits" in wanted:
-                wanted["mean_logits"].append(logits.mean(-1))
-            if "is_top1" in wanted:
-                wanted["is_top1"].append(logits.argmax(-1) == t)
+            for name, value in zip(METRICS, _metrics(log_softmax, logits, t, outputs), strict=True):
+                if value is not None:
+                    wanted[name].append(value)
             if with_grad:
-                weighted = log_softmax.exp_().mul_(slope if slope is not None else scale)  # p ⊙ z', in place of the log-softmax
+                weighted = log_softmax.exp_()  # p, then p ⊙ z', in place of the log-softmax
+                if slope is not None or scale != 1.0:
+                    weighted.mul_(slope if slope is not None else scale)
                 at_target = slope.gather(1, t[:, None]) if slope is not None else scale
                 direction[start:start + rows] = (weight[t].float() * at_target - weighted.to(weight.dtype) @ weight).float()
         empty = {"is_top1": torch.bool}
