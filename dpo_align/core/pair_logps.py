@@ -162,7 +162,7 @@ class _TiledHead(torch.autograd.Function):
         for start in range(0, len(targets), rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
             raw = torch.nn.functional.linear(h, weight, bias).float()  # under autocast: bf16 projection, as head(h)
-            if scale != 1.0:  # in place: a copy of the tile only where the model scales its logits
+            if scale != 1.0:  # only where the model scales its logits, in place (no second tile)
                 raw.mul_(scale)
             if softcap is not None:
                 capped = torch.tanh(raw / softcap)
