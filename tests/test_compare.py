@@ -267,3 +267,25 @@ def test_a_degenerate_interval_is_drawn_not_a_crash():
 
     row = [Change("dpo_ppl_truthfulqa", 2.0, 1.9, -0.05, -0.05 + 1e-17, -0.05 + 2e-17, 1), Change("mean", 2.0, 1.9, -0.05, -0.05, -0.05, 1)]
     assert compare_module.plot({"ce": {"adapter": row}})[:4] == b"\x89PNG"
+
+
+def test_a_label_two_folders_hold_is_shown_with_its_folder_and_keeps_its_scorecard_row(scored, tmp_path):
+    """Two sweeps of one grid (a confirmation's seed=42,7 for two trials) hold the same labels: each is shown with its
+    folder's name, and its held-out preference row (filed under the plain label) still answers Q2 and Q3."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(scored["base"], base)
+    label = json.loads((scored["tuned"] / "results.json").read_text())["models"][0]["label"]
+    for name, accuracy in (("confirm-1", 0.9), ("confirm-2", 0.5)):
+        shutil.copytree(scored["tuned"], tmp_path / name)
+        (tmp_path / name / "preference.json").write_text(json.dumps({"table": {label: {
+            "reward": {"accuracy": accuracy, "stderr": 0.01, "pairs": 8},
+            "displacement": {"chosen_per_token": 0.2, "rejected_per_token": -0.3, "both_fell": 0.0, "pairs": 8}}}}))
+    result = runner.invoke(app, ["compare", str(base), str(tmp_path / "confirm-1"), str(tmp_path / "confirm-2"),
+                                 "-o", str(tmp_path / "cmp"), "--bootstrap", "300", "--permutations", "300"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert list(report["ce"]) == [f"{label} (confirm-1)", f"{label} (confirm-2)"]
+    cards = {card["model"]: card for card in report["scorecard"]["cards"]}
+    assert cards[f"{label} (confirm-1)"]["q2"] is True and cards[f"{label} (confirm-2)"]["q2"] is False

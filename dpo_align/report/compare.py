@@ -158,7 +158,7 @@ def _from_lm_eval(results_file: Path) -> Scored:
 def load(paths: list[str], relabel=None) -> list[Scored]:
     """Every model in the given folders, in order. ``relabel(folder, settings)``: {label: the label to show} for a
     dpo-align folder (the CLI passes ``grid.sweep_recipe_labels``: a sweep made before recipe labels reads SFT, RPO...)."""
-    models, seen = [], {}
+    models, seen, folders = [], {}, []  # folders: the folder each model came from, as given
     for name in paths:
         path = Path(name).expanduser()
         if not path.exists():
@@ -167,17 +167,30 @@ def load(paths: list[str], relabel=None) -> list[Scored]:
             raise UserError(f"{name} is given twice (also as {seen[path.resolve()]}); compare different scored folders.")
         seen[path.resolve()] = name
         if (path / "results.json").is_file():
-            models += _from_dpo_align(path, relabel)
-            continue
-        results_files = sorted(path.rglob("results_*.json")) if path.is_dir() else [path]
-        if not results_files:
-            raise UserError(f"{name}: neither a dpo-align results folder (results.json) nor an lm_eval --output_path folder (results_*.json).")
-        models += [_from_lm_eval(f) for f in results_files]
-    labels = [m.label for m in models]
-    if len(set(labels)) != len(labels):
-        for i, m in enumerate(models):
-            m.label = f"{m.label} [{i + 1}]"
+            found = _from_dpo_align(path, relabel)
+        else:
+            results_files = sorted(path.rglob("results_*.json")) if path.is_dir() else [path]
+            if not results_files:
+                raise UserError(f"{name}: neither a dpo-align results folder (results.json) nor an lm_eval --output_path folder (results_*.json).")
+            found = [_from_lm_eval(f) for f in results_files]
+        models += found
+        folders += [name] * len(found)
+    _label_apart(models, folders)
     return models
+
+
+def _label_apart(models: list[Scored], folders: list[str]) -> None:
+    """A label that several folders hold (two sweeps' ``seed-42``, two folders' base model) is shown with its folder's
+    name; where that still repeats (one folder holding a label twice, folders of one name), every model is numbered."""
+    labels = [m.label for m in models]
+    repeated = {label for label in labels if labels.count(label) > 1}
+    if not repeated:
+        return
+    shown = [f"{m.label} ({Path(folder).expanduser().resolve().name})" if m.label in repeated else m.label for m, folder in zip(models, folders, strict=True)]
+    if len(set(shown)) != len(shown):
+        shown = [f"{m.label} [{i + 1}]" for i, m in enumerate(models)]
+    for model, label in zip(models, shown, strict=True):
+        model.label = label
 
 
 def with_baseline(models: list[Scored], name: str | None) -> list[Scored]:
