@@ -354,3 +354,40 @@ def test_a_checkpoint_saved_by_a_stop_is_not_scored_as_a_learning_curve_point(mo
     with pytest.raises(RuntimeError, match="scored"):
         callback.on_save(args, state, stop)
     assert scored == ["trial 7 step 20"]
+
+
+def test_the_slice_plot_names_recipes_places_pruned_trials_and_leaves_sft_off_the_beta_axis():
+    """slice.png: a recipe choice reads as its objective's name (not 'loss_type=sigmoid;sft_first_pairs=1000'), a
+    pruned trial is drawn hollow at its last checkpoint's value, a finished one filled with a black ring where it meets
+    Q2 and Q3, SFT has no point on the beta axis (it has no beta), and each range is drawn whole on its log axis."""
+    from matplotlib.collections import PathCollection
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from dpo_align.search import slice_plot
+
+    def row(trial, state, settings, value=None, interval=None, intermediate=None, q2=None, q3=None):
+        return {"trial": trial, "state": state, "settings": settings, "specific_change": value, "specific_interval": interval,
+                "intermediate": intermediate or {}, "q2": q2, "q3": q3}
+
+    table = [row(0, "complete", {"learning_rate": 1e-4, "beta": 0.1, "loss_type": "sigmoid", "sft_first_pairs": 1000}, -0.02, [-0.03, -0.01], q2=True, q3=True),
+             row(1, "complete", {"learning_rate": 3e-4, "beta": 0.5, "loss_type": "sft"}, 0.01, [0.0, 0.02], q2=False, q3=True),
+             row(2, "pruned", {"learning_rate": 2e-5, "beta": 0.05, "loss_type": "sigmoid"}, intermediate={"63": 0.004}),
+             row(3, "fail", {"learning_rate": 5e-5, "beta": 0.2, "loss_type": "ipo"})]
+    searched = {"learning_rate": FloatDistribution(1e-5, 5e-4, log=True), "beta": FloatDistribution(0.01, 1.0, log=True),
+                "recipe": CategoricalDistribution(["loss_type=sigmoid", "loss_type=sft", "loss_type=sigmoid;sft_first_pairs=1000"])}
+    fig = slice_plot.figure(table, TrainConfig(), searched)
+    lr, beta, recipe = fig.axes[:3]
+
+    def dots(ax):  # (x, y, hollow, ringed) per trial drawn
+        out = []
+        for c in ax.collections:
+            if isinstance(c, PathCollection):
+                (x, y), edge = c.get_offsets()[0], c.get_edgecolor()[0]
+                out.append((float(x), float(y), len(c.get_facecolor()) == 0, tuple(edge[:3]) == (0.0, 0.0, 0.0)))
+        return sorted(out)
+
+    assert [t.get_text() for t in recipe.get_xticklabels()] == ["DPO", "SFT", "SFT → DPO"]
+    assert dots(lr) == sorted([(1e-4, -0.02, False, True), (3e-4, 0.01, False, False), (2e-5, 0.004, True, False)])
+    assert [(x, y) for x, y, *_ in dots(beta)] == sorted([(0.05, 0.004), (0.1, -0.02)])  # SFT's 0.5 is not drawn
+    assert lr.get_xscale() == "log" and lr.get_xlim()[0] < 1e-5 and lr.get_xlim()[1] > 5e-4
+    assert slice_plot.figure([table[3]], TrainConfig(), searched) is None  # nothing to place yet

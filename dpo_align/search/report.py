@@ -2,7 +2,8 @@
 
 * ``results.md`` and ``results.json``: every trial's settings, specific change (its 95% interval), verdict, Q2, Q3,
   state and time; the pick by the scorecard's rule (``report/scorecard.py``), fixed before any study ran;
-* ``history.png``, ``importances.png``, ``slice.png``: Optuna's own plots (matplotlib backend);
+* ``history.png``, ``importances.png``: Optuna's own plots (matplotlib backend); ``slice.png``: every trial's specific
+  change with its interval against each searched setting (``slice_plot.py``: Optuna's slice names no recipe);
 * ``best-config.yaml``: the picked trial's settings, which ``dpo-align train --config best-config.yaml`` repeats;
 * ``confirm/RANK-trial-N.yaml``: the first ``CONFIRM`` trials in the rule's order, for the confirmation runs (more
   pairs, several seeds, the whole suite: ``dpo-align sweep --config confirm/1-trial-N.yaml --grid seed=42,7 ...``).
@@ -119,8 +120,22 @@ def markdown(study, table: list[dict], first: list, reason: str, base: TrainConf
                   f"(on {base.max_pairs or 'all'} pairs, as the trials did). The first {CONFIRM} trials in the rule's order "
                   f"({', '.join(f'trial {t.number}' for t in first)}) are in `confirm/` for the confirmation: "
                   "`dpo-align sweep --config confirm/1-trial-N.yaml --grid seed=42,7` with more pairs, scored on the whole suite.", ""]
-    lines += ["Plots: `history.png` (Optuna's optimisation history), `importances.png` (parameter importances, fANOVA), `slice.png`.", ""]
+    lines += ["Plots: `history.png` (Optuna's optimisation history; grey: a trial that misses Q2 or Q3, which Optuna calls infeasible, "
+              "and the line follows the best trial that meets both), `importances.png` (parameter importances, fANOVA), `slice.png` "
+              "(every trial's specific change with its 95% interval against each setting, by recipe; pruned trials hollow at their "
+              "last checkpoint's value).", ""]
     return "\n".join(lines)
+
+
+def _slice(study, table: list[dict], base: TrainConfig) -> bytes | None:
+    """``slice_plot.figure`` over the study's searched settings, as its trials' distributions give them."""
+    from dpo_align.search import slice_plot
+
+    searched = {}
+    for trial in study.get_trials(deepcopy=False):
+        searched.update(trial.distributions)
+    figure = slice_plot.figure(table, base, searched)
+    return None if figure is None else png_bytes(figure)
 
 
 def _plot(kind: str, study) -> bytes | None:
@@ -132,7 +147,7 @@ def _plot(kind: str, study) -> bytes | None:
     matplotlib.use("Agg")
     from optuna.visualization import matplotlib as plots
 
-    draw = {"history": plots.plot_optimization_history, "importances": plots.plot_param_importances, "slice": plots.plot_slice}[kind]
+    draw = {"history": plots.plot_optimization_history, "importances": plots.plot_param_importances}[kind]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
@@ -157,7 +172,10 @@ def write(study, space, base: TrainConfig, output: Path, progress=print) -> None
                                                 "base": {k: v for k, v in dataclasses.asdict(base).items() if k != "output_dir"}})
     atomic_write_text(output / "results.md", markdown(study, table, first, reason, base))
     for kind in ("history", "importances", "slice"):
-        data = _plot(kind, study) if any(r["state"] == "complete" for r in table) else None
+        if kind == "slice":
+            data = _slice(study, table, base)
+        else:
+            data = _plot(kind, study) if any(r["state"] == "complete" for r in table) else None
         if data is not None:
             atomic_write_bytes(output / f"{kind}.png", data)
     if chosen is not None:
