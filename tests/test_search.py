@@ -99,6 +99,7 @@ def test_a_two_trial_study_trains_two_differently_configured_adapters_and_report
     text = (out / "results.md").read_text()
     assert "| 0 | complete |" in text and "| 1 | complete |" in text and (out / "history.png").stat().st_size > 1000
     best = json.loads((out / "results.json").read_text())["pick"]
+    assert [r["recipe"] for r in json.loads((out / "results.json").read_text())["trials"]] == ["DPO" if t.params["loss_type"] == "sigmoid" else "IPO" for t in trials]
     assert best in (0, 1) and f"learning_rate: {trials[best].params['learning_rate']}" in (out / "best-config.yaml").read_text()
     # the report from the database alone, on "another machine" (no training options given): the study's own shared
     # settings, not this command's defaults, and both trials in the rule's order in confirm/ (the pick first)
@@ -202,10 +203,12 @@ def test_requeue_puts_back_only_the_settings_whose_workers_died_and_they_continu
     assert waiting[0].system_attrs["failed_trial"] == 0 and waiting[0].user_attrs["requeued_after"] == [0, 1, 2]
     assert waiting[0].intermediate_values == {2: -0.5}  # the learning curve the attempts reported, for the pruner
     status = runner.invoke(app, ["search", "--status", "-o", str(tmp_path / "out")])
-    assert "| 7 | waiting | learning_rate=0.001, loss_type=sigmoid |" in status.output  # what it is queued with
-    # each ended attempt says where its settings went: Optuna's retries (0 → 1 → 2), then the requeue (2 → 7)
-    assert all(f"| {a} | fail → {b} |" in status.output for a, b in ((0, 1), (1, 2), (2, 7)))
-    assert "| 5 | fail |" in status.output and "| 3 | fail |" in status.output  # nothing took these on
+    assert "| 7 | waiting | DPO | learning_rate=0.001, loss_type=sigmoid |" in status.output  # what it is queued with
+    # each ended attempt says where its settings went: Optuna's retries (0 → 1 → 2), then the requeue (2 → 7), in a
+    # table of their own below the one row per setting that the trials table keeps
+    settings, ended = status.output.split("### Attempts that ended with their worker")
+    assert all(f"| {a} | fail → {b} |" in ended and f"| {a} |" not in settings for a, b in ((0, 1), (1, 2), (2, 7)))
+    assert "| 5 | fail → 6 |" not in status.output and "| 5 | fail | IPO |" in settings and "| 3 | fail | IPO |" in settings  # nothing took these on
     again = runner.invoke(app, ["search", "--requeue", "-o", str(tmp_path / "out")])
     assert "0 trial(s) queued again" in again.output and len(load(tmp_path).trials) == 8  # queued once, not twice
 

@@ -97,23 +97,13 @@ def markdown(study, table: list[dict], first: list, reason: str, base: TrainConf
              "The value minimised is the mean's specific change against the base model on the study's fixed documents "
              "(Δlog ce − Δlog ce_foil; below 0: the reference answers got cheaper than their foils). Q2 and Q3 are Optuna "
              "constraints. The pick follows the scorecard's rule: " + scorecard.RULE, "",
-             "| trial | state | settings | specific change [95%] | ce (foils) | verdict | held-out reward acc | Δ log p chosen/token | Q1 | Q2 | Q3 | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in table:
-        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["settings"].items())
-        interval = r["specific_interval"]
-        specific = (_number(r["specific_change"], "+.4f") + (f" [{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "")) \
-            if r["specific_change"] is not None else (f"at step {r['last_step']}: {r['intermediate'][str(r['last_step'])]:+.4f}" if r["last_step"] is not None else "")
-        ce = f"{_number(r['ce_change'], '+.2f', 100)}% ({_number(r['foil_change'], '+.2f', 100)}%)" if r["ce_change"] is not None else ""
-        acc = f"{100 * r['accuracy']:.1f}% ± {100 * r['stderr']:.1f}" if r["accuracy"] is not None and r["stderr"] is not None else ""
-        state = r["state"] + (f" → {r['continued_in']}" if r.get("continued_in") is not None else "")
-        lines.append(f"| {r['trial']} | {state} | {settings} | {specific} | {ce} | {r['verdict'] or ''} | {acc} | "
-                     f"{_number(r['chosen_per_token'], '+.4f')} | {_answer(r['q1']) if r['state'] == 'complete' else ''} | "
-                     f"{_answer(r['q2']) if r['state'] == 'complete' else ''} | {_answer(r['q3']) if r['state'] == 'complete' else ''} | "
-                     f"{_number(r['seconds'], '.0f')} |")
-    if any(r.get("continued_in") is not None for r in table):
-        lines += ["", "`fail → N`: the attempt ended (its worker died or was stopped) and its settings went on in trial N, from its "
-                      "last checkpoint (Optuna's retry, or `--requeue`)."]
+             *_trials_table([r for r in table if r.get("continued_in") is None], base)]
+    attempts = [r for r in table if r.get("continued_in") is not None]
+    if attempts:
+        lines += ["", "### Attempts that ended with their worker", "",
+                  "`fail → N`: the attempt ended (its worker died or was stopped) and its settings went on in trial N, from its "
+                  "last checkpoint (Optuna's retry, or `--requeue`); each setting's last attempt is in the table above. A value here is the attempt's "
+                  "last learning-curve point.", "", *_trials_table(attempts, base)]
     lines += ["", reason, ""]
     if chosen is not None:
         lines += [f"Its settings are in `best-config.yaml`: `dpo-align train --config best-config.yaml -o runs/best` trains it again "
@@ -125,6 +115,29 @@ def markdown(study, table: list[dict], first: list, reason: str, base: TrainConf
               "(every trial's specific change with its 95% interval against each setting, by recipe; pruned trials hollow at their "
               "last checkpoint's value).", ""]
     return "\n".join(lines)
+
+
+def _trials_table(table: list[dict], base: TrainConfig) -> list[str]:
+    from dpo_align.search.slice_plot import recipe
+
+    lines = ["| trial | state | recipe | settings | specific change [95%] | ce (foils) | verdict | held-out reward acc | Δ log p chosen/token | Q1 | Q2 | Q3 | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["settings"].items())
+        interval = r["specific_interval"]
+        if r["specific_change"] is not None and r["state"] != "pruned":
+            specific = _number(r["specific_change"], "+.4f") + (f" [{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "")
+        elif r["last_step"] is not None:  # a pruned trial's, or a stopped attempt's, last learning-curve point
+            specific = f"at step {r['last_step']}: {r['intermediate'][str(r['last_step'])]:+.4f}"
+        else:
+            specific = ""
+        ce = f"{_number(r['ce_change'], '+.2f', 100)}% ({_number(r['foil_change'], '+.2f', 100)}%)" if r["ce_change"] is not None else ""
+        acc = f"{100 * r['accuracy']:.1f}% ± {100 * r['stderr']:.1f}" if r["accuracy"] is not None and r["stderr"] is not None else ""
+        state = r["state"] + (f" → {r['continued_in']}" if r.get("continued_in") is not None else "")
+        answers = [_answer(r[q]) if r["state"] == "complete" else "" for q in ("q1", "q2", "q3")]
+        lines.append(f"| {r['trial']} | {state} | {recipe(r['settings'], base)} | {settings} | {specific} | {ce} | {r['verdict'] or ''} | {acc} | "
+                     f"{_number(r['chosen_per_token'], '+.4f')} | {' | '.join(answers)} | {_number(r['seconds'], '.0f')} |")
+    return lines
 
 
 def _slice(study, table: list[dict], base: TrainConfig) -> bytes | None:
@@ -167,7 +180,10 @@ def write(study, space, base: TrainConfig, output: Path, progress=print) -> None
     table = rows(study)
     first, reason = ranking(study)
     chosen = first[0] if first else None
-    atomic_write_json(output / "results.json", {"study": study.study_name, "trials": table, "pick": chosen.number if chosen else None,
+    from dpo_align.search.slice_plot import recipe
+
+    atomic_write_json(output / "results.json", {"study": study.study_name, "trials": [{**r, "recipe": recipe(r["settings"], base)} for r in table],
+                                                "pick": chosen.number if chosen else None,
                                                 "reason": reason, "space": json.loads(space.as_json()) if space else None,
                                                 "base": {k: v for k, v in dataclasses.asdict(base).items() if k != "output_dir"}})
     atomic_write_text(output / "results.md", markdown(study, table, first, reason, base))

@@ -22,7 +22,10 @@ def recipe(settings: dict, base: TrainConfig) -> str:
     from dpo_align.grid import objective_name
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return objective_name(dataclasses.replace(base, **{k: v for k, v in settings.items() if k in known}))
+    unexpanded = [str(v) for k, v in settings.items() if k not in known]
+    if unexpanded:  # a trial still waiting holds its raw choice ("loss_type=sft"), expanded only when a worker takes it
+        return "; ".join(unexpanded)
+    return objective_name(dataclasses.replace(base, **settings))
 
 
 def points(table: list[dict], base: TrainConfig) -> list[dict]:
