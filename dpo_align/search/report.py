@@ -169,6 +169,9 @@ def _plot(kind: str, study) -> bytes | None:
         return None
     figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
     figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 5))
+    if kind == "history":  # Optuna's legend names neither what its grey points are nor which trials its line follows
+        figure.text(0.01, 0.01, "grey: a trial that misses Q2 or Q3 (infeasible to Optuna); the line: the lowest value among "
+                    "the trials that meet both", fontsize=8, color="dimgrey")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a colour bar's axes: laid out as well as it can be
         figure.tight_layout()
