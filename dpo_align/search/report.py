@@ -179,12 +179,12 @@ def _plot(kind: str, study) -> bytes | None:
 
 
 def write(study, space, base: TrainConfig, output: Path, progress=print) -> None:
+    from dpo_align.search.slice_plot import recipe
+
     output.mkdir(parents=True, exist_ok=True)
     table = rows(study)
     first, reason = ranking(study)
     chosen = first[0] if first else None
-    from dpo_align.search.slice_plot import recipe
-
     atomic_write_json(output / "results.json", {"study": study.study_name, "trials": [{**r, "recipe": recipe(r["settings"], base)} for r in table],
                                                 "pick": chosen.number if chosen else None,
                                                 "reason": reason, "space": json.loads(space.as_json()) if space else None,
