@@ -635,7 +635,7 @@ def search_command(
 
         base = studies.shared_settings(found, config, given_settings(ctx))
         if status:
-            typer.echo(report.markdown(found, report.rows(found), *report.ranking(found), base))
+            typer.echo(report.markdown(found, report.rows(found, base), *report.ranking(found), base))
             return
         if requeue:
             again = studies.requeue(found)

@@ -369,7 +369,8 @@ def test_the_slice_plot_names_recipes_places_pruned_trials_and_leaves_sft_off_th
     from dpo_align.search import slice_plot
 
     def row(trial, state, settings, value=None, interval=None, intermediate=None, q2=None, q3=None):
-        return {"trial": trial, "state": state, "settings": settings, "specific_change": value, "specific_interval": interval,
+        return {"trial": trial, "state": state, "settings": settings, "recipe": slice_plot.recipe(settings, TrainConfig()),
+                "specific_change": value, "specific_interval": interval,
                 "intermediate": intermediate or {}, "q2": q2, "q3": q3}
 
     table = [row(0, "complete", {"learning_rate": 1e-4, "beta": 0.1, "loss_type": "sigmoid", "sft_first_pairs": 1000}, -0.02, [-0.03, -0.01], q2=True, q3=True),
@@ -378,7 +379,7 @@ def test_the_slice_plot_names_recipes_places_pruned_trials_and_leaves_sft_off_th
              row(3, "fail", {"learning_rate": 5e-5, "beta": 0.2, "loss_type": "ipo"})]
     searched = {"learning_rate": FloatDistribution(1e-5, 5e-4, log=True), "beta": FloatDistribution(0.01, 1.0, log=True),
                 "recipe": CategoricalDistribution(["loss_type=sigmoid", "loss_type=sft", "loss_type=sigmoid;sft_first_pairs=1000"])}
-    fig = slice_plot.figure(table, TrainConfig(), searched)
+    fig = slice_plot.figure(table, searched)
     lr, beta, recipe = fig.axes[:3]
 
     def dots(ax):  # (x, y, hollow, ringed) per trial drawn
@@ -393,4 +394,4 @@ def test_the_slice_plot_names_recipes_places_pruned_trials_and_leaves_sft_off_th
     assert dots(lr) == sorted([(1e-4, -0.02, False, True), (3e-4, 0.01, False, False), (2e-5, 0.004, True, False)])
     assert [(x, y) for x, y, *_ in dots(beta)] == sorted([(0.05, 0.004), (0.1, -0.02)])  # SFT's 0.5 is not drawn
     assert lr.get_xscale() == "log" and lr.get_xlim()[0] < 1e-5 and lr.get_xlim()[1] > 5e-4
-    assert slice_plot.figure([table[3]], TrainConfig(), searched) is None  # nothing to place yet
+    assert slice_plot.figure([table[3]], searched) is None  # nothing to place yet

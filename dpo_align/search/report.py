@@ -66,7 +66,10 @@ def _continued_in(trials) -> dict[int, int]:
     return out
 
 
-def rows(study) -> list[dict]:
+def rows(study, base: TrainConfig) -> list[dict]:
+    """Every trial's row of the tables, its recipe named once (``slice_plot.recipe``) over the study's ``base`` settings."""
+    from dpo_align.search.slice_plot import recipe
+
     out = []
     trials = study.get_trials(deepcopy=False)
     continued = _continued_in(trials)
@@ -74,7 +77,9 @@ def rows(study) -> list[dict]:
         a = t.user_attrs
         # a trial not started yet shows the settings it is queued with (a retry's, or enqueue_trial's fixed ones)
         queued = t.params or t.system_attrs.get("fixed_params") or {}
-        out.append({"trial": t.number, "state": t.state.name.lower(), "continued_in": continued.get(t.number), "settings": json.loads(a.get("settings") or "{}") or queued,
+        settings = json.loads(a.get("settings") or "{}") or queued
+        out.append({"trial": t.number, "state": t.state.name.lower(), "continued_in": continued.get(t.number), "settings": settings,
+                    "recipe": recipe(settings, base),
                     "specific_change": t.value, "specific_interval": a.get("specific_interval"), "verdict": a.get("verdict"),
                     "ce_change": a.get("ce_change"), "foil_change": a.get("foil_change"), "accuracy": a.get("accuracy"),
                     "stderr": a.get("stderr"), "chosen_per_token": a.get("chosen_per_token"), "q1": a.get("q1"), "q2": a.get("q2"),
@@ -97,13 +102,13 @@ def markdown(study, table: list[dict], first: list, reason: str, base: TrainConf
              "The value minimised is the mean's specific change against the base model on the study's fixed documents "
              "(Δlog ce − Δlog ce_foil; below 0: the reference answers got cheaper than their foils). Q2 and Q3 are Optuna "
              "constraints. The pick follows the scorecard's rule: " + scorecard.RULE, "",
-             *_trials_table([r for r in table if r.get("continued_in") is None], base)]
+             *_trials_table([r for r in table if r.get("continued_in") is None])]
     attempts = [r for r in table if r.get("continued_in") is not None]
     if attempts:
         lines += ["", "### Attempts that ended with their worker", "",
                   "`fail → N`: the attempt ended (its worker died or was stopped) and its settings went on in trial N, from its "
                   "last checkpoint (Optuna's retry, or `--requeue`); each setting's last attempt is in the table above. A value here is the attempt's "
-                  "last learning-curve point.", "", *_trials_table(attempts, base)]
+                  "last learning-curve point.", "", *_trials_table(attempts)]
     lines += ["", reason, ""]
     if chosen is not None:
         lines += [f"Its settings are in `best-config.yaml`: `dpo-align train --config best-config.yaml -o runs/best` trains it again "
@@ -117,9 +122,7 @@ def markdown(study, table: list[dict], first: list, reason: str, base: TrainConf
     return "\n".join(lines)
 
 
-def _trials_table(table: list[dict], base: TrainConfig) -> list[str]:
-    from dpo_align.search.slice_plot import recipe
-
+def _trials_table(table: list[dict]) -> list[str]:
     lines = ["| trial | state | recipe | settings | specific change [95%] | ce (foils) | verdict | held-out reward acc | Δ log p chosen/token | Q1 | Q2 | Q3 | s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
@@ -135,19 +138,19 @@ def _trials_table(table: list[dict], base: TrainConfig) -> list[str]:
         acc = f"{100 * r['accuracy']:.1f}% ± {100 * r['stderr']:.1f}" if r["accuracy"] is not None and r["stderr"] is not None else ""
         state = r["state"] + (f" → {r['continued_in']}" if r.get("continued_in") is not None else "")
         answers = [_answer(r[q]) if r["state"] == "complete" else "" for q in ("q1", "q2", "q3")]
-        lines.append(f"| {r['trial']} | {state} | {recipe(r['settings'], base)} | {settings} | {specific} | {ce} | {r['verdict'] or ''} | {acc} | "
+        lines.append(f"| {r['trial']} | {state} | {r['recipe']} | {settings} | {specific} | {ce} | {r['verdict'] or ''} | {acc} | "
                      f"{_number(r['chosen_per_token'], '+.4f')} | {' | '.join(answers)} | {_number(r['seconds'], '.0f')} |")
     return lines
 
 
-def _slice(study, table: list[dict], base: TrainConfig) -> bytes | None:
+def _slice(study, table: list[dict]) -> bytes | None:
     """``slice_plot.figure`` over the study's searched settings, as its trials' distributions give them."""
     from dpo_align.search import slice_plot
 
     searched = {}
     for trial in study.get_trials(deepcopy=False):
         searched.update(trial.distributions)
-    figure = slice_plot.figure(table, base, searched)
+    figure = slice_plot.figure(table, searched)
     return None if figure is None else png_bytes(figure)
 
 
@@ -179,20 +182,18 @@ def _plot(kind: str, study) -> bytes | None:
 
 
 def write(study, space, base: TrainConfig, output: Path, progress=print) -> None:
-    from dpo_align.search.slice_plot import recipe
-
     output.mkdir(parents=True, exist_ok=True)
-    table = rows(study)
+    table = rows(study, base)
     first, reason = ranking(study)
     chosen = first[0] if first else None
-    atomic_write_json(output / "results.json", {"study": study.study_name, "trials": [{**r, "recipe": recipe(r["settings"], base)} for r in table],
+    atomic_write_json(output / "results.json", {"study": study.study_name, "trials": table,
                                                 "pick": chosen.number if chosen else None,
                                                 "reason": reason, "space": json.loads(space.as_json()) if space else None,
                                                 "base": {k: v for k, v in dataclasses.asdict(base).items() if k != "output_dir"}})
     atomic_write_text(output / "results.md", markdown(study, table, first, reason, base))
     for kind in ("history", "importances", "slice"):
         if kind == "slice":
-            data = _slice(study, table, base)
+            data = _slice(study, table)
         else:
             data = _plot(kind, study) if any(r["state"] == "complete" for r in table) else None
         if data is not None:

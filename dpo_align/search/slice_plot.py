@@ -28,7 +28,7 @@ def recipe(settings: dict, base: TrainConfig) -> str:
     return objective_name(dataclasses.replace(base, **settings))
 
 
-def points(table: list[dict], base: TrainConfig) -> list[dict]:
+def points(table: list[dict]) -> list[dict]:
     """The trials a slice can place: finished ones (value, interval, Q2 and Q3) and pruned ones (last reported value)."""
     out = []
     for row in table:
@@ -40,13 +40,13 @@ def points(table: list[dict], base: TrainConfig) -> list[dict]:
             continue
         if value is None or not math.isfinite(value):
             continue
-        out.append({"trial": row["trial"], "settings": row["settings"], "recipe": recipe(row["settings"], base), "value": value,
+        out.append({"trial": row["trial"], "settings": row["settings"], "recipe": row["recipe"], "value": value,
                     "low": interval[0], "high": interval[1], "pruned": row["state"] == "pruned",
                     "meets": bool(row.get("q2")) and bool(row.get("q3"))})
     return out
 
 
-def figure(table: list[dict], base: TrainConfig, searched: dict):
+def figure(table: list[dict], searched: dict):
     """The slice figure (matplotlib), one panel per searched setting: ``searched`` maps each to its Optuna
     distribution (``recipe`` for a choice of several settings at once); a range is drawn whole, on a log axis where it
     is sampled on one. None when no trial has a value yet."""
@@ -57,7 +57,7 @@ def figure(table: list[dict], base: TrainConfig, searched: dict):
     from matplotlib.lines import Line2D
     from matplotlib.ticker import NullFormatter
 
-    placed = points(table, base)
+    placed = points(table)
     settings = list(searched)
     if not placed or not settings:
         return None
