@@ -170,6 +170,15 @@ def objective_name(config: TrainConfig) -> str:
     return f"SFT → {name}" if config.sft_first_pairs else name
 
 
+def trial_recipe(settings: dict, base: TrainConfig) -> str:
+    """A trial's recipe as a reader knows it (``DPO``, ``SFT → DPO``, ``RPO``), from its settings over the study's."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unexpanded = [str(v) for k, v in settings.items() if k not in known]
+    if unexpanded:  # a trial still waiting holds its raw choice ("loss_type=sft"), expanded only when a worker takes it
+        return "; ".join(unexpanded)
+    return objective_name(dataclasses.replace(base, **settings))
+
+
 def recipe_labels(configs: dict[str, TrainConfig], grid: dict[str, list]) -> dict[str, str]:
     """{run name: the label tables, plots and the report show}: the objective's name, then the other settings the grid
     varies (``DPO lr 5e-06``, ``SFT``, ``RPO``, ``SFT → DPO``). Caches stay keyed on the run name (``cache_label``), so

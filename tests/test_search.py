@@ -366,10 +366,11 @@ def test_the_slice_plot_names_recipes_places_pruned_trials_and_leaves_sft_off_th
     from matplotlib.collections import PathCollection
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
+    from dpo_align.grid import trial_recipe
     from dpo_align.search import slice_plot
 
     def row(trial, state, settings, value=None, interval=None, intermediate=None, q2=None, q3=None):
-        return {"trial": trial, "state": state, "settings": settings, "recipe": slice_plot.recipe(settings, TrainConfig()),
+        return {"trial": trial, "state": state, "settings": settings, "recipe": trial_recipe(settings, TrainConfig()),
                 "specific_change": value, "specific_interval": interval,
                 "intermediate": intermediate or {}, "q2": q2, "q3": q3}
 

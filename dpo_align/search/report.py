@@ -67,8 +67,8 @@ def _continued_in(trials) -> dict[int, int]:
 
 
 def rows(study, base: TrainConfig) -> list[dict]:
-    """Every trial's row of the tables, its recipe named once (``slice_plot.recipe``) over the study's ``base`` settings."""
-    from dpo_align.search.slice_plot import recipe
+    """Every trial's row of the tables, its recipe named once (``grid.trial_recipe``) over the study's ``base`` settings."""
+    from dpo_align.grid import trial_recipe
 
     out = []
     trials = study.get_trials(deepcopy=False)
@@ -79,7 +79,7 @@ def rows(study, base: TrainConfig) -> list[dict]:
         queued = t.params or t.system_attrs.get("fixed_params") or {}
         settings = json.loads(a.get("settings") or "{}") or queued
         out.append({"trial": t.number, "state": t.state.name.lower(), "continued_in": continued.get(t.number), "settings": settings,
-                    "recipe": recipe(settings, base),
+                    "recipe": trial_recipe(settings, base),
                     "specific_change": t.value, "specific_interval": a.get("specific_interval"), "verdict": a.get("verdict"),
                     "ce_change": a.get("ce_change"), "foil_change": a.get("foil_change"), "accuracy": a.get("accuracy"),
                     "stderr": a.get("stderr"), "chosen_per_token": a.get("chosen_per_token"), "q1": a.get("q1"), "q2": a.get("q2"),

@@ -9,23 +9,9 @@ value. Beta is left out for the recipes that do not read it (SFT)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
-from dpo_align.train.config import TrainConfig
-
 IGNORES_BETA = ("SFT",)  # objectives whose loss has no beta: a beta axis would place them by a number they never used
-
-
-def recipe(settings: dict, base: TrainConfig) -> str:
-    """A trial's recipe as a reader knows it (``DPO``, ``SFT → DPO``, ``RPO``), from its settings over the study's."""
-    from dpo_align.grid import objective_name
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unexpanded = [str(v) for k, v in settings.items() if k not in known]
-    if unexpanded:  # a trial still waiting holds its raw choice ("loss_type=sft"), expanded only when a worker takes it
-        return "; ".join(unexpanded)
-    return objective_name(dataclasses.replace(base, **settings))
 
 
 def points(table: list[dict]) -> list[dict]:
