@@ -55,14 +55,24 @@ def _answer(value) -> str:
     return "n/a" if value is None else ("yes" if value else "no")
 
 
-def _continued_in(trials) -> dict[int, int]:
-    """Attempt number -> the attempt that took its settings on: an Optuna retry (``retry_history``'s last) or a
-    ``--requeue`` (``requeued_after``'s last), so that a failed row says where its settings went."""
+def _continued_in(trials) -> dict[int, tuple[int, bool]]:
+    """Attempt number -> (the attempt that took its settings on, whether it started afresh): an Optuna retry
+    (``retry_history``'s last) or a ``--requeue`` (``requeued_after``'s last) continue from the attempt's checkpoint; an
+    attempt that ended with its worker and was not taken on so, but whose very settings a later trial ran (drawn again,
+    or queued by hand with ``enqueue_trial``), went on afresh in the first such trial. Each setting then has one row."""
+    from optuna.trial import TrialState
+
     out = {}
     for t in trials:
         earlier = t.system_attrs.get("retry_history") or t.user_attrs.get("requeued_after") or []
         if earlier:
-            out[earlier[-1]] = t.number
+            out[earlier[-1]] = (t.number, False)
+    for t in trials:
+        ended = t.state == TrialState.FAIL and not {"failed", "error"} & set(t.user_attrs)  # a divergence or a crash is a result
+        if ended and t.number not in out and t.params:
+            later = next((u.number for u in trials if u.number > t.number and u.params == t.params), None)
+            if later is not None:
+                out[t.number] = (later, True)
     return out
 
 
@@ -78,7 +88,8 @@ def rows(study, base: TrainConfig) -> list[dict]:
         # a trial not started yet shows the settings it is queued with (a retry's, or enqueue_trial's fixed ones)
         queued = t.params or t.system_attrs.get("fixed_params") or {}
         settings = json.loads(a.get("settings") or "{}") or queued
-        out.append({"trial": t.number, "state": t.state.name.lower(), "continued_in": continued.get(t.number), "settings": settings,
+        out.append({"trial": t.number, "state": t.state.name.lower(), "continued_in": continued.get(t.number, (None,))[0],
+                    "afresh": continued.get(t.number, (None, False))[1], "settings": settings,
                     "recipe": trial_recipe(settings, base),
                     "specific_change": t.value, "specific_interval": a.get("specific_interval"), "verdict": a.get("verdict"),
                     "ce_change": a.get("ce_change"), "foil_change": a.get("foil_change"), "accuracy": a.get("accuracy"),
@@ -107,7 +118,8 @@ def markdown(study, table: list[dict], first: list, reason: str, base: TrainConf
     if attempts:
         lines += ["", "### Attempts that ended with their worker", "",
                   "`fail → N`: the attempt ended (its worker died or was stopped) and its settings went on in trial N, from its "
-                  "last checkpoint (Optuna's retry, or `--requeue`); each setting's last attempt is in the table above. A value here is the attempt's "
+                  "last checkpoint (Optuna's retry, or `--requeue`), or afresh where the same settings were run again (drawn "
+                  "again, or queued by hand: `(afresh)`); each setting's last attempt is in the table above. A value here is the attempt's "
                   "last learning-curve point.", "", *_trials_table(attempts)]
     lines += ["", reason, ""]
     if chosen is not None:
@@ -136,7 +148,7 @@ def _trials_table(table: list[dict]) -> list[str]:
             specific = ""
         ce = f"{_number(r['ce_change'], '+.2f', 100)}% ({_number(r['foil_change'], '+.2f', 100)}%)" if r["ce_change"] is not None else ""
         acc = f"{100 * r['accuracy']:.1f}% ± {100 * r['stderr']:.1f}" if r["accuracy"] is not None and r["stderr"] is not None else ""
-        state = r["state"] + (f" → {r['continued_in']}" if r.get("continued_in") is not None else "")
+        state = r["state"] + (f" → {r['continued_in']}" + (" (afresh)" if r.get("afresh") else "") if r.get("continued_in") is not None else "")
         answers = [_answer(r[q]) if r["state"] == "complete" else "" for q in ("q1", "q2", "q3")]
         lines.append(f"| {r['trial']} | {state} | {r['recipe']} | {settings} | {specific} | {ce} | {r['verdict'] or ''} | {acc} | "
                      f"{_number(r['chosen_per_token'], '+.4f')} | {' | '.join(answers)} | {_number(r['seconds'], '.0f')} |")
