@@ -282,10 +282,15 @@ def test_a_label_two_folders_hold_is_shown_with_its_folder_and_keeps_its_scoreca
         (tmp_path / name / "preference.json").write_text(json.dumps({"table": {label: {
             "reward": {"accuracy": accuracy, "stderr": 0.01, "pairs": 8},
             "displacement": {"chosen_per_token": 0.2, "rejected_per_token": -0.3, "both_fell": 0.0, "pairs": 8}}}}))
-    result = runner.invoke(app, ["compare", str(base), str(tmp_path / "confirm-1"), str(tmp_path / "confirm-2"),
+    # confirm-2's adapter is another training (other weights) that happens to score the same
+    results = json.loads((tmp_path / "confirm-2" / "results.json").read_text())
+    results["models"][0]["revision"] = {"adapter": {"sha256": {"adapter_model.safetensors": "0" * 64}}}
+    (tmp_path / "confirm-2" / "results.json").write_text(json.dumps(results))
+    shutil.copytree(scored["base"], tmp_path / "base-again")  # the base model a second sweep holds too: the same weights and numbers
+    result = runner.invoke(app, ["compare", str(base), str(tmp_path / "confirm-1"), str(tmp_path / "confirm-2"), str(tmp_path / "base-again"),
                                  "-o", str(tmp_path / "cmp"), "--bootstrap", "300", "--permutations", "300"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert list(report["ce"]) == [f"{label} (confirm-1)", f"{label} (confirm-2)"]
+    assert list(report["ce"]) == [f"{label} (confirm-1)", f"{label} (confirm-2)"]  # the base model once, as the baseline
     cards = {card["model"]: card for card in report["scorecard"]["cards"]}
     assert cards[f"{label} (confirm-1)"]["q2"] is True and cards[f"{label} (confirm-2)"]["q2"] is False

@@ -47,6 +47,7 @@ class Scored:
     template: str | None = None
     versions: dict = field(default_factory=dict)  # {task: suite version}
     key: str | None = None  # the label its results are filed under, where another is shown (a sweep run's "DPO <run name>")
+    revision: dict | None = None  # the sha256 of its weight files, as results.json records them (None from lm-eval's folders)
 
 
 # --------------------------------------------------------------------------- reading
@@ -123,7 +124,7 @@ def _from_dpo_align(folder: Path, relabel=None) -> list[Scored]:
         if not documents:
             raise UserError(f"{samples}: no per-document results for {model['label']!r}; they are needed for a paired comparison.")
         out.append(Scored(shown.get(model["label"], model["label"]), str(folder), documents, settings.get("template"), model.get("versions", {}),
-                          key=model["label"]))
+                          key=model["label"], revision=model.get("revision")))
     return out
 
 
@@ -175,8 +176,21 @@ def load(paths: list[str], relabel=None) -> list[Scored]:
             found = [_from_lm_eval(f) for f in results_files]
         models += found
         folders += [name] * len(found)
+    models, folders = _once(models, folders)
     _label_apart(models, folders)
     return models
+
+
+def _once(models: list[Scored], folders: list[str]) -> tuple[list[Scored], list[str]]:
+    """Each model once: one that several folders hold with the same label, the same weights (results.json's sha256) and
+    the same numbers for every document (two sweeps' base model) is read from the first folder only, instead of being
+    compared with itself."""
+    kept: list[tuple[Scored, str]] = []
+    for model, folder in zip(models, folders, strict=True):
+        if model.revision is None or not any((other.label, other.revision, other.documents) == (model.label, model.revision, model.documents)
+                                             for other, _ in kept):
+            kept.append((model, folder))
+    return [m for m, _ in kept], [f for _, f in kept]
 
 
 def _label_apart(models: list[Scored], folders: list[str]) -> None:
