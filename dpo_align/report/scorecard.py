@@ -111,9 +111,12 @@ def recommend(table: list[Card]) -> tuple[Card | None, str]:
 
 def as_json(table: list[Card], *, baseline_is_reference: bool) -> dict:
     """The answers and the pick (only where the baseline is the base model), as compare.json and a sweep's scorecard.json hold them."""
+    from dpo_align.report import seeds
+
     pick, reason = recommend(table) if baseline_is_reference else (None, None)
     return {"rule": RULE, "pick": pick.model if pick else None, "reason": reason,
-            "cards": [{**asdict(c), "q1": c.q1, "q2": c.q2, "q3": c.q3, "yes": c.yes} for c in table]}
+            "cards": [{**asdict(c), "q1": c.q1, "q2": c.q2, "q3": c.q3, "yes": c.yes} for c in table],
+            "over_seeds": seeds.as_json(table) if baseline_is_reference else None}
 
 
 def from_json(row: dict) -> Card:
@@ -142,7 +145,8 @@ def cells(card: Card, *, yes: str = "yes") -> list[str]:
 
 def markdown(table: list[Card], *, baseline: str, baseline_is_reference: bool) -> list[str]:
     """The scorecard section: the three answers per adapter, the rule, and the pick (only against the base model:
-    the rule reads Q1 against the model the adapters started from)."""
+    the rule reads Q1 against the model the adapters started from); then, where runs differ only in their seed, each
+    recipe over its seeds (``seeds.py``)."""
     if not table:
         return []
     lines = ["## Scorecard: did each adapter do the job?", "",
@@ -151,7 +155,9 @@ def markdown(table: list[Card], *, baseline: str, baseline_is_reference: bool) -
     lines += ["| " + " | ".join(cells(c, yes="**yes**")) + " |" for c in table]
     lines += ["", "The rule: " + RULE, ""]
     if baseline_is_reference:
-        lines += [recommend(table)[1], ""]
+        from dpo_align.report import seeds
+
+        lines += [recommend(table)[1], "", *seeds.markdown(table)]  # a recipe trained with several seeds, read over them
     else:
         lines += [f"No pick here: the rule reads Q1 against the base model, and {baseline} is not the base model of the "
                   "preference table (compare with the base model first, as a sweep's folder has it, for the pick).", ""]
