@@ -63,3 +63,16 @@ def test_the_scorecard_reads_recipes_over_seeds_against_the_base_model_only():
     assert as_json(table, baseline_is_reference=False)["over_seeds"] is None
     plain = [card("SFT", -0.5), card("DPO", 0.0)]
     assert "Over seeds" not in "\n".join(markdown(plain, baseline="baseline", baseline_is_reference=True))
+
+
+def test_the_html_report_shows_the_recipes_over_seeds_from_the_scorecard_json():
+    from dpo_align.report import html
+
+    table = confirmation()
+    blocks = html.scorecard_blocks(as_json(table, baseline_is_reference=True))
+    (section,) = [b for b in blocks if isinstance(b, html.Heading) and b.text == seeds.TITLE]
+    rows = blocks[blocks.index(section) + 1].rows
+    assert [r[0] for r in rows] == ["SFT → DPO (confirm-1)", "SFT → DPO (confirm-2)"] and rows[0][6] == "-0.0080"
+    assert "the lead holds over 2 seeds" in blocks[blocks.index(section) + 2].text
+    against_another = html.scorecard_blocks(as_json(table, baseline_is_reference=False))
+    assert not any(isinstance(b, html.Heading) and b.text == seeds.TITLE for b in against_another)

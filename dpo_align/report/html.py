@@ -175,9 +175,14 @@ def scorecard_blocks(card: dict, png: bytes | None = None) -> list:
     folder's scorecard.png, drawn from the JSON where the folder has none."""
     table = [scorecard.from_json(c) for c in card.get("cards", [])]
     png = png or (scorecard.plot(table) if table else None)
+    from dpo_align.report import seeds
+
+    over_seeds = seeds.recipes(table) if card.get("reason") else []  # only where the rule picks: against the base model
     return [Heading("Scorecard: did each adapter do the job?"), Table(scorecard.HEADER, [scorecard.cells(c) for c in table]),
             *([Image("scorecard.png", png, "the three questions, each number against its line")] if png else []),
-            Para("The rule: " + card.get("rule", "")), *([Para(card["reason"])] if card.get("reason") else [])]
+            Para("The rule: " + card.get("rule", "")), *([Para(card["reason"])] if card.get("reason") else []),
+            *([Heading(seeds.TITLE), Table(seeds.HEADER, [seeds.cells(r) for r in over_seeds]), Para(seeds.verdict(over_seeds)[2])]
+              if over_seeds else [])]
 
 
 def sweep_blocks(folder: Path, generations: int = 3, generate=None, progress=print) -> list:

@@ -111,8 +111,20 @@ def verdict(found: list[Recipe]) -> tuple[Recipe | None, bool | None, str]:
                                 f"than the larger between-seed difference ({noise:.4f}): **the two are not told apart by {n} seeds**.")
 
 
-def _answer(value: bool | None) -> str:
-    return "n/a" if value is None else ("**yes**" if value else "no")
+HEADER = ["recipe", "seeds", "Q1 (every seed)", "Q2 (every seed)", "Q3 (every seed)", "yes", "mean specific change",
+          "between-seed difference", "each seed's specific change"]
+TITLE = "Over seeds: each recipe's answers and the noise between its trainings"
+
+
+def cells(recipe: Recipe, *, yes: str = "yes") -> list[str]:
+    """One recipe's row (``yes`` is how a yes is written: bold in Markdown)."""
+    def answer(value: bool | None) -> str:
+        return "n/a" if value is None else (yes if value else "no")
+
+    r = recipe
+    each = ", ".join(f"{SEED.search(c.model).group(0)}: " + ("n/a" if c.specific is None else f"{c.specific:+.4f}") for c in r.seeds)
+    return [r.name, str(len(r.seeds)), answer(r.q1), answer(r.q2), answer(r.q3), str(r.yes),
+            "n/a" if r.specific is None else f"{r.specific:+.4f}", "n/a" if r.spread is None else f"{r.spread:.4f}", each]
 
 
 def markdown(table: list[Card]) -> list[str]:
@@ -120,14 +132,8 @@ def markdown(table: list[Card]) -> list[str]:
     found = recipes(table)
     if not found:
         return []
-    lines = ["## Over seeds: each recipe's answers and the noise between its trainings", "",
-             "| recipe | seeds | Q1 (every seed) | Q2 (every seed) | Q3 (every seed) | yes | mean specific change | "
-             "between-seed difference | each seed's specific change |", "|" + "---|" * 9]
-    for r in found:
-        each = ", ".join(f"{SEED.search(c.model).group(0)}: {c.specific:+.4f}" if c.specific is not None else f"{c.model}: n/a" for c in r.seeds)
-        mean = "n/a" if r.specific is None else f"{r.specific:+.4f}"
-        spread = "n/a" if r.spread is None else f"{r.spread:.4f}"
-        lines.append(f"| {r.name} | {len(r.seeds)} | {_answer(r.q1)} | {_answer(r.q2)} | {_answer(r.q3)} | {r.yes} | {mean} | {spread} | {each} |")
+    lines = [f"## {TITLE}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(cells(r, yes="**yes**")) + " |" for r in found]
     return [*lines, "", verdict(found)[2], ""]
 
 
