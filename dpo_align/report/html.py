@@ -173,10 +173,10 @@ def control_blocks(comparison: dict) -> list:
 def scorecard_blocks(card: dict, png: bytes | None = None) -> list:
     """The sweep's scorecard.json: three answers per adapter, the rule, and its pick (report/scorecard.py); ``png``: the
     folder's scorecard.png, drawn from the JSON where the folder has none."""
-    table = [scorecard.from_json(c) for c in card.get("cards", [])]
-    png = png or (scorecard.plot(table) if table else None)
     from dpo_align.report import seeds
 
+    table = [scorecard.from_json(c) for c in card.get("cards", [])]
+    png = png or (scorecard.plot(table) if table else None)
     over_seeds = seeds.recipes(table) if card.get("reason") else []  # only where the rule picks: against the base model
     return [Heading("Scorecard: did each adapter do the job?"), Table(scorecard.HEADER, [scorecard.cells(c) for c in table]),
             *([Image("scorecard.png", png, "the three questions, each number against its line")] if png else []),
