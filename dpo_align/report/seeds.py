@@ -99,7 +99,7 @@ def verdict(found: list[Recipe]) -> tuple[Recipe | None, bool | None, str]:
     if len(order) == 1:
         return pick, None, head
     runner = order[1]
-    if (pick.q1, pick.yes) != (runner.q1, runner.yes):
+    if (bool(pick.q1), pick.yes) != (bool(runner.q1), runner.yes):  # n/a counts as no, as in the rule
         return pick, None, head + f" It leads {runner.name} on its answers ({pick.yes} yes against {runner.yes})."
     if pick.specific is None or runner.specific is None or pick.spread is None or runner.spread is None:
         return pick, False, head + f" Tied on answers with {runner.name}, and a specific change is missing: the two are not told apart."
