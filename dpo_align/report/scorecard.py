@@ -132,15 +132,20 @@ HEADER = ["model", "Q1 ce falls specifically (mean verdict, specific change)",
           "Q3 chosen likelihood holds (Δ log p per token, chosen)", "yes"]
 
 
+def answer(value: bool | None, yes: str = "yes") -> str:
+    """One question's answer as every table writes it: yes, no, or n/a where its numbers are missing."""
+    return "n/a" if value is None else (yes if value else "no")
+
+
 def cells(card: Card, *, yes: str = "yes") -> list[str]:
     """One adapter's row: each answer with the number it comes from (``yes`` is how a yes is written: bold in Markdown)."""
-    def answer(value: bool | None, detail: str) -> str:
-        return "n/a" if value is None else f"{yes if value else 'no'}: {detail}"
+    def with_detail(value: bool | None, detail: str) -> str:
+        return answer(value, yes) + ("" if value is None else f": {detail}")
 
     c = card
-    return [c.model, answer(c.q1, f"{c.verdict}" + (f" ({c.specific:+.4f})" if c.specific is not None else "")),
-            answer(c.q2, f"{100 * c.accuracy:.1f}% ± {100 * c.stderr:.1f}" if c.q2 is not None else ""),
-            answer(c.q3, f"{c.chosen_per_token:+.4f}" if c.q3 is not None else ""), str(c.yes)]
+    return [c.model, with_detail(c.q1, f"{c.verdict}" + (f" ({c.specific:+.4f})" if c.specific is not None else "")),
+            with_detail(c.q2, f"{100 * c.accuracy:.1f}% ± {100 * c.stderr:.1f}" if c.q2 is not None else ""),
+            with_detail(c.q3, f"{c.chosen_per_token:+.4f}" if c.q3 is not None else ""), str(c.yes)]
 
 
 def markdown(table: list[Card], *, baseline: str, baseline_is_reference: bool) -> list[str]:

@@ -20,8 +20,9 @@ import math
 import re
 import statistics
 from dataclasses import dataclass
+from functools import cached_property
 
-from dpo_align.report.scorecard import Card
+from dpo_align.report.scorecard import Card, answer
 
 SEED = re.compile(r"\bseed[ -]?\d+\b")  # "seed 42" (recipe labels), "seed-42" (a run's name)
 
@@ -51,7 +52,7 @@ class Recipe:
     def yes(self) -> int:
         return sum(bool(q) for q in (self.q1, self.q2, self.q3))
 
-    @property
+    @cached_property  # read three times a row: computed once
     def specifics(self) -> list[float] | None:
         values = [card.specific for card in self.seeds]
         return None if any(v is None or not math.isfinite(v) for v in values) else values
@@ -118,12 +119,9 @@ TITLE = "Over seeds: each recipe's answers and the noise between its trainings"
 
 def cells(recipe: Recipe, *, yes: str = "yes") -> list[str]:
     """One recipe's row (``yes`` is how a yes is written: bold in Markdown)."""
-    def answer(value: bool | None) -> str:
-        return "n/a" if value is None else (yes if value else "no")
-
     r = recipe
     each = ", ".join(f"{SEED.search(c.model).group(0)}: " + ("n/a" if c.specific is None else f"{c.specific:+.4f}") for c in r.seeds)
-    return [r.name, str(len(r.seeds)), answer(r.q1), answer(r.q2), answer(r.q3), str(r.yes),
+    return [r.name, str(len(r.seeds)), answer(r.q1, yes), answer(r.q2, yes), answer(r.q3, yes), str(r.yes),
             "n/a" if r.specific is None else f"{r.specific:+.4f}", "n/a" if r.spread is None else f"{r.spread:.4f}", each]
 
 

@@ -51,10 +51,6 @@ def _config(base: TrainConfig, trial, output_dir: str) -> TrainConfig:
     return dataclasses.replace(base, **json.loads(trial.user_attrs.get("settings") or "{}"), output_dir=output_dir)
 
 
-def _answer(value) -> str:
-    return "n/a" if value is None else ("yes" if value else "no")
-
-
 def _continued_in(trials) -> dict[int, tuple[int, bool]]:
     """Attempt number -> (the attempt that took its settings on, whether it started afresh): an Optuna retry
     (``retry_history``'s last) or a ``--requeue`` (``requeued_after``'s last) continue from the attempt's checkpoint; an
@@ -84,12 +80,11 @@ def rows(study, base: TrainConfig) -> list[dict]:
     trials = study.get_trials(deepcopy=False)
     continued = _continued_in(trials)
     for t in trials:
-        a = t.user_attrs
+        a, (into, afresh) = t.user_attrs, continued.get(t.number, (None, False))
         # a trial not started yet shows the settings it is queued with (a retry's, or enqueue_trial's fixed ones)
         queued = t.params or t.system_attrs.get("fixed_params") or {}
         settings = json.loads(a.get("settings") or "{}") or queued
-        out.append({"trial": t.number, "state": t.state.name.lower(), "continued_in": continued.get(t.number, (None,))[0],
-                    "afresh": continued.get(t.number, (None, False))[1], "settings": settings,
+        out.append({"trial": t.number, "state": t.state.name.lower(), "continued_in": into, "afresh": afresh, "settings": settings,
                     "recipe": trial_recipe(settings, base),
                     "specific_change": t.value, "specific_interval": a.get("specific_interval"), "verdict": a.get("verdict"),
                     "ce_change": a.get("ce_change"), "foil_change": a.get("foil_change"), "accuracy": a.get("accuracy"),
@@ -149,7 +144,7 @@ def _trials_table(table: list[dict]) -> list[str]:
         ce = f"{_number(r['ce_change'], '+.2f', 100)}% ({_number(r['foil_change'], '+.2f', 100)}%)" if r["ce_change"] is not None else ""
         acc = f"{100 * r['accuracy']:.1f}% ± {100 * r['stderr']:.1f}" if r["accuracy"] is not None and r["stderr"] is not None else ""
         state = r["state"] + (f" → {r['continued_in']}" + (" (afresh)" if r.get("afresh") else "") if r.get("continued_in") is not None else "")
-        answers = [_answer(r[q]) if r["state"] == "complete" else "" for q in ("q1", "q2", "q3")]
+        answers = [scorecard.answer(r[q]) if r["state"] == "complete" else "" for q in ("q1", "q2", "q3")]
         lines.append(f"| {r['trial']} | {state} | {r['recipe']} | {settings} | {specific} | {ce} | {r['verdict'] or ''} | {acc} | "
                      f"{_number(r['chosen_per_token'], '+.4f')} | {' | '.join(answers)} | {_number(r['seconds'], '.0f')} |")
     return lines
