@@ -11,17 +11,20 @@ every file it read (``inputs``: the scoring files of ``data_dir``, resolved thro
 folder is given, the PKU files, the held-out pairs), and a file replaced in place, or the environment variable
 pointed elsewhere, makes it stale. Each file is hashed once per process while its size and time stay the same.
 A result written before inputs were recorded is kept once and given the inputs read now.
+
+A path ending in ``.json.gz`` is stored gzip-compressed (the suite's per-document scores: 3.6 MB of JSON, 0.8 MB
+gzipped). A result is found under either spelling, ``X.json`` or ``X.json.gz``: one written plain by an earlier version,
+or compressed by hand with ``gzip -n``, is the same result and is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
-from dpo_align.core.files import atomic_write_json, content_checksum, located
+from dpo_align.core.files import atomic_write_json, content_checksum, located, read_json
 from dpo_align.core.provenance import model_revision
 from dpo_align.score.evaluate import ModelSpec, ScoreOptions
 
@@ -114,17 +117,28 @@ def cached(path: Path, key: str, progress, where: str, kept_message: str, comput
     progress(where)
     result = compute()
     atomic_write_json(path, {**result, "key": key, "checksum": content_checksum(result), **({"inputs": inputs} if inputs is not None else {})})
+    _other_spelling(path).unlink(missing_ok=True)  # a stale copy under the other name would shadow nothing but mislead
     return result
+
+
+def _other_spelling(path: Path) -> Path:
+    """``X.json`` for ``X.json.gz`` and the other way round."""
+    return path.with_suffix("") if path.suffix == ".gz" else path.with_name(path.name + ".gz")
+
+
+def stored(path: Path) -> Path | None:
+    """The file holding the result meant for ``path``: ``path`` itself, else the same name gzipped or not; None if neither."""
+    return next((p for p in (path, _other_spelling(path)) if p.is_file()), None)
 
 
 def reusable(path: Path, key: str, progress, check=None, inputs: dict | None = None) -> dict | None:
     """A cached result when it was made from the same weights, settings and data and passes its checks; None otherwise
     (it is recomputed)."""
-    if not path.is_file():
+    if (path := stored(path)) is None:
         return None
     try:
-        kept = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as err:
+        kept = read_json(path)
+    except (ValueError, OSError, EOFError) as err:  # gzip: BadGzipFile is an OSError, a file cut short an EOFError
         progress(f"{path}: unreadable ({type(err).__name__}); recomputing it.")
         return None
     if not isinstance(kept, dict) or kept.get("key") != key:

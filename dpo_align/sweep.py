@@ -17,7 +17,7 @@ write to ``OUTPUT``:
 
 Each run is scored as soon as it is trained. Interrupted sweeps resume: a finished run (its
 ``manifest.json`` exists) is not trained again, a started one continues from its latest
-checkpoint, and a model already scored (``OUTPUT/scores/<label>.json``, ``OUTPUT/preference/``,
+checkpoint, and a model already scored (``OUTPUT/scores/<label>.json.gz``, ``OUTPUT/preference/``,
 ``OUTPUT/learning-curve/``) is not scored again. Each finished run leaves its record in
 ``OUTPUT/manifests/`` (manifest with the adapter's sha256, settings, training log): on a machine
 without the run folder, a run whose record matches its settings and whose every cached result
@@ -267,7 +267,7 @@ class Models:
 
     def _caches(self, spec: ModelSpec, adapter: dict | None):
         """(path, key, check, inputs) of every cached result of one model."""
-        yield self.scores / f"{slug(spec.cache_name)}.json", key_of(spec, self.options, adapter=adapter), None, inputs_of(self.options)
+        yield self.scores / f"{slug(spec.cache_name)}.json.gz", key_of(spec, self.options, adapter=adapter), None, inputs_of(self.options)
         if self.pairs is not None:
             n = len(self.pairs[0])
 

@@ -139,7 +139,7 @@ def test_sweep_write_error_injected(monkeypatch, tiny_gpt2, pairs_file, tiny_dat
                                  "--pku-path", str(tiny_data / "pku.jsonl.gz"), "--eval-limit", "2", "--bootstrap", "100",
                                  "--report-generations", "0", "--runs-dir", str(tmp_path / "runs"), "-o", str(out)])
     _assert_clean(result, out)
-    assert list((out / "scores").glob("*.json"))  # the scores are kept: a re-run after freeing space reuses them
+    assert list((out / "scores").glob("*.json.gz"))  # the scores are kept: a re-run after freeing space reuses them
     assert (out / "manifests" / "lr-0.001.yaml").is_file()  # and so is the run's record, written when the run finished
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -320,12 +321,12 @@ def test_sweep_trains_scores_tables_and_resumes(tiny_gpt2, pairs_file, tmp_path)
                                                                               for suffix in (".json", ".yaml", ".metrics.jsonl")}
     assert (out / "curves" / "loss.png").is_file() and (out / "table.csv").is_file() and (out / "results.json").is_file()
     # Run again: nothing is trained or scored twice.
-    before = (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns
+    before = (out / "scores" / "DPO-lr-0.05.json.gz").stat().st_mtime_ns
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.output.count("already finished, kept") == 2 and result.output.count("already scored, kept") == 3 + 3
     assert result.output.count("already computed, kept") == 3
-    assert (out / "scores" / "DPO-lr-0.05.json").stat().st_mtime_ns == before
+    assert (out / "scores" / "DPO-lr-0.05.json.gz").stat().st_mtime_ns == before
     # a run folder moved away: the report is rebuilt from results.json and says which one is missing
     import shutil
 
@@ -559,8 +560,8 @@ def test_a_sweep_on_a_machine_without_its_adapters_rebuilds_from_its_records(tin
     assert {name: (out / name).read_text() for name in tables} == tables
     assert curves and sorted(p.name for p in (out / "curves").iterdir()) == curves  # drawn from the records
     # a damaged score of one run: that run alone is trained again (its adapter is needed to score it)
-    cache = out / "scores" / "DPO-lr-0.05.json"
-    cache.write_text(cache.read_text().replace('"nll": ', '"nll": 1', 1))
+    cache = out / "scores" / "DPO-lr-0.05.json.gz"
+    cache.write_bytes(gzip.compress(gzip.decompress(cache.read_bytes()).replace(b'"nll": ', b'"nll": 1', 1)))
     damaged = runner.invoke(app, elsewhere)
     assert damaged.exit_code == 0, damaged.output
     assert "lr-0.05: its record in" in damaged.output and "is missing, stale or damaged" in damaged.output
@@ -580,7 +581,7 @@ def test_sweep_recomputes_a_cached_score_that_fails_its_checks(tiny_gpt2, pairs_
     """A score cache is not trusted because it parses and its key matches: an edited value fails the checksum, and a
     value no model gives (nll < 0, written with a valid checksum) fails the range check. Both are scored again, with
     a word, and the results equal the clean run's."""
-    from dpo_align.core.files import content_checksum
+    from dpo_align.core.files import atomic_write_json, content_checksum, read_json
 
     args = ["sweep", "--lr", "1e-3", "--model", str(tiny_gpt2), "--data", str(pairs_file), "--max-steps", "2", "--max-length", "96",
             "--precision", "fp32", "--data-dir", str(tiny_data), "--pku-path", str(tiny_data / "pku.jsonl.gz"),
@@ -588,8 +589,8 @@ def test_sweep_recomputes_a_cached_score_that_fails_its_checks(tiny_gpt2, pairs_
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     clean = json.loads((tmp_path / "out" / "results.json").read_text())["models"]
-    cache = next((tmp_path / "out" / "scores").glob("baseline*.json"))
-    stored = json.loads(cache.read_text())
+    cache = next((tmp_path / "out" / "scores").glob("baseline*.json.gz"))
+    stored = read_json(cache)
     task = next(iter(stored["documents"]))
 
     edited = json.loads(json.dumps(stored))
@@ -598,13 +599,13 @@ def test_sweep_recomputes_a_cached_score_that_fails_its_checks(tiny_gpt2, pairs_
     impossible["documents"][task][0]["nll"] = -3.0
     impossible["checksum"] = content_checksum({k: v for k, v in impossible.items() if k not in ("key", "checksum", "inputs")})
     for damaged, said in ((edited, "do not match their checksum"), (impossible, "nll is -3.0")):
-        cache.write_text(json.dumps(damaged))
+        atomic_write_json(cache, damaged)
         again = runner.invoke(app, args)
         assert again.exit_code == 0, again.output
         assert said in again.output and "recomputing it" in again.output, again.output
         assert again.output.count("already scored, kept") == 1  # the adapter's cache was sound
         assert json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]["table"] == clean[0]["table"]
-    assert json.loads(cache.read_text())["documents"] == stored["documents"]  # rewritten with the model's own numbers
+    assert read_json(cache)["documents"] == stored["documents"]  # rewritten with the model's own numbers
 
 
 def test_a_cached_result_is_keyed_on_the_files_its_paths_name_not_on_how_they_are_written(tmp_path, monkeypatch):
@@ -647,6 +648,42 @@ def test_a_cached_result_covering_another_number_of_pairs_is_recomputed(tmp_path
     assert calls == [1] and len(result["logps"]["chosen"]) == 4
     assert any("covers another number of pairs than 4; recomputing it" in m for m in said)
     assert cached(path, "k", said.append, "here", "kept", compute, check=covers) == result and calls == [1]  # now kept
+
+
+def test_a_cached_result_is_kept_gzipped_or_plain_and_a_gzip_cut_short_is_recomputed(tmp_path):
+    """A ``.json.gz`` cache is written gzipped and reproducibly (the same values, the same bytes); the same result under
+    the other spelling (written plain by an earlier version, or gzipped by hand with its own header) is kept, not
+    recomputed; a gzip cut short is recomputed with a word; a stale plain copy is replaced, not left beside the new one."""
+    import gzip
+
+    from dpo_align.result_cache import cached
+
+    said, calls = [], []
+
+    def compute():
+        calls.append(1)
+        return {"logps": {"chosen": [-1.0, -2.5], "rejected": [-3.0, -0.5]}}
+
+    gz, plain = tmp_path / "m.json.gz", tmp_path / "m.json"
+    first = cached(gz, "k", said.append, "here", "kept", compute)
+    written = gz.read_bytes()
+    assert written[:2] == b"\x1f\x8b" and not plain.exists()
+    gz.unlink()
+    assert cached(gz, "k", said.append, "here", "kept", compute) == first and gz.read_bytes() == written and calls == [1, 1]
+    plain.write_bytes(gzip.decompress(written))  # a plain cache from an earlier version, where a gzipped one is asked for
+    gz.unlink()
+    assert cached(gz, "k", said.append, "here", "kept", compute) == first and calls == [1, 1] and not gz.exists()
+    other = tmp_path / "n.json"  # asked for plain, found gzipped by hand (another header: name and time)
+    with open(tmp_path / "n.json.gz", "wb") as raw, gzip.GzipFile(filename="n.json", mode="wb", fileobj=raw, mtime=1234) as f:
+        f.write(gzip.decompress(written))
+    assert cached(other, "k", said.append, "here", "kept", compute) == first and calls == [1, 1]
+    gz.write_bytes(written[: len(written) // 2])  # cut short: read before the plain copy beside it, and refused
+    assert cached(gz, "k", said.append, "here", "kept", compute) == first and calls == [1, 1, 1]
+    assert any("unreadable" in m and "recomputing it" in m for m in said) and gz.read_bytes() == written and not plain.exists()
+    plain.write_text(gzip.decompress(written).decode().replace('"key": "k"', '"key": "old"'))
+    gz.unlink()
+    assert cached(gz, "k", said.append, "here", "kept", compute) == first and calls == [1, 1, 1, 1]
+    assert gz.read_bytes() == written and not plain.exists()  # made from other weights: recomputed, the old copy gone
 
 
 def test_ctrl_c_stops_a_real_sweep_in_its_training_and_the_rerun_equals_an_uninterrupted_one(tiny_gpt2, pairs_file, tiny_data, tmp_path):

@@ -68,7 +68,7 @@ def prepare(base: TrainConfig, model_path: str, *, output: Path, per_dataset: in
                                   data_dir=data_dir, pku_path=pku_path, template=base.template)
     spec = ModelSpec(BASELINE, model_path)
     with waiting_for(output / "baseline" / ".lock"):  # the first worker scores the base model, the others read it
-        baseline = cached(output / "baseline" / "scores.json", key_of(spec, options), progress,
+        baseline = cached(output / "baseline" / "scores.json.gz", key_of(spec, options), progress,
                           f"[baseline] the base model on {sum(map(len, documents.values()))} documents", "already scored, kept",
                           lambda: score_spec(spec, options), inputs=inputs_of(options))
         pairs = logps = None
