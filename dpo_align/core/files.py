@@ -114,18 +114,23 @@ def atomic_write_json(path: str | Path, obj) -> None:
     """Write ``obj`` as indented JSON; a path ending in ``.gz`` is gzip-compressed, reproducibly (no name, no time in
     its header), so the same values give the same bytes and git sees no change."""
     text = json.dumps(obj, indent=2, default=str) + "\n"
-    if str(path).endswith(".gz"):
+    if Path(path).suffix == ".gz":
         atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0))
     else:
         atomic_write_text(path, text)
 
 
-def read_json(path: str | Path):
-    """The JSON value of a file written by ``atomic_write_json``, gzipped when its name ends in ``.gz``."""
+def read_maybe_gzipped(path: str | Path) -> str:
+    """The UTF-8 text of a file, decompressed first when its name ends in ``.gz``."""
     path = Path(path)
     if path.suffix == ".gz":
-        return json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
-    return json.loads(path.read_text(encoding="utf-8"))
+        return gzip.decompress(path.read_bytes()).decode("utf-8")
+    return path.read_text(encoding="utf-8")
+
+
+def read_json(path: str | Path):
+    """The JSON value of a file written by ``atomic_write_json``, gzipped when its name ends in ``.gz``."""
+    return json.loads(read_maybe_gzipped(path))
 
 
 def write_jsonl(path: str | Path, rows) -> None:

@@ -21,7 +21,6 @@ same suite version. Anything else is refused with the reason.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import warnings
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_align.core.errors import UserError
-from dpo_align.core.files import slug
+from dpo_align.core.files import read_maybe_gzipped, slug
 from dpo_align.core.plots import png_bytes
 from dpo_align.data.suite import CONTRAST, PPL, display_name, document_row
 from dpo_align.data.templates import DEFAULT_TEMPLATE  # the tasks' default when metadata names none
@@ -57,7 +56,7 @@ def _read_jsonl(path: Path, convert=None) -> list[dict]:
     """The rows of a samples file (``convert``ed from lm-eval's form where given), each checked by ``check_document``."""
     rows = []
     try:
-        text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text(encoding="utf-8")
+        text = read_maybe_gzipped(path)
     except (OSError, EOFError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not readable as {'gzipped ' if path.suffix == '.gz' else ''}UTF-8 text ({err}); is the file complete?") from None
     for number, line in enumerate(text.splitlines(), start=1):
